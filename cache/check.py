@@ -1,0 +1,148 @@
+"""Integrity check (``pipeline verify``) and description (``pipeline info``) of a store."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache import schema
+from cache.store import ActivationStore
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` found; ``ok`` only when every shard is complete and every valid row is sane."""
+
+    path: Path
+    n_images: int
+    n_shards: int
+    incomplete_shards: list[int]
+    nan_rows: dict[int, list[int]]  # layer -> rows holding NaN inside completed shards
+    zero_rows: dict[int, list[int]]  # layer -> valid rows that are all zeros
+    bad_labels: list[int]  # valid rows whose label is outside the class list
+    row_count_mismatch: str | None  # arrays whose length disagrees with image_ids
+    n_invalid: int  # rows of unreadable source images (expected, not an error)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.incomplete_shards or any(self.nan_rows.values()) or any(self.zero_rows.values())
+                    or self.bad_labels or self.row_count_mismatch)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: {self.n_images} images in {self.n_shards} shards"]
+        if self.incomplete_shards:
+            shown = ", ".join(map(str, self.incomplete_shards[:20]))
+            more = " ..." if len(self.incomplete_shards) > 20 else ""
+            out.append(f"INCOMPLETE: {len(self.incomplete_shards)} shards never finished ({shown}{more}); "
+                       "rerun the same extract command to finish them")
+        for kind, rows_by_layer in (("NaN", self.nan_rows), ("all-zero", self.zero_rows)):
+            for layer, rows in rows_by_layer.items():
+                if rows:
+                    out.append(f"BAD: layer {layer} has {len(rows)} {kind} rows in completed shards "
+                               f"(first: {rows[:10]}); re-extract with --overwrite")
+        if self.bad_labels:
+            out.append(f"BAD: {len(self.bad_labels)} rows have labels outside the class list (first: {self.bad_labels[:10]})")
+        if self.row_count_mismatch:
+            out.append(f"BAD: {self.row_count_mismatch}")
+        if self.n_invalid:
+            out.append(f"note: {self.n_invalid} rows are unreadable source images, marked invalid and skipped by readers")
+        out.append("OK" if self.ok else "FAILED")
+        return out
+
+
+def verify(path: Path | str) -> VerifyReport:
+    """Read every completed shard once and check it; memory is one shard of one layer."""
+    store = ActivationStore(path, mode="r")
+    n = store.n_images
+    labels, valid, done = store.labels, store.valid, store.done
+    lengths = {name: store.group[name].shape[0] for name in (schema.LABELS, schema.VALID, schema.IMAGE_IDS)}
+    lengths.update({f"acts/{layer}": store.acts(layer).shape[0] for layer in store.layers})
+    mismatch = None
+    if any(v != n for v in lengths.values()):
+        mismatch = f"row counts disagree with n_images={n}: {lengths}"
+    nan_rows: dict[int, list[int]] = {layer: [] for layer in store.layers}
+    zero_rows: dict[int, list[int]] = {layer: [] for layer in store.layers}
+    for shard in np.flatnonzero(done):
+        sl = store.shard_slice(int(shard))
+        for layer in store.layers:
+            acts_NTD = store.acts(layer)[sl]
+            rows = np.arange(sl.start, sl.stop)
+            nan_rows[layer] += rows[np.isnan(acts_NTD).any(axis=(1, 2))].tolist()
+            zero = ~acts_NTD.any(axis=(1, 2)) & valid[sl]
+            zero_rows[layer] += rows[zero].tolist()
+    in_done = np.repeat(done, store.images_per_shard)[:n]
+    bad_labels = np.flatnonzero(in_done & valid & ((labels < 0) | (labels >= len(store.class_names)))).tolist()
+    return VerifyReport(path=store.path, n_images=n, n_shards=store.n_shards,
+                        incomplete_shards=store.incomplete_shards(), nan_rows=nan_rows, zero_rows=zero_rows,
+                        bad_labels=bad_labels, row_count_mismatch=mismatch, n_invalid=int((in_done & ~valid).sum()))
+
+
+def _sample_rows(store: ActivationStore, max_chunks: int) -> list[slice]:
+    """Whole chunks spread evenly over the completed shards (chunk reads are the fast ones)."""
+    c = store.images_per_chunk
+    done_rows = np.repeat(store.done, store.images_per_shard)[: store.n_images]
+    starts = [s for s in range(0, store.n_images, c) if done_rows[s]]
+    if not starts:
+        return []
+    pick = np.unique(np.linspace(0, len(starts) - 1, min(max_chunks, len(starts))).round().astype(int))
+    return [slice(starts[i], min(starts[i] + c, store.n_images)) for i in pick]
+
+
+def token_norm_stats(store: ActivationStore, max_chunks: int = 8) -> dict[str, Any]:
+    """L2 norms of class vs patch tokens per layer on a sample, so outlier tokens show before training."""
+    layout = store.token_layout
+    cls = int(layout["class_token_index"])
+    n_prefix = int(layout["n_prefix_tokens"])
+    rows = _sample_rows(store, max_chunks)
+    valid = store.valid
+    out: dict[str, Any] = {}
+    for layer in store.layers:
+        arr = store.acts(layer)
+        chunks = [arr[sl][valid[sl]] for sl in rows]
+        acts_NTD = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 1, 1), np.float32)
+        if len(acts_NTD) == 0:
+            out[str(layer)] = {"n_images_sampled": 0}
+            continue
+        norms_NT = np.linalg.norm(acts_NTD, axis=2)
+        kinds = {"class": norms_NT[:, cls], "patches": norms_NT[:, n_prefix:].ravel()}
+        stats = {k: {"mean": float(v.mean()), "median": float(np.median(v)), "p99": float(np.percentile(v, 99)),
+                     "max": float(v.max())} for k, v in kinds.items() if v.size}
+        mean_abs_D = np.abs(acts_NTD[:, n_prefix:]).mean(axis=(0, 1))
+        top = np.argsort(mean_abs_D)[::-1][:3]
+        stats["outlier_dims"] = [{"dim": int(d), "mean_abs_over_median": float(mean_abs_D[d] / max(np.median(mean_abs_D), 1e-12))}
+                                 for d in top]
+        stats["n_images_sampled"] = int(len(acts_NTD))
+        out[str(layer)] = stats
+    return out
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe(path: Path | str) -> dict[str, Any]:
+    """What ``pipeline info`` prints: model, data, layout, completeness, size, token norms."""
+    store = ActivationStore(path, mode="r")
+    first = store.acts(store.layers[0])
+    a = store.attrs
+    return {
+        "path": str(store.path),
+        "model": a[schema.ATTR_MODEL],
+        "dataset": a[schema.ATTR_DATASET],
+        "n_classes": len(store.class_names),
+        "layers": store.layers,
+        "shape_NTD": list(first.shape),
+        "dtype": str(first.dtype),
+        "chunk_images": store.images_per_chunk,
+        "shard_images": store.images_per_shard,
+        "shards_complete": f"{int(store.done.sum())}/{store.n_shards}",
+        "invalid_rows": int((~store.valid).sum()) if store.done.all() else None,
+        "token_layout": store.token_layout,
+        "size_bytes": _disk_bytes(store.path),
+        "config_sha256": store.config_sha256,
+        "format_version": a[schema.ATTR_FORMAT_VERSION],
+        "token_norms": token_norm_stats(store),
+    }

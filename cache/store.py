@@ -1,0 +1,308 @@
+"""The activation store: create, lock, resume, write whole shards, read back.
+
+Layout and meaning of every array and attribute: FORMAT.md beside this file.
+Crash safety comes from three rules: arrays are created full size with a NaN fill, a shard
+is written in one write per array, and its ``done`` flag is set only after those writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from cache import schema
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """sha256 of a config's canonical JSON (sorted keys), the identity of a store's content."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def plan_layout(bytes_per_image: int, n_images: int, *, images_per_chunk: int | None = None,
+                images_per_shard: int | None = None) -> tuple[int, int]:
+    """Choose (images_per_chunk, images_per_shard): chunks ~3 MB, shards ~64 MB, shard a multiple of chunk."""
+    if images_per_chunk is None:
+        images_per_chunk = max(1, round(schema.TARGET_CHUNK_BYTES / bytes_per_image))
+        images_per_chunk = min(images_per_chunk, max(1, n_images))
+    if images_per_shard is None:
+        chunks_per_shard = max(1, round(schema.TARGET_SHARD_BYTES / (images_per_chunk * bytes_per_image)))
+        chunks_per_shard = min(chunks_per_shard, max(1, -(-n_images // images_per_chunk)))
+        images_per_shard = images_per_chunk * chunks_per_shard
+    if images_per_chunk < 1 or images_per_shard < 1:
+        raise UserError("images per chunk and per shard must be at least 1")
+    if images_per_shard % images_per_chunk:
+        raise UserError(
+            f"images per shard ({images_per_shard}) must be a multiple of images per chunk "
+            f"({images_per_chunk}); change --shard-images or --chunk-images")
+    return images_per_chunk, images_per_shard
+
+
+class StoreLock:
+    """Exclusive advisory lock on a store directory; the kernel drops it if the holder dies.
+
+    A second writer gets a UserError instead of interleaving writes with the first.
+    """
+
+    def __init__(self, store_dir: Path):
+        self.path = Path(store_dir) / schema.LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent} is being written by another process (pid {holder}); "
+                "wait for it to finish or write to another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreSpec:
+    """Everything needed to create an empty activation store."""
+
+    layers: tuple[int, ...]  # block indices, 0-based, residual output
+    n_tokens: int  # tokens per image (prefix tokens + patches)
+    d_model: int  # residual width
+    image_ids: Sequence[str]  # stable id of every row, in row order
+    class_names: Sequence[str]  # label i names class_names[i]
+    images_per_chunk: int
+    images_per_shard: int
+    config: Mapping[str, Any]  # the content-defining config; its sha256 identifies the store
+    attrs: Mapping[str, Any]  # model, token layout, preprocessing, dataset, versions
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def config_sha256(self) -> str:
+        return config_sha256(self.config)
+
+
+def _is_store(path: Path) -> bool:
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
+        return False
+    return group.attrs.get(schema.ATTR_KIND) == schema.KIND_ACTIVATIONS
+
+
+def _clear_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.name == schema.LOCK_FILE:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) -> ActivationStore:
+    """Open ``path`` for writing ``spec``: resume a store with the same config, else create it.
+
+    The caller must hold the StoreLock. A store with another config is refused unless
+    ``overwrite``; a non-empty directory that is not a store is always refused.
+    """
+    path = Path(path)
+    existing = [p for p in path.iterdir() if p.name != schema.LOCK_FILE] if path.exists() else []
+    if existing:
+        if not _is_store(path):
+            raise UserError(
+                f"{path} exists and is not an activation store; choose a new --out path "
+                "(nothing was written)")
+        store = ActivationStore(path)
+        if store.config_sha256 == spec.config_sha256:
+            n_done = int(store.done.sum())
+            log.info("resuming %s: %d of %d shards already complete", path, n_done, store.n_shards)
+            return store
+        if not overwrite:
+            raise UserError(
+                f"{path} holds activations from another config (sha256 {store.config_sha256[:12]} vs "
+                f"{spec.config_sha256[:12]}); pass --overwrite to replace it or choose a new --out")
+        log.warning("--overwrite: deleting the store at %s written with another config", path)
+        _clear_dir(path)
+    _create(path, spec)
+    return ActivationStore(path)
+
+
+def _create(path: Path, spec: StoreSpec) -> None:
+    n, s, c = spec.n_images, spec.images_per_shard, spec.images_per_chunk
+    n_shards = -(-n // s)
+    group = zarr.open_group(path, mode="w")
+    for layer in spec.layers:
+        group.create_array(
+            schema.acts_path(layer), shape=(n, spec.n_tokens, spec.d_model),
+            chunks=(c, spec.n_tokens, spec.d_model), shards=(s, spec.n_tokens, spec.d_model),
+            dtype=schema.ACTS_DTYPE, compressors=None, fill_value=np.nan,
+            dimension_names=("N", "T", "D"))
+    group.create_array(schema.LABELS, shape=(n,), chunks=(s,), dtype="int64", fill_value=-1,
+                       compressors=ZstdCodec(), dimension_names=("N",))
+    group.create_array(schema.VALID, shape=(n,), chunks=(s,), dtype="uint8", fill_value=0,
+                       compressors=ZstdCodec(), dimension_names=("N",))
+    group.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
+                       compressors=None, dimension_names=("shard",))
+    ids = group.create_array(schema.IMAGE_IDS, shape=(n,), chunks=(s,), dtype=str,
+                             compressors=ZstdCodec(), dimension_names=("N",))
+    ids[:] = np.asarray(list(spec.image_ids), dtype=object)
+    group.attrs.update({
+        **spec.attrs,
+        schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
+        schema.ATTR_KIND: schema.KIND_ACTIVATIONS,
+        schema.ATTR_CONFIG: dict(spec.config),
+        schema.ATTR_CONFIG_SHA256: spec.config_sha256,
+        schema.ATTR_LAYERS: list(spec.layers),
+        schema.ATTR_CLASS_NAMES: list(spec.class_names),
+        schema.ATTR_N_IMAGES: n,
+        schema.ATTR_IMAGES_PER_CHUNK: c,
+        schema.ATTR_IMAGES_PER_SHARD: s,
+        schema.ATTR_SKIPPED: [],
+    })
+
+
+class ActivationStore:
+    """Read access to an activation store plus the shard-level write used by extraction."""
+
+    def __init__(self, path: Path | str, *, mode: str = "r+"):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise UserError(f"{self.path} is not an activation store (no zarr.json); "
+                            "create one with `pipeline extract` or `pipeline import`")
+        self.group = zarr.open_group(self.path, mode=mode)
+        attrs = self.group.attrs.asdict()
+        if attrs.get(schema.ATTR_KIND) != schema.KIND_ACTIVATIONS:
+            raise UserError(f"{self.path} is a Zarr group but not an activation store "
+                            f"(kind={attrs.get(schema.ATTR_KIND)!r})")
+        version = attrs.get(schema.ATTR_FORMAT_VERSION)
+        if version != schema.FORMAT_VERSION:
+            raise UserError(
+                f"{self.path} uses store format {version}, this pipeline reads format "
+                f"{schema.FORMAT_VERSION}; re-extract it with this version")
+        self.attrs: dict[str, Any] = attrs
+
+    # -- metadata -----------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return list(self.attrs[schema.ATTR_LAYERS])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.attrs[schema.ATTR_N_IMAGES])
+
+    @property
+    def images_per_shard(self) -> int:
+        return int(self.attrs[schema.ATTR_IMAGES_PER_SHARD])
+
+    @property
+    def images_per_chunk(self) -> int:
+        return int(self.attrs[schema.ATTR_IMAGES_PER_CHUNK])
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_images // self.images_per_shard)
+
+    @property
+    def config_sha256(self) -> str:
+        return str(self.attrs[schema.ATTR_CONFIG_SHA256])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs[schema.ATTR_CLASS_NAMES])
+
+    @property
+    def token_layout(self) -> dict[str, Any]:
+        return dict(self.attrs[schema.ATTR_TOKEN_LAYOUT])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.acts(self.layers[0]).shape[1])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.acts(self.layers[0]).shape[2])
+
+    def acts(self, layer: int) -> zarr.Array:
+        """The ``(N, T, D)`` float16 activation array of one tapped block."""
+        if layer not in self.layers:
+            raise UserError(f"layer {layer} is not in {self.path} (it holds layers "
+                            f"{self.layers}); extract it with --layers")
+        return self.group[schema.acts_path(layer)]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.group[schema.LABELS][:]
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.group[schema.VALID][:].astype(bool)
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.group[schema.DONE][:].astype(bool)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self.group[schema.IMAGE_IDS][:]
+
+    def shard_slice(self, shard: int) -> slice:
+        start = shard * self.images_per_shard
+        return slice(start, min(start + self.images_per_shard, self.n_images))
+
+    def incomplete_shards(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.done)]
+
+    def require_complete(self) -> None:
+        """Refuse to read from a store some of whose shards were never written."""
+        missing = self.incomplete_shards()
+        if missing:
+            raise UserError(
+                f"{self.path} is incomplete ({len(missing)} of {self.n_shards} shards missing); "
+                f"rerun the extraction to finish it, and see `pipeline verify {self.path}`")
+
+    # -- writing --------------------------------------------------------------------
+    def write_shard(self, shard: int, acts_by_layer: Mapping[int, np.ndarray],
+                    labels_N: np.ndarray, valid_N: np.ndarray) -> None:
+        """Write one whole shard (one write per array), then mark it complete."""
+        sl = self.shard_slice(shard)
+        n = sl.stop - sl.start
+        for layer, acts_NTD in acts_by_layer.items():
+            if acts_NTD.shape[0] != n:
+                raise ValueError(f"shard {shard} of layer {layer} has {acts_NTD.shape[0]} rows, expected {n}")
+            self.acts(layer)[sl] = acts_NTD
+        self.group[schema.LABELS][sl] = labels_N
+        self.group[schema.VALID][sl] = valid_N.astype(np.uint8)
+        self.group[schema.DONE][shard] = 1
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Update group attributes; only the single process holding the lock may call this."""
+        self.group.attrs.update(attrs)
+        self.attrs.update(attrs)

@@ -1,0 +1,149 @@
+"""The ``pipeline`` command: parses options, builds a stage config, calls ``run``, reports.
+
+Problems the user can fix print one line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated block indices such as 6,10,11, got '{value}'") from None
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """PatchSAE pipeline: CLIP ViT activations -> Zarr cache -> sparse autoencoders -> concepts.
+
+    Layers are block indices, 0-based, residual-stream output of that block.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("pipeline", "stages", "cache"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@main.command()
+@click.option("--dataset", required=True, help="synthetic, imagefolder, eurosat, imagenet, caltech101, oxfordpets, "
+              "stanfordcars, flowers102, food101, fgvcaircraft, sun397, dtd, ucf101.")
+@click.option("--root", type=click.Path(path_type=Path), help="Local dataset folder (nothing is downloaded).")
+@click.option("--split", help="Dataset split; default depends on the dataset (e.g. 'all' for folders, 'test').")
+@click.option("--limit", type=int, help="Keep this many images: a seeded random subset, in dataset order. "
+              "For synthetic: the number of generated images (default 1000).")
+@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name, or tiny-vit.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights.")
+@click.option("--layers", default="10", show_default=True, callback=lambda c, p, v: _int_list(v),
+              help="Comma-separated block indices to store, e.g. 6,10,11. The forward stops after the last.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Store directory to create or resume.")
+@click.option("--batch-size", default=32, show_default=True, help="Images per forward.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (GPU when present).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Model compute precision; the store is always float16.")
+@click.option("--workers", default=0, show_default=True, help="Image-decoding processes (0 = main process).")
+@click.option("--overwrite", is_flag=True, help="Replace a store that was written with another config.")
+@click.option("--seed", default=0, show_default=True, help="Seed of --limit's subset and of the synthetic images.")
+@click.option("--chunk-images", "images_per_chunk", type=int, help="Rows per Zarr chunk (default: ~3 MB chunks).")
+@click.option("--shard-images", "images_per_shard", type=int, help="Rows per shard file (default: ~64 MB shards).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def extract(no_progress: bool, **options: object) -> None:
+    """Stream patch-token activations of chosen blocks into a resumable Zarr store.
+
+    Rerunning the same command finishes an interrupted store; a different config is refused
+    unless --overwrite. Unreadable images are skipped, counted and listed in the store.
+    """
+    from stages import extract as stage
+
+    out = stage.run(stage.Config(progress=not no_progress, **options))
+    click.echo(
+        f"extracted {out.n_computed} of {out.n_images} images ({out.n_skipped} unreadable, skipped) "
+        f"x {out.n_tokens // max(out.n_images, 1)} tokens, layers {list(out.layers)}: "
+        f"{_human_bytes(out.bytes_written)} in {out.seconds:.1f} s "
+        f"({out.n_computed / max(out.seconds, 1e-9):.1f} images/s) -> {out.store_dir}")
+    for layer, stats in out.norms.items():
+        if "class" in stats:
+            click.echo(f"  layer {layer} token norms: class mean {stats['class']['mean']:.2f}, "
+                       f"patches mean {stats['patches']['mean']:.2f} (max {stats['patches']['max']:.2f})")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(store: Path, as_json: bool) -> None:
+    """Describe what a store holds: model, layers, shapes, completeness, size, token norms."""
+    from cache.check import describe
+
+    d = describe(store)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    m = d["model"]
+    click.echo(f"store        {d['path']}  (format {d['format_version']}, config {d['config_sha256'][:12]})")
+    click.echo(f"model        {m['name']} / {m['pretrained']}  ({m['n_blocks']} blocks, width {m['d_model']}, {m['dtype']})")
+    ds = d["dataset"]
+    click.echo(f"dataset      {ds['name']} split={ds['split']} root={ds['root']}  ({d['n_classes']} classes)")
+    click.echo(f"layers       {d['layers']}  ({m['layer_convention']})")
+    click.echo(f"shape NTD    {d['shape_NTD']} {d['dtype']}; chunks of {d['chunk_images']} images, shards of {d['shard_images']}")
+    t = d["token_layout"]
+    click.echo(f"tokens       class token at {t['class_token_index']}, patch grid {t['patch_grid']} ({t['patch_order']})")
+    click.echo(f"complete     {d['shards_complete']} shards; invalid rows: {d['invalid_rows']}")
+    click.echo(f"size         {_human_bytes(d['size_bytes'])}")
+    for layer, s in d["token_norms"].items():
+        if "class" not in s:
+            continue
+        click.echo(f"layer {layer} norms ({s['n_images_sampled']} images sampled):")
+        for kind in ("class", "patches"):
+            k = s[kind]
+            click.echo(f"  {kind:8s} mean {k['mean']:8.2f}  median {k['median']:8.2f}  p99 {k['p99']:8.2f}  max {k['max']:8.2f}")
+        dims = ", ".join(f"{o['dim']} ({o['mean_abs_over_median']:.1f}x)" for o in s["outlier_dims"])
+        click.echo(f"  largest patch dims by mean |x| (x median dim): {dims}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store: Path) -> None:
+    """Check every shard: completeness, NaN rows, all-zero rows, labels. Exit 1 if not OK."""
+    from cache.check import verify as check
+
+    report = check(store)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

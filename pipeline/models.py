@@ -1,0 +1,185 @@
+"""Loading CLIP models through open_clip and reading the residual stream of chosen blocks.
+
+Layers are block indices, 0-based, residual-stream output of that block: the output of
+``visual.transformer.resblocks[i]``, the same as open_clip's ``forward_intermediates``.
+Weights are never replaced by random ones behind the user's back: random initialisation
+happens only with ``pretrained='none'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+TINY_MODEL = "tiny-vit"
+"""A 4-block, width-64, 32 px open_clip CLIP registered from model_configs/ for fast tests."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but no CUDA GPU is visible; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown --device '{device}'; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return "/" in pretrained or pretrained.startswith(".") or pretrained.endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """An open_clip CLIP in eval mode with its preprocessing and where its weights came from."""
+
+    model: Any  # open_clip.CLIP (or CustomTextCLIP)
+    preprocess: Any  # the eval image transform
+    name: str
+    pretrained: str  # tag, absolute checkpoint path, or "none"
+    checkpoint_sha256: str | None  # set when weights come from a local file
+    device: str
+    dtype: str
+
+    @property
+    def visual(self) -> Any:
+        return self.model.visual
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def width(self) -> int:
+        return int(self.visual.transformer.width)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(int(g) for g in self.visual.grid_size)
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Tokens before the patches (the class token); open_clip ViTs have exactly one."""
+        return 1
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prefix_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.visual.image_size[0])
+
+    def token_layout(self) -> dict[str, Any]:
+        return {
+            "n_tokens": self.n_tokens,
+            "n_prefix_tokens": self.n_prefix_tokens,
+            "class_token_index": 0,
+            "register_token_indices": [],
+            "patch_grid": list(self.grid),
+            "patch_order": "row-major: token 1 + r * grid_w + c is patch row r, column c",
+        }
+
+    def preprocess_cfg(self) -> dict[str, Any]:
+        cfg = dict(getattr(self.visual, "preprocess_cfg", {}) or {})
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+    def check_layers(self, layers: tuple[int, ...]) -> None:
+        if not layers:
+            raise UserError("no layers given; pass block indices such as --layers 10")
+        bad = [layer for layer in layers if not 0 <= layer < self.n_blocks]
+        if bad:
+            raise UserError(
+                f"layer {bad[0]} is out of range for {self.name}, which has blocks "
+                f"0..{self.n_blocks - 1} (block index, 0-based, residual output)")
+
+    @torch.inference_mode()
+    def tap(self, images_BCHW: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Residual stream after each requested block, ``(B, T, D)``, class token first.
+
+        The forward stops after the last requested block; the text tower is not touched.
+        """
+        out = self.visual.forward_intermediates(
+            images_BCHW.to(self.device, DTYPES[self.dtype]), indices=sorted(layers),
+            stop_early=True, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+        return {
+            layer: torch.cat([prefix_BTD, patches_BPD], dim=1)
+            for layer, prefix_BTD, patches_BPD in zip(
+                sorted(layers), out["image_intermediates_prefix"], out["image_intermediates"])
+        }
+
+
+def load_model(name: str, pretrained: str, *, device: str = "cpu", dtype: str = "float32",
+               init_seed: int = 0) -> LoadedModel:
+    """Build an open_clip model by name with weights from a tag, a local file, or ``none``.
+
+    Random initialisation (``none``) is seeded with ``init_seed``, so a rerun or another
+    process gets the same weights.
+    """
+    if name not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `python -c 'import open_clip; print(open_clip.list_models())'`"
+        raise UserError(f"unknown model '{name}'; {hint}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    if dtype == "float16" and device == "cpu":
+        raise UserError("--dtype float16 needs a GPU; use float32 or bfloat16 on the CPU")
+    checkpoint_sha256 = None
+    if pretrained.lower() == "none":
+        log.warning("%s: random initialisation (--pretrained none); its features mean nothing", name)
+        weights = None
+    elif Path(pretrained).expanduser().is_file():
+        path = Path(pretrained).expanduser().resolve()
+        checkpoint_sha256 = file_sha256(path)
+        weights = pretrained = str(path)
+    elif _looks_like_path(pretrained):
+        raise UserError(f"weight file {pretrained} does not exist; pass an existing checkpoint path, "
+                        "an open_clip pretrained tag, or 'none' for random weights")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            listing = ", ".join(tags) if tags else "none: pass a checkpoint file or 'none'"
+            raise UserError(f"unknown pretrained tag '{pretrained}' for {name}; its tags are: {listing}")
+        weights = pretrained
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except RuntimeError as err:
+        if weights is None or checkpoint_sha256 is not None:
+            raise UserError(f"could not load {name} from {pretrained}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"pretrained weights '{pretrained}' for {name} are not in the local cache and could not be "
+            "downloaded; on a machine with internet run `python -c \"import open_clip; "
+            f"open_clip.create_model('{name}', pretrained='{pretrained}')\"` and copy "
+            "~/.cache/huggingface here, or pass --pretrained /path/to/checkpoint") from None
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    return LoadedModel(model=model, preprocess=preprocess, name=name, pretrained=pretrained,
+                       checkpoint_sha256=checkpoint_sha256, device=device, dtype=dtype)

@@ -1,0 +1,210 @@
+"""Stage one: stream CLIP ViT token activations of chosen blocks into a sharded Zarr store.
+
+Resumable: shards already marked done are skipped, so rerunning the same command after a
+crash finishes the store, and the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cache import schema
+from cache.check import token_norm_stats
+from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
+from cache.writer import BackgroundWriter
+from pipeline.datasets import ImageSet, open_dataset
+from pipeline.errors import UserError
+from pipeline.models import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """What to extract and where; fields marked 'content' define the store's identity (sha256)."""
+
+    dataset: str  # content: dataset name (see pipeline.datasets.DATASET_NAMES)
+    out_dir: Path  # where the Zarr store goes
+    root: str | None = None  # content: dataset root on local disk (not needed for synthetic)
+    split: str | None = None  # content: dataset split; None = the dataset's default
+    limit: int | None = None  # content: keep this many images (seeded random subset, dataset order)
+    seed: int = 0  # content: seed of the subset, the synthetic generator and random init (--pretrained none)
+    model: str = "ViT-B-16"  # content: open_clip model name (or a registered config, e.g. tiny-vit)
+    pretrained: str = "openai"  # content: open_clip tag, local checkpoint path, or 'none' (random init)
+    layers: tuple[int, ...] = (10,)  # content: block indices, 0-based, residual output
+    dtype: str = "float32"  # content: compute precision of the model (the store is float16)
+    batch_size: int = 32  # images per forward
+    device: str = "auto"  # cpu, cuda[:N] or auto
+    workers: int = 0  # DataLoader processes decoding images (0 = in the main process)
+    overwrite: bool = False  # replace a store written with another config
+    images_per_chunk: int | None = None  # content: rows per Zarr chunk (default ~3 MB)
+    images_per_shard: int | None = None  # content: rows per shard file (default ~64 MB)
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 or more (got {self.workers})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What a run wrote, for the CLI summary and DVC."""
+
+    store_dir: Path
+    n_images: int  # rows in the store
+    n_computed: int  # rows computed by this run (the rest were already complete)
+    n_skipped: int  # unreadable source images (rows marked invalid)
+    n_tokens: int
+    layers: tuple[int, ...]
+    bytes_written: int
+    seconds: float
+    norms: dict[str, Any]  # per-layer L2-norm statistics per token kind
+
+
+class _SafeImages(Dataset):
+    """Yields ``(image, label, ok)``; an unreadable image gives a zero image and ok=False."""
+
+    def __init__(self, data: Dataset, image_size: int):
+        self.data, self.image_size = data, image_size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            image, label = self.data[i]
+            return image, int(label), True
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt files
+            log.warning("skipping unreadable image %d: %s", i, str(err).splitlines()[0])
+            return torch.zeros(3, self.image_size, self.image_size), -1, False
+
+
+def _shard_batches(store: ActivationStore, shards: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Batches of row indices that never cross a shard boundary, so a shard's numbers never
+    depend on which other shards are still pending."""
+    for shard in shards:
+        sl = store.shard_slice(shard)
+        for start in range(sl.start, sl.stop, batch_size):
+            yield list(range(start, min(start + batch_size, sl.stop)))
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "open_clip_torch", "zarr", "numpy", "numcodecs")
+    return {n: importlib.metadata.version(n) for n in names}
+
+
+def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: int, shard: int) -> dict[str, Any]:
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "dataset": images.name, "split": images.split, "root": images.root,
+        "limit": cfg.limit, "seed": cfg.seed, "n_images": len(images),
+        "model": model.name, "pretrained": model.pretrained,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "layers": list(cfg.layers), "dtype": cfg.dtype,
+        "images_per_chunk": chunk, "images_per_shard": shard,
+        "preprocess": model.preprocess_cfg(),
+    }
+
+
+def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
+    bytes_per_image = model.n_tokens * model.width * 2 * len(cfg.layers)
+    chunk, shard = plan_layout(bytes_per_image, len(images), images_per_chunk=cfg.images_per_chunk,
+                               images_per_shard=cfg.images_per_shard)
+    content = _content_config(cfg, model, images, chunk, shard)
+    attrs = {
+        schema.ATTR_MODEL: {"name": model.name, "pretrained": model.pretrained,
+                            "checkpoint_sha256": model.checkpoint_sha256, "n_blocks": model.n_blocks,
+                            "d_model": model.width, "dtype": cfg.dtype,
+                            "layer_convention": "block index, 0-based, residual-stream output"},
+        schema.ATTR_TOKEN_LAYOUT: model.token_layout(),
+        schema.ATTR_PREPROCESS: model.preprocess_cfg(),
+        schema.ATTR_DATASET: {"name": images.name, "split": images.split, "root": images.root,
+                              "limit": cfg.limit, "seed": cfg.seed},
+        schema.ATTR_VERSIONS: _versions(),
+    }
+    return StoreSpec(layers=cfg.layers, n_tokens=model.n_tokens, d_model=model.width,
+                     image_ids=images.image_ids, class_names=images.class_names,
+                     images_per_chunk=chunk, images_per_shard=shard, config=content, attrs=attrs)
+
+
+def _to_store_dtype(layer: int, acts_BTD: torch.Tensor, first_row: int) -> np.ndarray:
+    """float16 copy on the host; NaN/inf (from the model or float16 overflow) is refused."""
+    acts16 = acts_BTD.to(torch.float16)
+    if not torch.isfinite(acts16).all():
+        bad_row = first_row + int((~torch.isfinite(acts16)).flatten(1).any(1).nonzero()[0])
+        if torch.isfinite(acts_BTD).all():
+            raise UserError(
+                f"layer {layer} activations of image {bad_row} exceed the float16 range "
+                f"(max |x| = {acts_BTD.abs().max().item():.3g}); this model cannot be stored in float16")
+        raise UserError(
+            f"the model produced NaN/inf activations at layer {layer} for image {bad_row}; "
+            "check the weights (--pretrained) and --dtype; completed shards were kept")
+    return acts16.cpu().numpy()
+
+
+def run(cfg: Config) -> Outputs:
+    """Extract (or finish extracting) the store described by ``cfg``."""
+    started = time.perf_counter()
+    model = load_model(cfg.model, cfg.pretrained, device=cfg.device, dtype=cfg.dtype, init_seed=cfg.seed)
+    model.check_layers(cfg.layers)
+    images = open_dataset(cfg.dataset, root=cfg.root, split=cfg.split, transform=model.preprocess,
+                          limit=cfg.limit, seed=cfg.seed, image_size=model.image_size)
+    spec = _spec(cfg, model, images)
+    with StoreLock(cfg.out_dir):
+        store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
+        pending = store.incomplete_shards()
+        n_pending = sum(len(range(*store.shard_slice(s).indices(store.n_images))) for s in pending)
+        loader = DataLoader(_SafeImages(images.dataset, model.image_size),
+                            batch_sampler=list(_shard_batches(store, pending, cfg.batch_size)),
+                            num_workers=cfg.workers, pin_memory=model.device.startswith("cuda"))
+        bar = tqdm(total=n_pending, unit="img", desc=f"extract {store.path.name}",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        with BackgroundWriter(store.write_shard) as writer:
+            batches = iter(loader)
+            for shard in pending:
+                sl = store.shard_slice(shard)
+                n = sl.stop - sl.start
+                acts = {layer: np.empty((n, model.n_tokens, model.width), np.float16) for layer in cfg.layers}
+                labels_N = np.empty(n, np.int64)
+                valid_N = np.empty(n, bool)
+                row = 0
+                while row < n:
+                    images_BCHW, labels_B, ok_B = next(batches)
+                    b = len(labels_B)
+                    tapped = model.tap(images_BCHW, cfg.layers)
+                    for layer, acts_BTD in tapped.items():
+                        acts_BTD = acts_BTD * ok_B.to(acts_BTD.device)[:, None, None]  # unreadable rows -> 0
+                        acts[layer][row:row + b] = _to_store_dtype(layer, acts_BTD, sl.start + row)
+                    labels_N[row:row + b] = labels_B.numpy()
+                    valid_N[row:row + b] = ok_B.numpy()
+                    row += b
+                    bar.update(b)
+                writer.submit(shard, acts, labels_N, valid_N)
+        bar.close()
+        valid = store.valid
+        skipped = [str(i) for i in np.asarray(store.image_ids)[~valid]]
+        store.set_attrs(**{schema.ATTR_SKIPPED: skipped})
+        if skipped:
+            log.warning("%d unreadable images were skipped (rows marked invalid, listed in attrs '%s')",
+                        len(skipped), schema.ATTR_SKIPPED)
+        bytes_written = n_pending * model.n_tokens * model.width * 2 * len(cfg.layers)
+        norms = token_norm_stats(store)
+    return Outputs(store_dir=store.path, n_images=store.n_images, n_computed=n_pending,
+                   n_skipped=len(skipped), n_tokens=store.n_images * model.n_tokens,
+                   layers=cfg.layers, bytes_written=bytes_written,
+                   seconds=time.perf_counter() - started, norms=norms)
