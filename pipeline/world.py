@@ -35,7 +35,8 @@ import itertools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -124,11 +125,11 @@ class WorldConfig:
             raise UserError(f"world image_size must be at least 16 pixels (got {self.image_size})")
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "image_size", int(self.image_size))
-        if self.task not in TASKS:
+        if not isinstance(self.task, str) or self.task not in TASKS:
             raise UserError(f"unknown world task '{self.task}'; choose one of: {_choices(TASKS)}")
         pairs = []
         for item in self.held_out:
-            if isinstance(item, str) or len(item) != 2:
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not all(isinstance(x, str) for x in item):
                 raise UserError(f"held_out entries must be (attribute, value) pairs (got {item!r}), "
                                 f"e.g. (('shape', 'ring'),)")
             attribute, value = item
@@ -138,7 +139,7 @@ class WorldConfig:
             if value not in ATTRIBUTES[attribute]:
                 raise UserError(f"unknown {attribute} value '{value}' in held_out; choose one of: "
                                 f"{_choices(ATTRIBUTES[attribute])}")
-            pairs.append((str(attribute), str(value)))
+            pairs.append((attribute, value))
         pairs = tuple(sorted(set(pairs)))  # canonical order, so equal configs hash equally
         for attribute, values in ATTRIBUTES.items():
             if all((attribute, value) in pairs for value in values):
@@ -166,10 +167,6 @@ class WorldConfig:
         if "held_out" in record:
             record["held_out"] = tuple(tuple(pair) for pair in record["held_out"])
         return cls(**record)
-
-    def held_out_values(self, attribute: str) -> tuple[str, ...]:
-        """The held-out values of one attribute."""
-        return tuple(value for name, value in self.held_out if name == attribute)
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,13 +365,16 @@ def scene_colours(scene: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"object": obj, "background": back, "pattern": pattern}
 
 
+def _object_box(scene: dict[str, Any], n: int) -> tuple[int, int, int, int]:
+    """Pixel rows and columns (row0, row1, col0, col1) that the object's unit disc can touch."""
+    cy, cx, radius = scene["position"][0] * n, scene["position"][1] * n, scene["scale"] * n
+    return (max(0, math.floor(cy - radius) - 1), min(n, math.ceil(cy + radius) + 1),
+            max(0, math.floor(cx - radius) - 1), min(n, math.ceil(cx + radius) + 1))
+
+
 def object_coverage(scene: dict[str, Any], image_size: int) -> np.ndarray:
     """Fraction (H, W) float32 of each pixel covered by the object (4×4 supersampled)."""
-    n = image_size
-    cy, cx, radius = scene["position"][0] * n, scene["position"][1] * n, scene["scale"] * n
-    box = (max(0, math.floor(cy - radius) - 1), min(n, math.ceil(cy + radius) + 1),
-           max(0, math.floor(cx - radius) - 1), min(n, math.ceil(cx + radius) + 1))
-    return _coverage(_object_implicit(scene, n), n, box)
+    return _coverage(_object_implicit(scene, image_size), image_size, _object_box(scene, image_size))
 
 
 def render_scene(scene: dict[str, Any], image_size: int,
@@ -386,15 +386,20 @@ def render_scene(scene: dict[str, Any], image_size: int,
     """
     n = image_size
     colours = scene_colours(scene)
+    back, pattern, obj = colours["background"], colours["pattern"], colours["object"]
+    # Coverages are multiples of 1/SUPERSAMPLE², so every pixel is one of (levels)² blends of
+    # the three colours: build that palette once and look pixels up in it.
+    levels = SUPERSAMPLE**2 + 1
+    frac_L = np.arange(levels, dtype=np.float32) / np.float32(levels - 1)
+    ground_L3 = back + frac_L[:, None] * (pattern - back)
+    palette_LL3 = ground_L3[:, None, :] + frac_L[None, :, None] * (obj - ground_L3[:, None, :])
+    palette_Q3 = np.rint(palette_LL3).astype(np.int16).reshape(levels * levels, 3)
     obj_HW = object_coverage(scene, n)
-    pattern = _texture_implicit(scene, n)
-    image_HW3 = np.empty((n, n, 3), np.float32)
-    image_HW3[...] = colours["background"]
-    if pattern is not None:
-        tex_HW = _coverage(pattern, n)
-        image_HW3 += tex_HW[:, :, None] * (colours["pattern"] - colours["background"])
-    image_HW3 += obj_HW[:, :, None] * (colours["object"] - image_HW3)
-    np.rint(image_HW3, out=image_HW3)
+    code_HW = np.rint(obj_HW * np.float32(levels - 1)).astype(np.intp)
+    texture = _texture_implicit(scene, n)
+    if texture is not None:
+        code_HW += levels * np.rint(_coverage(texture, n) * np.float32(levels - 1)).astype(np.intp)
+    image_HW3 = palette_Q3.take(code_HW, axis=0)
     if rng is not None:
         image_HW3 += rng.integers(-NOISE, NOISE + 1, size=(n, n, 3), dtype=np.int16)
     np.clip(image_HW3, 0, 255, out=image_HW3)
