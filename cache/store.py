@@ -23,6 +23,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from cache import schema
+from cache.shardfile import write_rows
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ class ActivationStore:
         for layer, acts_NTD in acts_by_layer.items():
             if acts_NTD.shape[0] != n:
                 raise ValueError(f"shard {shard} of layer {layer} has {acts_NTD.shape[0]} rows, expected {n}")
-            self.acts(layer)[sl] = acts_NTD
+            write_rows(self.acts(layer), sl.start, acts_NTD)
         self.group[schema.LABELS][sl] = labels_N
         self.group[schema.VALID][sl] = valid_N.astype(np.uint8)
         self.group[schema.DONE][shard] = 1

@@ -1,49 +1,17 @@
-"""Shared fixtures: tiny real models, generated image folders, small stores."""
+"""Shared fixtures; factories live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 # Never wait on the Hugging Face hub in tests: offline lookups fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stages import extract  # noqa: E402
-
-TINY = "tiny-vit"
-
-
-def make_extract_config(tmp_path: Path, **overrides) -> extract.Config:
-    """A fast extraction config: tiny random ViT on 48 synthetic images, several shards."""
-    base = dict(dataset="synthetic", out_dir=tmp_path / "store", limit=48, model=TINY, pretrained="none",
-                layers=(1, 3), batch_size=8, device="cpu", images_per_chunk=4, images_per_shard=16,
-                progress=False)
-    base.update(overrides)
-    return extract.Config(**base)
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """sha256 of every file under a store (the lock file holds a pid, so it is left out)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 4, size: int = 40) -> Path:
-    """Folder-per-class tree of generated JPEG/PNG images with class-dependent colours."""
-    rng = np.random.default_rng(0)
-    for c in range(n_classes):
-        d = root / f"class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-            pixels[..., c % 3] += 150
-            Image.fromarray(pixels).save(d / f"img_{i}.jpg" if i % 2 else d / f"img_{i}.png")
-    return root
+from tests.helpers import make_extract_config  # noqa: E402
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cache.store import ActivationStore
-from conftest import TINY, make_extract_config, make_image_folder, tree_digest
+from tests.helpers import TINY, make_extract_config, make_image_folder, tree_digest
 from pipeline.datasets import open_dataset
 from pipeline.models import load_model
 from stages import extract

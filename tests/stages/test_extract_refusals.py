@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cache import schema
 from cache.store import StoreLock
-from conftest import TINY, make_extract_config, tree_digest
+from tests.helpers import TINY, make_extract_config, tree_digest
 from pipeline.cli import main
 from pipeline.models import load_model
 from stages import extract

@@ -1,0 +1,84 @@
+"""Store layout planning, verify on damaged stores, info."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cache import schema
+from cache.check import describe, verify
+from cache.store import ActivationStore, plan_layout
+from pipeline.cli import main
+from pipeline.errors import UserError
+
+
+@given(bytes_per_image=st.integers(100, 5_000_000), n_images=st.integers(1, 2_000_000))
+def test_plan_layout_sizes(bytes_per_image, n_images):
+    chunk, shard = plan_layout(bytes_per_image, n_images)
+    assert shard % chunk == 0 and chunk >= 1
+    assert chunk <= max(1, n_images)
+    if bytes_per_image < 1_000_000 and n_images * bytes_per_image > 200e6:  # large sets: ~3 MB chunks, ~64 MB shards
+        assert 1.5e6 <= chunk * bytes_per_image <= 4.5e6
+        assert 30e6 <= shard * bytes_per_image <= 100e6
+
+
+def test_plan_layout_for_vit_b16():
+    chunk, shard = plan_layout(197 * 768 * 2, 27_000)
+    assert (chunk, shard) == (10, 220)  # 3.0 MB chunks, 66.6 MB shards
+
+
+def test_verify_flags_nan_and_zero_rows_and_bad_labels(tiny_store):
+    assert verify(tiny_store).ok
+    group = zarr.open_group(tiny_store, mode="r+")
+    acts = group[schema.acts_path(3)]
+    acts[5] = np.full(acts.shape[1:], np.nan, np.float16)
+    acts[20] = np.zeros(acts.shape[1:], np.float16)
+    group[schema.LABELS][30] = 99
+    report = verify(tiny_store)
+    assert not report.ok
+    assert report.nan_rows[3] == [5] and report.zero_rows[3] == [20] and report.bad_labels == [30]
+    assert report.nan_rows[1] == [] and report.zero_rows[1] == []
+    result = CliRunner().invoke(main, ["verify", str(tiny_store)])
+    assert result.exit_code == 1 and "NaN rows" in result.output and "FAILED" in result.output
+
+
+def test_verify_flags_incomplete_shards(tiny_store):
+    zarr.open_group(tiny_store, mode="r+")[schema.DONE][1] = 0
+    report = verify(tiny_store)
+    assert report.incomplete_shards == [1] and not report.ok
+    with pytest.raises(UserError, match="pipeline verify"):
+        ActivationStore(tiny_store).require_complete()
+
+
+def test_verify_flags_row_count_mismatch(tiny_store):
+    group = zarr.open_group(tiny_store, mode="r+")
+    group[schema.LABELS].resize((40,))
+    assert "row counts disagree" in verify(tiny_store).row_count_mismatch
+
+
+def test_info_reports_norms_per_token_kind(tiny_store):
+    d = describe(tiny_store)
+    assert d["shape_NTD"] == [48, 17, 64] and d["shards_complete"] == "3/3"
+    acts = ActivationStore(tiny_store).acts(1)[:].astype(np.float32)
+    norms = np.linalg.norm(acts, axis=2)
+    stats = d["token_norms"]["1"]
+    assert stats["n_images_sampled"] == 48
+    assert stats["class"]["mean"] == pytest.approx(norms[:, 0].mean(), rel=1e-5)
+    assert stats["patches"]["max"] == pytest.approx(norms[:, 1:].max(), rel=1e-5)
+    out = CliRunner().invoke(main, ["info", str(tiny_store)])
+    assert out.exit_code == 0 and "class" in out.output and "patches" in out.output and "3/3 shards" in out.output
+
+
+def test_store_of_another_format_version_is_refused(tiny_store):
+    zarr.open_group(tiny_store, mode="r+").attrs[schema.ATTR_FORMAT_VERSION] = 99
+    with pytest.raises(UserError, match="format 99"):
+        ActivationStore(tiny_store)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(UserError, match="not an activation store"):
+        ActivationStore(tmp_path)
