@@ -72,7 +72,8 @@ class Outputs:
     n_tokens: int
     layers: tuple[int, ...]
     bytes_written: int
-    seconds: float
+    seconds: float  # wall time of the whole run, model loading included
+    stream_seconds: float  # time from the first batch to the last shard written
     norms: dict[str, Any]  # per-layer L2-norm statistics per token kind
 
 
@@ -174,6 +175,7 @@ def run(cfg: Config) -> Outputs:
                             num_workers=cfg.workers, pin_memory=model.device.startswith("cuda"))
         bar = tqdm(total=n_pending, unit="img", desc=f"extract {store.path.name}",
                    disable=not cfg.progress, dynamic_ncols=True)
+        streaming = time.perf_counter()
         with BackgroundWriter(store.write_shard) as writer:
             batches = iter(loader)
             for shard in pending:
@@ -196,6 +198,7 @@ def run(cfg: Config) -> Outputs:
                     bar.update(b)
                 writer.submit(shard, acts, labels_N, valid_N)
         bar.close()
+        stream_seconds = time.perf_counter() - streaming
         valid = store.valid
         skipped = [str(i) for i in np.asarray(store.image_ids)[~valid]]
         store.set_attrs(**{schema.ATTR_SKIPPED: skipped})
@@ -207,4 +210,4 @@ def run(cfg: Config) -> Outputs:
     return Outputs(store_dir=store.path, n_images=store.n_images, n_computed=n_pending,
                    n_skipped=len(skipped), n_tokens=store.n_images * model.n_tokens,
                    layers=cfg.layers, bytes_written=bytes_written,
-                   seconds=time.perf_counter() - started, norms=norms)
+                   seconds=time.perf_counter() - started, stream_seconds=stream_seconds, norms=norms)

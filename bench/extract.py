@@ -1,0 +1,80 @@
+"""Extraction throughput vs the bare open_clip forward, and early stop vs the full forward.
+
+    python bench/extract.py [--model ViT-B-16] [--layer 10] [--images 32] [--batch-size 16]
+
+Three timings on the same images and batch size (random-init weights: speed does not
+depend on them):
+  extract : ``pipeline extract``'s streaming loop (synthetic images -> model -> Zarr store;
+            model loading and store creation excluded, as they are paid once per store)
+  bare    : ``visual.forward_intermediates`` stopping at the tapped block, images in memory
+  full    : ``encode_image`` (every block, pooling, projection)
+Prints images/s, peak RSS, then the ratios (targets: extract/bare >= 0.95, bare/full > 1.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from _util import peak_rss_mb, seconds
+
+from pipeline.datasets import open_dataset
+from pipeline.models import load_model
+from stages import extract
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--layer", type=int, default=10)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    model = load_model(args.model, "none", device="cpu")
+    images = open_dataset("synthetic", root=None, split=None, transform=model.preprocess, limit=args.images,
+                          image_size=model.image_size)
+    batches = [torch.stack([images.dataset[i][0] for i in range(s, min(s + args.batch_size, args.images))])
+               for s in range(0, args.images, args.batch_size)]
+    work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    cfg = extract.Config(dataset="synthetic", out_dir=work / "store", limit=args.images, model=args.model,
+                         pretrained="none", layers=(args.layer,), batch_size=args.batch_size, device="cpu",
+                         progress=False)
+
+    def run_extract() -> float:
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        return extract.run(cfg).stream_seconds
+
+    @torch.inference_mode()
+    def bare() -> None:
+        for x in batches:
+            model.visual.forward_intermediates(x, indices=[args.layer], stop_early=True, intermediates_only=True,
+                                               output_fmt="NLC", output_extra_tokens=True)
+
+    @torch.inference_mode()
+    def full() -> None:
+        for x in batches:
+            model.model.encode_image(x)
+
+    run_extract(), bare(), full()  # warm-up
+    runs = [(run_extract(), seconds(bare), seconds(full)) for _ in range(args.repeats)]  # interleaved
+    t_extract, t_bare, t_full = (statistics.median(col) for col in zip(*runs))
+    shutil.rmtree(work)
+    n = args.images
+    print(f"{args.model}, tap block {args.layer}, {n} images, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads; medians of {args.repeats}")
+    print(f"extract (streaming loop)                  : {n / t_extract:7.2f} images/s")
+    print(f"bare forward to block {args.layer:<2d}               : {n / t_bare:7.2f} images/s")
+    print(f"full forward (encode_image)               : {n / t_full:7.2f} images/s")
+    print(f"peak RSS                                  : {peak_rss_mb():7.0f} MB")
+    print(f"ratio tap/full = {t_full / t_bare:.2f}  (target > 1.1)")
+    print(f"ratio extract/bare = {t_bare / t_extract:.2f}  (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
