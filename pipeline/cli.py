@@ -145,5 +145,28 @@ def verify(store: Path) -> None:
         sys.exit(1)
 
 
+@main.command("import")
+@click.argument("source_path", metavar="SOURCE", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Store directory to create or resume.")
+@click.option("--shape", callback=lambda c, p, v: _int_list(v) if v else None,
+              help="Raw files: n,d (tokens) or n,t,d (images x tokens).")
+@click.option("--dtype", default="float16", show_default=True, help="Raw files: element type.")
+@click.option("--key", help=".npz files: which array.")
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path), help=".npy of one integer label per row.")
+@click.option("--class-names", default="", help="Comma-separated names of the labels.")
+@click.option("--prefix-tokens", "n_prefix_tokens", type=int,
+              help="Tokens before the patches (default 1 = class token first for n,t,d; 0 for n,d).")
+@click.option("--layer", default=0, show_default=True, help="Block index to file the activations under.")
+@click.option("--model", default="imported", show_default=True, help="Name of the model that produced them.")
+@click.option("--overwrite", is_flag=True, help="Replace a store written from another source.")
+def import_(class_names: str, **options: object) -> None:
+    """Turn an (n, d) or (n, t, d) array (.npy, .npz, raw memmap) into an activation store."""
+    from stages import importer as stage
+
+    names = tuple(n for n in class_names.split(",") if n)
+    out = stage.run(stage.Config(class_names=names, **options))
+    click.echo(f"imported {out.n_images} x {out.n_tokens} x {out.d_model} in {out.seconds:.1f} s -> {out.store_dir}")
+
+
 if __name__ == "__main__":
     main()

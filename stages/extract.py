@@ -123,7 +123,7 @@ def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: in
 
 
 def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
-    bytes_per_image = model.n_tokens * model.width * 2 * len(cfg.layers)
+    bytes_per_image = model.n_tokens * model.width * 2  # of one layer's array
     chunk, shard = plan_layout(bytes_per_image, len(images), images_per_chunk=cfg.images_per_chunk,
                                images_per_shard=cfg.images_per_shard)
     content = _content_config(cfg, model, images, chunk, shard)

@@ -1,0 +1,134 @@
+"""``pipeline import``: turn activations made elsewhere into a store of the same protocol.
+
+Accepts ``.npy``, ``.npz`` (one array, or ``--key``) and raw memmaps (``--shape``/``--dtype``),
+shaped ``(n, d)`` (each row one token, stored as images of one token) or ``(n, t, d)``
+(images × tokens). Reads shard by shard, so memory stays at one shard; resumable and
+locked like extraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache import schema
+from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Where the array is and what it is."""
+
+    source_path: Path  # .npy, .npz or raw file
+    out_dir: Path  # store directory to create or resume
+    shape: tuple[int, ...] | None = None  # raw files only: (n, d) or (n, t, d)
+    dtype: str = "float16"  # raw files only: element type
+    key: str | None = None  # .npz only: which array (default: the only one)
+    labels_path: Path | None = None  # optional .npy of n integer labels
+    class_names: tuple[str, ...] = ()  # names of the labels (default: class_0, class_1, ...)
+    n_prefix_tokens: int | None = None  # tokens before the patches; default 1 for (n,t,d), 0 for (n,d)
+    layer: int = 0  # block index to file the activations under
+    model: str = "imported"  # what produced them, recorded in the store
+    images_per_chunk: int | None = None
+    images_per_shard: int | None = None
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    store_dir: Path
+    n_images: int
+    n_tokens: int
+    d_model: int
+    seconds: float
+
+
+def _open_array(cfg: Config) -> np.ndarray:
+    path = Path(cfg.source_path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a .npy, .npz or raw array file")
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    if path.suffix == ".npz":
+        archive = np.load(path)
+        keys = list(archive.keys())
+        key = cfg.key or (keys[0] if len(keys) == 1 else None)
+        if key not in keys:
+            raise UserError(f"{path} holds arrays {keys}; choose one with --key")
+        return archive[key]
+    if cfg.shape is None:
+        raise UserError(f"{path} is a raw file: give its --shape (n,d or n,t,d) and --dtype")
+    expected = int(np.prod(cfg.shape)) * np.dtype(cfg.dtype).itemsize
+    if path.stat().st_size != expected:
+        raise UserError(f"{path} has {path.stat().st_size} bytes, but shape {cfg.shape} of {cfg.dtype} "
+                        f"needs {expected}; check --shape and --dtype")
+    return np.memmap(path, dtype=cfg.dtype, mode="r", shape=tuple(cfg.shape))
+
+
+def run(cfg: Config) -> Outputs:
+    started = time.perf_counter()
+    array = _open_array(cfg)
+    if array.ndim == 2:
+        array = array[:, None, :]
+        default_prefix = 0
+    elif array.ndim == 3:
+        default_prefix = 1
+    else:
+        raise UserError(f"{cfg.source_path} has shape {array.shape}; expected (n, d) tokens or (n, t, d) images x tokens")
+    n, t, d = array.shape
+    n_prefix = default_prefix if cfg.n_prefix_tokens is None else cfg.n_prefix_tokens
+    if not 0 <= n_prefix <= t:
+        raise UserError(f"--prefix-tokens {n_prefix} does not fit {t} tokens per image")
+    labels = np.zeros(n, np.int64)
+    if cfg.labels_path is not None:
+        labels = np.load(cfg.labels_path).astype(np.int64)
+        if labels.shape != (n,):
+            raise UserError(f"labels in {cfg.labels_path} have shape {labels.shape}, expected ({n},)")
+    n_classes = int(labels.max()) + 1 if n else 1
+    class_names = list(cfg.class_names) or [f"class_{i}" for i in range(n_classes)]
+    if len(class_names) < n_classes:
+        raise UserError(f"{len(class_names)} class names given but labels go up to {n_classes - 1}")
+    chunk, shard = plan_layout(t * d * 2, n, images_per_chunk=cfg.images_per_chunk,
+                               images_per_shard=cfg.images_per_shard)
+    src = Path(cfg.source_path).resolve()
+    stat = src.stat()
+    content: dict[str, Any] = {
+        "format_version": schema.FORMAT_VERSION, "source": str(src), "source_bytes": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns, "key": cfg.key, "shape": [n, t, d], "layer": cfg.layer,
+        "model": cfg.model, "n_prefix_tokens": n_prefix, "labels": str(cfg.labels_path),
+        "images_per_chunk": chunk, "images_per_shard": shard,
+    }
+    grid = int(round((t - n_prefix) ** 0.5))
+    layout = {
+        "n_tokens": t, "n_prefix_tokens": n_prefix, "class_token_index": 0 if n_prefix else None,
+        "register_token_indices": list(range(1, n_prefix)),
+        "patch_grid": [grid, grid] if grid * grid == t - n_prefix else [t - n_prefix],
+        "patch_order": "as in the imported array",
+    }
+    spec = StoreSpec(
+        layers=(cfg.layer,), n_tokens=t, d_model=d, image_ids=[f"{src.name}/{i}" for i in range(n)],
+        class_names=class_names, images_per_chunk=chunk, images_per_shard=shard, config=content,
+        attrs={schema.ATTR_MODEL: {"name": cfg.model, "pretrained": "imported", "checkpoint_sha256": None,
+                                   "n_blocks": None, "d_model": d, "dtype": str(array.dtype),
+                                   "layer_convention": "as given to pipeline import"},
+               schema.ATTR_TOKEN_LAYOUT: layout, schema.ATTR_PREPROCESS: {},
+               schema.ATTR_DATASET: {"name": "imported", "split": "all", "root": str(src), "limit": None, "seed": 0},
+               schema.ATTR_VERSIONS: {"numpy": np.__version__}})
+    with StoreLock(cfg.out_dir):
+        store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
+        for s in store.incomplete_shards():
+            sl = store.shard_slice(s)
+            block = np.asarray(array[sl], dtype=np.float32)
+            if not np.isfinite(block).all() or np.abs(block).max(initial=0) > np.finfo(np.float16).max:
+                raise UserError(f"rows {sl.start}..{sl.stop - 1} of {cfg.source_path} hold NaN/inf or values "
+                                "beyond the float16 range; clean the array before importing")
+            store.write_shard(s, {cfg.layer: block.astype(np.float16)}, labels[sl], np.ones(sl.stop - sl.start, bool))
+    return Outputs(store_dir=store.path, n_images=n, n_tokens=t, d_model=d, seconds=time.perf_counter() - started)

@@ -1,0 +1,102 @@
+"""Shuffled token loader: determinism, resume by token offset, coverage, mixing, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cache.loader import LoaderConfig, TokenLoader, split_rows
+from cache.store import ActivationStore
+from pipeline.errors import UserError
+from stages import importer
+
+
+def _id_store(tmp_path, n=60, t=5, d=4, chunk=4, shard=12):
+    """Each token's first coordinate is its global token id (row * t + token), exact in float16."""
+    acts = np.zeros((n, t, d), np.float32)
+    acts[..., 0] = np.arange(n * t).reshape(n, t)
+    acts[..., 1] = np.arange(t)[None, :]
+    np.save(tmp_path / "acts.npy", acts)
+    importer.run(importer.Config(source_path=tmp_path / "acts.npy", out_dir=tmp_path / "store",
+                                 images_per_chunk=chunk, images_per_shard=shard))
+    return ActivationStore(tmp_path / "store")
+
+
+def _take(loader, n_batches, start=0):
+    it = loader.batches(start)
+    return [next(it) for _ in range(n_batches)]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
+    store = _id_store(tmp_path)
+    cfg = LoaderConfig(layer=0, batch_tokens=7, window_chunks=3, seed=1)
+    a, b = _take(TokenLoader(store, cfg), 30), _take(TokenLoader(store, cfg), 30)
+    c = _take(TokenLoader(store, LoaderConfig(layer=0, batch_tokens=7, window_chunks=3, seed=2)), 30)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("skip", [1, 5, 42, 43, 90])  # inside windows, at a window edge, past an epoch
+def test_resume_from_token_offset_matches_uninterrupted_stream(tmp_path, skip):
+    store = _id_store(tmp_path)
+    loader = TokenLoader(store, LoaderConfig(layer=0, batch_tokens=7, window_chunks=3, seed=0))
+    full = _take(loader, skip + 10)
+    resumed = _take(loader, 10, start=skip * 7)
+    assert all(torch.equal(x, y) for x, y in zip(full[skip:], resumed))
+
+
+def test_one_epoch_covers_every_token_exactly_once(tmp_path):
+    store = _id_store(tmp_path)
+    loader = TokenLoader(store, LoaderConfig(layer=0, batch_tokens=10, window_chunks=2, seed=0))
+    assert loader.tokens_per_epoch == 300
+    ids = torch.cat(_take(loader, 30))[:, 0].numpy()
+    assert sorted(ids.tolist()) == list(range(300))
+    assert not np.array_equal(ids, np.arange(300))  # shuffled, not the order on disk
+
+
+def test_single_chunk_store_is_still_shuffled_and_terminates(tmp_path):
+    store = _id_store(tmp_path, n=4, chunk=4, shard=4)
+    loader = TokenLoader(store, LoaderConfig(layer=0, batch_tokens=6, seed=0))
+    ids = torch.cat(_take(loader, 10))[:, 0].numpy()
+    assert sorted(ids[:20].tolist()) == list(range(20))
+    assert not np.array_equal(ids[:20], np.arange(20))
+    assert not np.array_equal(ids[:20], ids[20:40])  # every epoch is reshuffled
+
+
+def test_batches_mix_many_images(tmp_path):
+    store = _id_store(tmp_path, n=400, chunk=4, shard=40)
+    loader = TokenLoader(store, LoaderConfig(layer=0, batch_tokens=50, window_chunks=32, seed=0))
+    images_per_batch = [len(np.unique(b[:, 0].numpy() // 5)) for b in _take(loader, 20)]
+    assert min(images_per_batch) >= 30  # 50 tokens of ~128 images in the window: nearly all distinct
+
+
+def test_token_kinds(tmp_path):
+    store = _id_store(tmp_path)
+    cls = TokenLoader(store, LoaderConfig(layer=0, token_kind="cls", batch_tokens=6))
+    patches = TokenLoader(store, LoaderConfig(layer=0, token_kind="patches", batch_tokens=6))
+    assert cls.tokens_per_epoch == 60 and patches.tokens_per_epoch == 240
+    assert set(torch.cat(_take(cls, 10))[:, 1].tolist()) == {0.0}
+    assert 0.0 not in set(torch.cat(_take(patches, 10))[:, 1].tolist())
+
+
+def test_validation_split_is_by_image_and_disjoint(tmp_path):
+    store = _id_store(tmp_path)
+    masks = split_rows(store, 0.25, seed=3)
+    assert masks["val"].sum() == 15 and masks["train"].sum() == 45
+    assert not (masks["val"] & masks["train"]).any()
+    val_loader = TokenLoader(store, LoaderConfig(layer=0, val_fraction=0.25, seed=3, batch_tokens=5), split="val")
+    rows = set((torch.cat(_take(val_loader, 15))[:, 0].numpy() // 5).astype(int).tolist())
+    assert rows == set(np.flatnonzero(masks["val"]).tolist())
+
+
+def test_refuses_incomplete_store_and_bad_config(tmp_path):
+    store = _id_store(tmp_path)
+    store.group["done"][0] = 0
+    with pytest.raises(UserError, match="pipeline verify"):
+        TokenLoader(ActivationStore(tmp_path / "store"), LoaderConfig(layer=0))
+    with pytest.raises(UserError, match="token kind"):
+        LoaderConfig(layer=0, token_kind="registers")
+    with pytest.raises(UserError, match="layer 7 is not in"):
+        store.group["done"][0] = 1
+        TokenLoader(ActivationStore(tmp_path / "store"), LoaderConfig(layer=7))
