@@ -1,0 +1,50 @@
+"""Sparse autoencoders: architectures, losses, metrics, checkpoints and the trainer.
+
+Importing this package registers every architecture ("relu", "topk", "batchtopk").
+"""
+
+from pipeline.sae.base import (
+    SAE,
+    Codes,
+    SAEConfig,
+    arch_class,
+    build,
+    estimate_norm_scale,
+    register,
+    registered_archs,
+)
+from pipeline.sae.relu import ReLUSAE
+from pipeline.sae.topk import BatchTopKSAE, TopKSAE
+from pipeline.sae.geometry import (
+    geometric_median,
+    init_b_dec_,
+    normalize_decoder_,
+    remove_parallel_grad_,
+)
+from pipeline.sae.losses import (
+    auxk_loss,
+    ghost_grads_loss,
+    l1_penalty,
+    mse,
+    recon_loss_token_norm,
+)
+from pipeline.sae.metrics import DENSE_THRESHOLD, FiringCounter, RunningMetrics, evaluate
+from pipeline.sae.trainer import NonFiniteLossError, Trainer, TrainConfig
+from pipeline.sae.io import (
+    FORMAT_VERSION,
+    load_sae,
+    load_trainer,
+    read_sae_config,
+    save_sae,
+    save_training_state,
+)
+
+__all__ = [
+    "SAE", "Codes", "SAEConfig", "arch_class", "build", "estimate_norm_scale", "register",
+    "registered_archs", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "geometric_median",
+    "init_b_dec_", "normalize_decoder_", "remove_parallel_grad_", "auxk_loss",
+    "ghost_grads_loss", "l1_penalty", "mse", "recon_loss_token_norm", "DENSE_THRESHOLD",
+    "FiringCounter", "RunningMetrics", "evaluate", "NonFiniteLossError", "Trainer",
+    "TrainConfig", "FORMAT_VERSION", "load_sae", "load_trainer", "read_sae_config",
+    "save_sae", "save_training_state",
+]

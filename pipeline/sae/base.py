@@ -1,0 +1,396 @@
+"""The SAE contract: config, codes, the base module and the architecture registry.
+
+Units. Every SAE works internally in *normalised units*: raw activations are divided by
+``config.norm_scale`` before the encoder and the decoder output is multiplied back.
+``encode``/``decode``/``forward`` take and return raw (cache) units and apply the scale
+themselves; the ``*_normed`` methods work in normalised units and are what the trainer and
+the losses use. Parameters (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``) and codes live in
+normalised units; ``norm_scale`` is stored in every checkpoint so metrics can always be
+computed in the cache's original units.
+
+Maths (normalised units, x̃ = x / norm_scale):
+    pre = (x̃ − b_dec) W_enc + b_enc          (B, S)
+    f   = act(pre)                            architecture-specific, f ≥ 0
+    x̂   = norm_scale · (f W_dec + b_dec)
+
+Shapes: W_enc (D, S), b_enc (S,), W_dec (S, D) with unit-norm rows, b_dec (D,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+TOKEN_KINDS = ("all", "patches", "cls")
+DEFAULT_AUX_K = 512
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+_REGISTRY: dict[str, type["SAE"]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEConfig:
+    """Shape, sparsity and provenance of one SAE; saved verbatim in its checkpoint."""
+
+    arch: str = "relu"
+    """Architecture name, one of ``registered_archs()`` ("relu", "topk", "batchtopk")."""
+    d_in: int
+    """Input width D (the model width; read it from the cache, never guess it)."""
+    d_sae: int
+    """Number of latents S (``SAEConfig.from_expansion`` computes it from an expansion)."""
+    k: int | None = None
+    """TopK: latents kept per token; BatchTopK: mean latents kept per token. None for relu."""
+    l1: float | None = None
+    """L1 coefficient λ; None = the architecture default (8e-5 for relu, 0 for TopK family)."""
+    aux_k: int | None = None
+    """AuxK (TopK family revival): dead latents used per token; None = min(512, d_sae)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight α of the AuxK loss (Gao et al. 2024 default 1/32)."""
+    dead_window_tokens: int = 10_000_000
+    """A latent is dead if it has not fired in this many tokens (Gao et al. 2024: 10M)."""
+    norm_scale: float = 1.0
+    """Raw activations are divided by this before the SAE and outputs multiplied back."""
+    dtype: str = "float32"
+    """Parameter dtype: "float32", "float64", "bfloat16" or "float16" (train in float32)."""
+    threshold_lr: float = 0.01
+    """BatchTopK: rate of the running estimate of the inference threshold θ."""
+    model: str = ""
+    """Provenance: the model the activations came from, e.g. "ViT-B-16/openai"."""
+    layer: int | None = None
+    """Provenance: block index, 0-based, residual-stream output of that block (None = unknown)."""
+    token_kind: str = "all"
+    """Provenance: tokens trained on: "all" (class + patches), "patches" or "cls"."""
+    cache_config_sha256: str = ""
+    """Provenance: sha256 of the activation cache's extraction config ("" = unknown)."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in _REGISTRY:
+            raise UserError(
+                f"unknown SAE arch {self.arch!r}: use one of {', '.join(registered_archs())}"
+            )
+        cls = _REGISTRY[self.arch]
+        check_int("d_in", self.d_in, minimum=1)
+        check_int("d_sae", self.d_sae, minimum=1)
+        if cls.uses_k:
+            if self.k is None:
+                raise UserError(f"SAE arch {self.arch!r} needs k: set k (e.g. 32) to 1..d_sae")
+            check_int("k", self.k, minimum=1)
+            if self.k > self.d_sae:
+                raise UserError(f"k={self.k} exceeds d_sae={self.d_sae}: lower k or widen the SAE")
+        elif self.k is not None:
+            raise UserError(f"SAE arch {self.arch!r} takes no k: remove k or pick a TopK arch")
+        if self.l1 is None:
+            object.__setattr__(self, "l1", cls.default_l1)
+        check_number("l1", self.l1)
+        if self.aux_k is None:
+            object.__setattr__(self, "aux_k", min(DEFAULT_AUX_K, self.d_sae))
+        check_int("aux_k", self.aux_k, minimum=1)
+        if self.aux_k > self.d_sae:
+            raise UserError(f"aux_k={self.aux_k} exceeds d_sae={self.d_sae}: lower aux_k")
+        check_number("aux_coef", self.aux_coef)
+        check_int("dead_window_tokens", self.dead_window_tokens, minimum=1)
+        check_number("norm_scale", self.norm_scale, strict=True)
+        object.__setattr__(self, "norm_scale", float(self.norm_scale))
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown SAE dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        check_number("threshold_lr", self.threshold_lr, strict=True)
+        if self.threshold_lr > 1:
+            raise UserError(f"threshold_lr must be at most 1, got {self.threshold_lr}")
+        if not isinstance(self.model, str):
+            raise UserError(f"model must be a string, got {self.model!r}")
+        if self.layer is not None:
+            check_int("layer", self.layer, minimum=0)
+        if self.token_kind not in TOKEN_KINDS:
+            raise UserError(
+                f"unknown token_kind {self.token_kind!r}: use one of {', '.join(TOKEN_KINDS)}"
+            )
+        if self.cache_config_sha256 and not _SHA256_RE.match(self.cache_config_sha256):
+            raise UserError(
+                "cache_config_sha256 must be 64 lowercase hex digits or empty, got "
+                f"{self.cache_config_sha256!r}"
+            )
+
+    @classmethod
+    def from_expansion(cls, *, d_in: int, expansion: float, **fields) -> "SAEConfig":
+        """Config with ``d_sae = d_in × expansion`` (must come out a whole number)."""
+        d_sae = d_in * expansion
+        if not (isinstance(d_in, int) and d_sae > 0 and float(d_sae).is_integer()):
+            raise UserError(
+                f"expansion {expansion} × d_in {d_in} is not a positive whole number of latents: "
+                "pick an expansion such as 8, 16, 32 or 64"
+            )
+        return cls(d_in=d_in, d_sae=int(d_sae), **fields)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by ``dtype``."""
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        """All fields as JSON-ready values (defaults already resolved)."""
+        return dataclasses.asdict(self)
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    """UserError unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> None:
+    """UserError unless ``value`` is a finite real number >= ``minimum`` (> if ``strict``)."""
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value > minimum if strict else value >= minimum)
+    )
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise UserError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Codes:
+    """The latent codes of a batch of tokens, dense or as fixed-width (value, index) pairs.
+
+    Exactly one representation is set: ``acts_BS`` (dense, relu and BatchTopK) or
+    ``vals_BK`` + ``idx_BK`` (TopK). Values are ≥ 0; a (value, index) slot whose value is 0
+    is not active. Codes are in the SAE's normalised units.
+    """
+
+    d_sae: int
+    acts_BS: Tensor | None = None
+    vals_BK: Tensor | None = None
+    idx_BK: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        sparse = self.vals_BK is not None, self.idx_BK is not None
+        if self.acts_BS is not None:
+            if any(sparse):
+                raise ValueError("Codes takes either acts_BS or (vals_BK, idx_BK), not both")
+        elif not all(sparse):
+            raise ValueError("Codes needs acts_BS, or both vals_BK and idx_BK")
+
+    @property
+    def is_sparse(self) -> bool:
+        """True for the (vals_BK, idx_BK) representation."""
+        return self.acts_BS is None
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of tokens B in the batch."""
+        return (self.acts_BS if self.acts_BS is not None else self.vals_BK).shape[0]
+
+    def dense(self) -> Tensor:
+        """Codes as a dense (B, S) tensor (differentiable)."""
+        if self.acts_BS is not None:
+            return self.acts_BS
+        out_BS = self.vals_BK.new_zeros(self.vals_BK.shape[0], self.d_sae)
+        return out_BS.scatter(1, self.idx_BK, self.vals_BK)
+
+    def l0(self) -> Tensor:
+        """Number of active (> 0) latents per token, float (B,)."""
+        vals = self.acts_BS if self.acts_BS is not None else self.vals_BK
+        return (vals > 0).sum(dim=1).to(torch.float32)
+
+    def l1(self) -> Tensor:
+        """Sum of |f| over latents per token (B,) (differentiable)."""
+        vals = self.acts_BS if self.acts_BS is not None else self.vals_BK
+        return vals.abs().sum(dim=1)
+
+    def fire_counts(self) -> Tensor:
+        """Per latent, the number of tokens of this batch on which it is > 0 (int64, (S,))."""
+        if self.acts_BS is not None:
+            return (self.acts_BS > 0).sum(dim=0)
+        idx = torch.where(self.vals_BK > 0, self.idx_BK, self.d_sae)
+        return torch.bincount(idx.flatten(), minlength=self.d_sae + 1)[: self.d_sae]
+
+    def detach(self) -> "Codes":
+        """The same codes cut from the autograd graph."""
+        return Codes(
+            d_sae=self.d_sae,
+            **{
+                f: getattr(self, f).detach()
+                for f in ("acts_BS", "vals_BK", "idx_BK")
+                if getattr(self, f) is not None
+            },
+        )
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder; subclasses only define ``activate`` (pre-activations → codes).
+
+    Raw-unit API: ``encode(x_BD) -> Codes``, ``decode(codes) -> x_hat_BD``,
+    ``forward(x_BD) -> (x_hat_BD, codes)``. Normalised-unit API (used for training):
+    ``pre_acts``, ``activate``, ``encode_normed``, ``decode_normed``.
+
+    Like any nn.Module, ``build`` returns it in training mode and ``load_sae`` in eval mode;
+    BatchTopK encodes differently in the two (batch budget vs threshold), so call ``.eval()``
+    (and use ``torch.no_grad()``) for inference.
+    """
+
+    arch: ClassVar[str]
+    uses_k: ClassVar[bool] = False
+    """Whether the architecture needs ``config.k``."""
+    default_l1: ClassVar[float] = 0.0
+    """The l1 used when the config leaves it None."""
+    default_revival: ClassVar[str] = "none"
+    """Dead-latent revival the trainer uses by default ("ghost_grads" or "auxk")."""
+
+    def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__()
+        if config.arch != self.arch:
+            raise ValueError(f"config.arch={config.arch!r} given to the {self.arch!r} class")
+        self.config = config
+        D, S, dtype = config.d_in, config.d_sae, config.torch_dtype
+        self.W_enc = nn.Parameter(torch.empty(D, S, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(S, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(S, D, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(D, dtype=dtype))
+        self.reset_parameters(generator=generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, *, generator: torch.Generator | None = None) -> None:
+        """Tied init: W_dec rows random unit vectors, W_enc = W_decᵀ, both biases zero.
+
+        ``b_dec`` should then be set to the geometric median of a sample
+        (``Trainer.init_from_sample``).
+        """
+        w_SD = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+        w_SD /= w_SD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w_SD)
+        self.W_enc.copy_(w_SD.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- units -------------------------------------------------------------------------
+    def to_normed(self, x_BD: Tensor) -> Tensor:
+        """Raw activations → normalised units (cast to the parameter dtype, ÷ norm_scale)."""
+        x_BD = x_BD.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+        if self.config.norm_scale != 1.0:
+            x_BD = x_BD / self.config.norm_scale
+        return x_BD
+
+    def from_normed(self, xn_BD: Tensor) -> Tensor:
+        """Normalised units → raw units (× norm_scale)."""
+        if self.config.norm_scale != 1.0:
+            xn_BD = xn_BD * self.config.norm_scale
+        return xn_BD
+
+    # -- normalised-unit core ----------------------------------------------------------
+    def pre_acts(self, xn_BD: Tensor) -> Tensor:
+        """Encoder pre-activations (x̃ − b_dec) W_enc + b_enc, shape (B, S)."""
+        return (xn_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre_BS: Tensor) -> Codes:
+        """Architecture-specific activation: pre-activations → non-negative codes."""
+        raise NotImplementedError
+
+    def encode_normed(self, xn_BD: Tensor) -> Codes:
+        """Codes of normalised inputs."""
+        return self.activate(self.pre_acts(xn_BD))
+
+    def decode_normed(self, codes: Codes) -> Tensor:
+        """Reconstruction in normalised units: f W_dec + b_dec, shape (B, D)."""
+        if codes.acts_BS is not None:
+            return codes.acts_BS @ self.W_dec + self.b_dec
+        # Sparse decode: a weighted sum of K decoder rows per token; never builds (B, S).
+        out_BD = F.embedding_bag(
+            codes.idx_BK,
+            self.W_dec,
+            per_sample_weights=codes.vals_BK.to(self.W_dec.dtype),
+            mode="sum",
+        )
+        return out_BD + self.b_dec
+
+    # -- raw-unit API ------------------------------------------------------------------
+    def encode(self, x_BD: Tensor) -> Codes:
+        """Codes of raw activations (applies ``norm_scale``)."""
+        return self.encode_normed(self.to_normed(x_BD))
+
+    def decode(self, codes: Codes) -> Tensor:
+        """Reconstruction in raw units (applies ``norm_scale``)."""
+        return self.from_normed(self.decode_normed(codes))
+
+    def forward(self, x_BD: Tensor) -> tuple[Tensor, Codes]:
+        """(reconstruction in raw units, codes)."""
+        codes = self.encode(x_BD)
+        return self.decode(codes), codes
+
+    # -- hooks -------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_running_stats_(self, codes: Codes) -> None:
+        """Called by the trainer after each applied step with that step's codes."""
+
+    def inference_threshold(self) -> float | None:
+        """The inference threshold θ, for architectures that have one (else None)."""
+        return None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        k = f", k={c.k}" if c.k is not None else ""
+        return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}{k}, norm_scale={c.norm_scale}"
+
+
+_SAE_T = TypeVar("_SAE_T", bound=type[SAE])
+
+
+def register(name: str) -> Callable[[_SAE_T], _SAE_T]:
+    """Class decorator: register an SAE subclass under an architecture name."""
+
+    def deco(cls: _SAE_T) -> _SAE_T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"SAE arch {name!r} is already registered to {_REGISTRY[name]}")
+        cls.arch = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def arch_class(name: str) -> type[SAE]:
+    """The SAE class registered under ``name``."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown SAE arch {name!r}: use one of {', '.join(registered_archs())}")
+    return _REGISTRY[name]
+
+
+def registered_archs() -> tuple[str, ...]:
+    """Names of every registered architecture, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def build(config: SAEConfig, *, seed: int | None = None) -> SAE:
+    """A freshly initialised SAE of ``config.arch``; ``seed`` makes the init reproducible."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return _REGISTRY[config.arch](config, generator=generator)
+
+
+def estimate_norm_scale(x_ND: Tensor) -> float:
+    """A ``norm_scale`` so normalised tokens have mean L2 norm √D: mean ‖x‖ / √D.
+
+    Compute it on a sample of the training activations (float64, NaN rows refused).
+    """
+    x = x_ND.detach().to(torch.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise UserError(f"norm_scale sample must be a non-empty (N, D) array, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise UserError("norm_scale sample contains NaN/inf: run `pipeline verify` on the cache")
+    scale = x.norm(dim=1).mean().item() / math.sqrt(x.shape[1])
+    if not scale > 0:
+        raise UserError("norm_scale sample is all zeros: check the cache (`pipeline verify`)")
+    return scale

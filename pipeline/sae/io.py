@@ -1,0 +1,179 @@
+"""SAE checkpoints: a folder with ``config.json`` + ``weights.safetensors`` (+ ``trainer.pt``).
+
+Format version 1:
+
+- ``config.json``: ``format_version`` (1), every ``SAEConfig`` field (arch, d_in, d_sae, k,
+  l1, aux_k, aux_coef, dead_window_tokens, norm_scale, dtype, threshold_lr, model, layer —
+  block index, 0-based, residual output —, token_kind, cache_config_sha256) under its own
+  name, and ``inference_threshold`` (BatchTopK's θ, else null).
+- ``weights.safetensors``: the module's state dict (W_enc (D, S), b_enc (S,), W_dec (S, D),
+  b_dec (D,), plus buffers such as BatchTopK's ``threshold``), in ``dtype``, normalised
+  units. Its metadata repeats ``format_version`` and ``arch``.
+- ``trainer.pt`` (optional, ``save_training_state``): ``Trainer.state_dict()`` via
+  torch.save, self-contained (holds its own copy of the weights), for resuming.
+
+Every file is written to a temporary file in the same folder and moved into place with
+``os.replace``, so a crash leaves either the old or the new file, never half of one.
+Changing any of the above bumps ``FORMAT_VERSION``; other versions are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserError
+from pipeline.sae.base import SAE, SAEConfig, build
+from pipeline.sae.trainer import Trainer, TrainConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "weights.safetensors"
+TRAINER_NAME = "trainer.pt"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, fsync, then move the temporary file onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_sae(sae: SAE, dir_path: str | os.PathLike) -> Path:
+    """Write ``sae`` to the folder ``dir_path`` (created if needed); returns the folder."""
+    dir_path = Path(dir_path)
+    dir_path.mkdir(parents=True, exist_ok=True)
+    config = {"format_version": FORMAT_VERSION, **sae.config.to_dict()}
+    config["inference_threshold"] = sae.inference_threshold()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    metadata = {"format_version": str(FORMAT_VERSION), "arch": sae.config.arch}
+    _atomic_write(dir_path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+
+    def write_config(p: str) -> None:
+        with open(p, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+
+    _atomic_write(dir_path / CONFIG_NAME, write_config)
+    return dir_path
+
+
+def read_sae_config(dir_path: str | os.PathLike) -> SAEConfig:
+    """The ``SAEConfig`` of a checkpoint folder, checking its format version and fields."""
+    return _read_config_json(Path(dir_path))[0]
+
+
+def _read_config_json(dir_path: Path) -> tuple[SAEConfig, float | None]:
+    """(config, inference_threshold) from a checkpoint folder's config.json."""
+    if not dir_path.is_dir():
+        raise UserError(
+            f"SAE checkpoint folder {dir_path} does not exist: pass a folder written by save_sae"
+        )
+    config_path = dir_path / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"SAE checkpoint {dir_path} has no {CONFIG_NAME}: re-save or re-train it")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc}): re-save the SAE") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path} does not hold a JSON object: re-save the SAE")
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"SAE checkpoint {dir_path} has format_version {version!r} but this code reads "
+            f"version {FORMAT_VERSION}: use the pipeline version that wrote it, or re-train"
+        )
+    threshold = raw.pop("inference_threshold", None)
+    fields = set(SAEConfig.__dataclass_fields__)
+    unknown, missing = sorted(set(raw) - fields), sorted(fields - set(raw))
+    if unknown or missing:
+        raise UserError(
+            f"{config_path} has unknown fields {unknown} / lacks fields {missing}: "
+            "the file was edited or written by other code; re-save the SAE"
+        )
+    return SAEConfig(**raw), threshold
+
+
+def load_sae(dir_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> SAE:
+    """Load a checkpoint folder as the architecture it was saved as, in eval mode."""
+    dir_path = Path(dir_path)
+    config, threshold = _read_config_json(dir_path)
+    weights_path = dir_path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise UserError(f"SAE checkpoint {dir_path} has no {WEIGHTS_NAME}: re-save or re-train it")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights_path} is unreadable ({exc}): re-save or re-train the SAE") from exc
+    sae = build(config)
+    expected = sae.state_dict()
+    unknown, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise UserError(
+            f"{weights_path} has unknown tensors {unknown} / lacks tensors {missing} for arch "
+            f"{config.arch!r}: config.json and the weights do not belong together; re-save"
+        )
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise UserError(
+                f"{weights_path}: tensor {name} is {got.dtype} {tuple(got.shape)} but the config "
+                f"says {want.dtype} {tuple(want.shape)}: config.json and the weights do not "
+                "belong together; re-save"
+            )
+    sae.load_state_dict(tensors)
+    have = sae.inference_threshold()
+    if (threshold is None) != (have is None) or (
+        have is not None and not math.isclose(threshold, have, rel_tol=1e-6, abs_tol=0.0)
+    ):
+        raise UserError(
+            f"{dir_path}: inference_threshold {threshold} in {CONFIG_NAME} does not match the "
+            f"weights' {have}: the files come from different saves; re-save the SAE"
+        )
+    return sae.to(device).eval()
+
+
+def save_training_state(trainer: Trainer, dir_path: str | os.PathLike) -> Path:
+    """Write a resumable checkpoint: ``save_sae`` files plus ``trainer.pt``."""
+    dir_path = save_sae(trainer.sae, dir_path)
+    state = trainer.state_dict()
+    _atomic_write(dir_path / TRAINER_NAME, lambda p: torch.save(state, p))
+    return dir_path
+
+
+def load_trainer(
+    dir_path: str | os.PathLike, train_cfg: TrainConfig
+) -> Trainer:
+    """Rebuild a Trainer from ``save_training_state`` output, ready to continue ``fit``."""
+    dir_path = Path(dir_path)
+    config = read_sae_config(dir_path)
+    state_path = dir_path / TRAINER_NAME
+    if not state_path.is_file():
+        raise UserError(
+            f"{dir_path} has no {TRAINER_NAME} to resume from: it was saved with save_sae only;"
+            " start a new run or point at a training checkpoint"
+        )
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise UserError(f"{state_path} is unreadable ({exc}): resume from an earlier checkpoint") from exc
+    trainer = Trainer(build(config), train_cfg)
+    trainer.load_state_dict(state)
+    return trainer

@@ -1,0 +1,110 @@
+"""SAE training losses: plain functions, ``(x_BD, x_hat_BD, ...)`` first, options keyword-only.
+
+All return a 0-dim float32 tensor and compute in float32 whatever the input dtype
+(bf16 autocast outputs are upcast). The trainer calls them in normalised units.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.sae.base import Codes
+
+TOKEN_NORM_EPS = 1e-6
+"""Floor on a token's L2 norm in ``recon_loss_token_norm`` (as in the reference)."""
+
+
+def recon_loss_token_norm(x_BD: Tensor, x_hat_BD: Tensor, *, eps: float = TOKEN_NORM_EPS) -> Tensor:
+    """The PatchSAE reference reconstruction term.
+
+    Each element's squared error is divided by its token's L2 norm ‖x_b‖ (floored at
+    ``eps``), then averaged over tokens *and* dimensions:
+
+        L = 1/(B·D) Σ_b Σ_d (x_bd − x̂_bd)² / ‖x_b‖  =  1/D · mean_b ‖x_b − x̂_b‖² / ‖x_b‖
+
+    The 1/D factor matches the reference's element-wise mean, which λ = 8e-5 was tuned with.
+    """
+    x, x_hat = x_BD.float(), x_hat_BD.float()
+    norm_B = x.norm(dim=1).clamp_min(eps)
+    return ((x - x_hat).pow(2).mean(dim=1) / norm_B).mean()
+
+
+def mse(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+    """Mean over tokens and dimensions of (x − x̂)²."""
+    return (x_BD.float() - x_hat_BD.float()).pow(2).mean()
+
+
+def l1_penalty(codes: Codes) -> Tensor:
+    """Sum of |f| over latents, averaged over tokens (multiply by λ yourself)."""
+    return codes.l1().float().mean()
+
+
+def auxk_loss(
+    x_BD: Tensor,
+    x_hat_BD: Tensor,
+    pre_BS: Tensor,
+    W_dec_SD: Tensor,
+    dead_S: Tensor,
+    *,
+    aux_k: int,
+) -> Tensor:
+    """AuxK (Gao et al. 2024): make the dead latents model the main model's error.
+
+    e = x − x̂ (detached). Per token, take the ``aux_k`` largest pre-activations among the
+    dead latents (fewer if fewer are dead), ReLU them, and decode with their decoder rows
+    without b_dec: ê. The loss is the normalised squared error, a ratio of batch totals:
+
+        L_aux = Σ_b ‖e_b − ê_b‖² / Σ_b ‖e_b − ē‖²     (ē: the per-dimension batch mean of e)
+
+    so it is O(1) whatever the scale of the residual. 0 when no latent is dead. Gradients
+    reach W_enc, b_enc, b_dec (through the pre-activations) and the dead rows of W_dec.
+    """
+    dead_idx = dead_S.nonzero().squeeze(1)
+    n_dead = dead_idx.numel()
+    if n_dead == 0:
+        return x_BD.new_zeros((), dtype=torch.float32)
+    e_BD = (x_BD.float() - x_hat_BD.float()).detach()
+    vals_BK, pos_BK = pre_BS[:, dead_idx].float().topk(min(aux_k, n_dead), dim=1, sorted=False)
+    e_hat_BD = F.embedding_bag(
+        dead_idx[pos_BK], W_dec_SD.float(), per_sample_weights=torch.relu(vals_BK), mode="sum"
+    )
+    denom = (e_BD - e_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return (e_BD - e_hat_BD).pow(2).sum() / denom
+
+
+def ghost_grads_loss(
+    x_BD: Tensor,
+    x_hat_BD: Tensor,
+    pre_BS: Tensor,
+    W_dec_SD: Tensor,
+    dead_S: Tensor,
+    *,
+    match: Tensor,
+    eps: float = TOKEN_NORM_EPS,
+) -> Tensor:
+    """Ghost gradients (Anthropic, Jan 2024; the PatchSAE reference's revival method).
+
+    e = x − x̂ (detached). The dead latents act with exp(pre) instead of ReLU, so they get
+    gradient even when pre < 0; their decoded output g is rescaled per token to half of
+    ‖e_b‖ (factor detached). Because of that rescaling, exp(pre − m_b) with m_b the token's
+    largest dead pre-activation (detached) gives the same values and gradients as exp(pre)
+    in exact arithmetic; it is used here so very negative or large pre-activations neither
+    underflow nor overflow (the reference clamps pre at 20 instead). The loss is
+    the token-norm error of g against e (each token's squared error ÷ ‖e_b‖, averaged over
+    tokens and dimensions), rescaled by a detached factor so its value equals ``match``
+    (the main reconstruction loss). 0 when no latent is dead. Only the dead latents'
+    encoder columns, encoder biases and decoder rows, and b_dec, receive its gradient.
+    """
+    dead_idx = dead_S.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
+        return x_BD.new_zeros((), dtype=torch.float32)
+    e_BD = (x_BD.float() - x_hat_BD.float()).detach()
+    pre_dead = pre_BS[:, dead_idx].float()
+    ghost_BS = torch.exp(pre_dead - pre_dead.max(dim=1, keepdim=True).values.detach())
+    g_BD = ghost_BS @ W_dec_SD[dead_idx].float()
+    e_norm_B = e_BD.norm(dim=1, keepdim=True)
+    g_BD = g_BD * (e_norm_B / (2 * g_BD.norm(dim=1, keepdim=True) + eps)).detach()
+    raw = ((g_BD - e_BD).pow(2).mean(dim=1) / e_norm_B.squeeze(1).clamp_min(eps)).mean()
+    return raw * (match.detach().float() / raw.detach().clamp_min(1e-12))

@@ -1,0 +1,346 @@
+"""SAE training loop, separate from data loading: it takes any iterator of x_BD batches.
+
+One step (``Trainer.step``), in normalised units (x̃ = x / norm_scale):
+
+    loss = recon(x̃, x̂) + λ·L1(f) + revival term
+    recon   "token_norm" (reference, default): see ``losses.recon_loss_token_norm``;
+            "mse": mean squared error
+    L1      Σ_s |f_s| averaged over tokens, λ = ``SAEConfig.l1``
+    revival "ghost_grads" (relu default, the PatchSAE reference's method) adds
+            ``losses.ghost_grads_loss``; "auxk" (TopK-family default) adds
+            ``SAEConfig.aux_coef`` × ``losses.auxk_loss`` with ``SAEConfig.aux_k``;
+            "none" adds nothing. Dead = not fired in ``SAEConfig.dead_window_tokens``
+            tokens, so revival starts only after one window of training.
+
+then: non-finite loss → ``NonFiniteLossError`` before anything changes; backward; the
+gradient parallel to each decoder row is removed; Adam step (learning rate warmed up
+linearly over ``warmup_steps``, then constant); decoder rows renormalised; firing counters
+and the architecture's running statistics (BatchTopK threshold) updated.
+
+bf16: ``TrainConfig.dtype="bfloat16"`` runs the SAE forward under ``torch.autocast`` with
+float32 master weights and float32 losses; there is no gradient scaler (bf16 needs none),
+so every step is applied.
+
+The one host sync per step is the finiteness check of the loss (plus a check for dead
+latents while revival is on); metrics are returned as tensors and turned into floats only
+every ``log_every`` steps in ``fit``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import UserError
+from pipeline.sae import losses
+from pipeline.sae.base import SAE, check_int, check_number
+from pipeline.sae.geometry import init_b_dec_, normalize_decoder_, remove_parallel_grad_
+from pipeline.sae.metrics import FiringCounter
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_VERSION = 1
+REVIVALS = ("auto", "ghost_grads", "auxk", "none")
+RECON_LOSSES = {"token_norm": losses.recon_loss_token_norm, "mse": losses.mse}
+
+
+class NonFiniteLossError(UserError):
+    """The loss of a step was NaN or inf; the step was not applied.
+
+    ``step`` is the index of the failed step (= the number of steps applied before it), so
+    the last good checkpoint is the latest one at or before it.
+    """
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(
+            f"SAE loss became NaN/inf at step {step}; the step was not applied: resume from "
+            "the last checkpoint with a lower lr, or check the activations for NaN "
+            "(`pipeline verify`)"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train an SAE (the SAE's own shape and sparsity live in SAEConfig)."""
+
+    lr: float = 4e-4
+    """Adam learning rate after warm-up (paper: 4e-4)."""
+    warmup_steps: int = 500
+    """Steps of linear warm-up: step i (0-based) uses lr·min(1, (i+1)/warmup_steps)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    seed: int = 0
+    """Seed of the trainer's torch.Generator (saved and restored with the state)."""
+    log_every: int = 100
+    """fit: call on_log (and log) every this many steps."""
+    checkpoint_every: int = 1000
+    """fit: call on_checkpoint every this many steps, and once at the end."""
+    total_tokens: int | None = None
+    """fit: stop after this many tokens in total (counting resumed ones); None = until the
+    iterator ends."""
+    batch_tokens: int = 128 * 197
+    """Tokens per step; every batch must have exactly this many rows (paper: 128 images ×
+    197 tokens). BatchTopK budgets and the lr depend on it."""
+    device: str = "cpu"
+    """Torch device to train on ("cpu", "cuda", "cuda:1", ...)."""
+    dtype: str = "float32"
+    """"float32", or "bfloat16" for autocast mixed precision (float32 master weights)."""
+    revival: str = "auto"
+    """Dead-latent revival: "auto" (ghost_grads for relu, auxk for TopK family),
+    "ghost_grads", "auxk" (TopK family only) or "none"."""
+    recon_loss: str = "token_norm"
+    """Reconstruction term: "token_norm" (PatchSAE reference) or "mse"."""
+
+    def __post_init__(self) -> None:
+        check_number("train lr", self.lr, strict=True)
+        check_number("train adam_eps", self.adam_eps, strict=True)
+        check_int("train warmup_steps", self.warmup_steps, minimum=0)
+        check_int("train seed", self.seed, minimum=0)
+        for name in ("log_every", "checkpoint_every", "batch_tokens"):
+            check_int(f"train {name}", getattr(self, name), minimum=1)
+        if self.total_tokens is not None:
+            check_int("train total_tokens", self.total_tokens, minimum=1)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"train betas must be two numbers in [0, 1), got {self.betas}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"train dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.revival not in REVIVALS:
+            raise UserError(f"unknown revival {self.revival!r}: use one of {', '.join(REVIVALS)}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise UserError(
+                f"unknown recon_loss {self.recon_loss!r}: use one of {', '.join(RECON_LOSSES)}"
+            )
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise UserError(f"unknown train device {self.device!r}: use cpu, cuda or cuda:N") from exc
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): linear warm-up, then constant."""
+        if self.warmup_steps == 0:
+            return self.lr
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+
+
+class Trainer:
+    """Owns the optimiser, LR schedule, firing counters, step count and resume state.
+
+    Resume: ``trainer.load_state_dict(state)`` on a Trainer built around an SAE of the same
+    config restores weights, Adam state, step, tokens seen, firing counters and RNG; the data
+    stream's position is the caller's (``tokens_seen`` says how far training got).
+    """
+
+    def __init__(self, sae: SAE, cfg: TrainConfig):
+        if sae.W_enc.dtype not in (torch.float32, torch.float64):
+            raise UserError(
+                f"SAE parameters are {sae.config.dtype}; train with float32 parameters "
+                "(SAEConfig dtype='float32') and TrainConfig dtype='bfloat16' for mixed precision"
+            )
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.sae = sae.to(self.device)
+        revival = sae.default_revival if cfg.revival == "auto" else cfg.revival
+        if revival == "auxk" and not sae.uses_k:
+            raise UserError(
+                f"revival 'auxk' needs a TopK-family SAE (a dead {sae.arch} latent has no "
+                "positive pre-activation to learn from): use revival 'ghost_grads' or 'auto'"
+            )
+        self.revival = revival
+        self._recon = RECON_LOSSES[cfg.recon_loss]
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=cfg.lr_at(0), betas=cfg.betas, eps=cfg.adam_eps
+        )
+        self.firing = FiringCounter(
+            sae.config.d_sae, window_tokens=sae.config.dead_window_tokens, device=self.device
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.n_steps = 0
+        self.tokens_seen = 0
+
+    # -- initialisation ----------------------------------------------------------------
+    def init_from_sample(self, x_ND: Tensor) -> None:
+        """Set b_dec to the geometric median of a raw-unit activation sample (before step 0)."""
+        if self.n_steps:
+            raise RuntimeError("init_from_sample must be called before the first step")
+        init_b_dec_(self.sae, x_ND.to(self.device))
+
+    # -- one step ----------------------------------------------------------------------
+    def step(self, x_BD: Tensor) -> dict[str, Tensor]:
+        """One optimiser step on a raw-unit batch; returns detached 0-dim metric tensors.
+
+        Keys: loss, recon_loss, l1, aux_loss (revival term, already weighted), l0, fvu
+        (batch estimate, normalised units), lr, dead_fraction, dense_fraction.
+        Raises NonFiniteLossError (nothing changed) if the loss is NaN/inf.
+        """
+        sae, cfg = self.sae, self.sae.config
+        if x_BD.ndim != 2 or x_BD.shape[1] != cfg.d_in:
+            raise UserError(
+                f"training batch has shape {tuple(x_BD.shape)} but the SAE expects (B, {cfg.d_in}):"
+                " train on activations of the width the SAE was built for"
+            )
+        if x_BD.shape[0] != self.cfg.batch_tokens:
+            raise UserError(
+                f"training batch has {x_BD.shape[0]} tokens but batch_tokens="
+                f"{self.cfg.batch_tokens}: make the loader yield full batches of that size"
+            )
+        sae.train()
+        lr = self.cfg.lr_at(self.n_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+
+        xn_BD = sae.to_normed(x_BD.to(self.device, non_blocking=True))
+        with torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"
+        ):
+            pre_BS = sae.pre_acts(xn_BD)
+            codes = sae.activate(pre_BS)
+            xn_hat_BD = sae.decode_normed(codes)
+        recon = self._recon(xn_BD, xn_hat_BD)
+        l1 = losses.l1_penalty(codes)
+        loss = recon + cfg.l1 * l1 if cfg.l1 else recon
+        aux = torch.zeros((), device=self.device)
+        if self.revival != "none":
+            dead_S = self.firing.dead_mask()
+            if self.revival == "auxk":
+                aux = cfg.aux_coef * losses.auxk_loss(
+                    xn_BD, xn_hat_BD, pre_BS, sae.W_dec, dead_S, aux_k=cfg.aux_k
+                )
+            else:
+                aux = losses.ghost_grads_loss(
+                    xn_BD, xn_hat_BD, pre_BS, sae.W_dec, dead_S, match=recon
+                )
+            loss = loss + aux
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self.n_steps)
+
+        loss.backward()
+        remove_parallel_grad_(sae)
+        self.optimizer.step()
+        normalize_decoder_(sae)
+        codes = codes.detach()
+        self.firing.update(codes)
+        sae.update_running_stats_(codes)
+        self.n_steps += 1
+        self.tokens_seen += x_BD.shape[0]
+
+        with torch.no_grad():
+            err = (xn_BD.float() - xn_hat_BD.float()).pow(2).sum()
+            var = (xn_BD.float() - xn_BD.float().mean(dim=0)).pow(2).sum()
+            return {
+                "loss": loss.detach(),
+                "recon_loss": recon.detach(),
+                "l1": l1.detach(),
+                "aux_loss": aux.detach(),
+                "l0": codes.l0().mean(),
+                "fvu": err / var.clamp_min(1e-12),
+                "lr": torch.tensor(lr),
+                "dead_fraction": self.firing.dead_fraction(),
+                "dense_fraction": self.firing.dense_fraction(),
+            }
+
+    # -- loop --------------------------------------------------------------------------
+    def fit(
+        self,
+        batches: Iterable[Tensor],
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        on_checkpoint: Callable[["Trainer"], None] | None = None,
+    ) -> dict[str, float]:
+        """Train on ``batches`` until ``total_tokens`` or the iterator ends.
+
+        Every ``log_every`` steps: metrics become floats, are logged and passed to
+        ``on_log(step, metrics)`` (step = number of steps applied). Every
+        ``checkpoint_every`` steps and at the end: ``on_checkpoint(trainer)``. A resumed
+        trainer continues its step and token counts; the iterator must resume the data.
+        Returns the last metrics as floats ({} if no step ran).
+        """
+        total = self.cfg.total_tokens
+        last: dict[str, float] = {}
+        out: dict[str, Tensor] | None = None
+        saved_at = self.n_steps
+        for x_BD in batches:
+            if total is not None and self.tokens_seen >= total:
+                break
+            out = self.step(x_BD)
+            if self.n_steps % self.cfg.log_every == 0:
+                last = self._log(out)
+                if on_log is not None:
+                    on_log(self.n_steps, last)
+            if on_checkpoint is not None and self.n_steps % self.cfg.checkpoint_every == 0:
+                on_checkpoint(self)
+                saved_at = self.n_steps
+        if total is not None and self.tokens_seen < total:
+            logger.warning(
+                "batches ran out after %d of %d tokens (step %d)", self.tokens_seen, total, self.n_steps
+            )
+        if out is not None and self.n_steps % self.cfg.log_every != 0:
+            last = self._log(out)
+            if on_log is not None:
+                on_log(self.n_steps, last)
+        if on_checkpoint is not None and saved_at != self.n_steps:
+            on_checkpoint(self)
+        return last
+
+    def _log(self, out: dict[str, Tensor]) -> dict[str, float]:
+        metrics = {k: v.item() for k, v in out.items()}
+        metrics["tokens_seen"] = float(self.tokens_seen)
+        logger.info(
+            "step %d tokens %d loss %.4g recon %.4g l1 %.4g aux %.4g l0 %.1f fvu %.4f dead %.3f",
+            self.n_steps, self.tokens_seen, metrics["loss"], metrics["recon_loss"], metrics["l1"],
+            metrics["aux_loss"], metrics["l0"], metrics["fvu"], metrics["dead_fraction"],
+        )
+        return metrics
+
+    # -- resume ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A snapshot of everything needed to resume bit-for-bit (given the same batches)."""
+        return {
+            "version": TRAIN_STATE_VERSION,
+            "sae_config": self.sae.config.to_dict(),
+            "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "firing": self.firing.state_dict(),
+            "rng": self.generator.get_state(),
+            "n_steps": self.n_steps,
+            "tokens_seen": self.tokens_seen,
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict()``; the SAE must have the same config."""
+        if state.get("version") != TRAIN_STATE_VERSION:
+            raise UserError(
+                f"trainer state has version {state.get('version')!r}, this code reads "
+                f"{TRAIN_STATE_VERSION}: restart training or use the matching pipeline version"
+            )
+        if state["sae_config"] != self.sae.config.to_dict():
+            diff = sorted(
+                k for k in state["sae_config"]
+                if state["sae_config"][k] != self.sae.config.to_dict().get(k)
+            )
+            raise UserError(
+                f"trainer state was saved for a different SAE config (fields {', '.join(diff)}):"
+                " resume with the SAE config the run started with"
+            )
+        changed = sorted(
+            k for k, v in state["train_config"].items()
+            if dataclasses.asdict(self.cfg).get(k) != (tuple(v) if isinstance(v, list) else v)
+        )
+        if changed:
+            logger.warning("resuming with changed train settings: %s", ", ".join(changed))
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.firing.load_state_dict(state["firing"])
+        self.generator.set_state(state["rng"])
+        self.n_steps = int(state["n_steps"])
+        self.tokens_seen = int(state["tokens_seen"])

@@ -1,0 +1,178 @@
+"""Each metric against a plain numpy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sae import Codes, FiringCounter, RunningMetrics, build, evaluate
+from pipeline.sae.losses import auxk_loss, ghost_grads_loss, l1_penalty, mse, recon_loss_token_norm
+from sae_helpers import make_sae_config, random_batches
+
+
+def _batches_with_different_means():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, (n, mean) in enumerate([(30, 0.0), (50, 5.0), (20, -3.0), (64, 12.0)]):
+        x = mean + torch.randn(n, 8, generator=g) * (1 + i)
+        x_hat = x + 0.3 * torch.randn(n, 8, generator=g) + 0.1
+        acts = torch.relu(torch.randn(n, 12, generator=g))
+        out.append((x, x_hat, Codes(d_sae=12, acts_BS=acts)))
+    return out
+
+
+def test_running_metrics_match_numpy_ratio_of_totals():
+    batches = _batches_with_different_means()
+    metrics = RunningMetrics()
+    for x, x_hat, codes in batches:
+        metrics.update(x, x_hat, codes)
+    got = metrics.compute()
+
+    x = np.concatenate([b[0].numpy() for b in batches]).astype(np.float64)
+    x_hat = np.concatenate([b[1].numpy() for b in batches]).astype(np.float64)
+    acts = np.concatenate([b[2].acts_BS.numpy() for b in batches]).astype(np.float64)
+    err = ((x - x_hat) ** 2).sum()
+    want_fvu = err / ((x - x.mean(axis=0)) ** 2).sum()
+    assert got["n_tokens"] == len(x)
+    assert got["mse"] == pytest.approx(((x - x_hat) ** 2).mean(), rel=1e-10)
+    assert got["fvu"] == pytest.approx(want_fvu, rel=1e-9)
+    assert got["token_norm_loss"] == pytest.approx(
+        (((x - x_hat) ** 2).mean(axis=1) / np.linalg.norm(x, axis=1)).mean(), rel=1e-9
+    )
+    assert got["l0"] == pytest.approx((acts > 0).sum(axis=1).mean(), rel=1e-12)
+    assert got["l1"] == pytest.approx(np.abs(acts).sum(axis=1).mean(), rel=1e-6)
+
+    # the reference is discriminating: the two known-wrong formulas give other numbers
+    per_batch = np.mean([
+        ((b[0].numpy() - b[1].numpy()) ** 2).sum()
+        / ((b[0].numpy() - b[0].numpy().mean(0)) ** 2).sum() for b in batches
+    ])
+    around_zero = err / (x**2).sum()
+    for wrong in (per_batch, around_zero):
+        assert abs(wrong - want_fvu) > 0.2 * want_fvu
+
+
+def test_running_metrics_refuses_empty():
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="empty"):
+        RunningMetrics().compute()
+
+
+def test_losses_match_numpy():
+    g = torch.Generator().manual_seed(1)
+    x, x_hat = torch.randn(20, 6, generator=g), torch.randn(20, 6, generator=g)
+    acts = torch.relu(torch.randn(20, 9, generator=g))
+    xn, xhn = x.double().numpy(), x_hat.double().numpy()
+    want = (((xn - xhn) ** 2).mean(axis=1) / np.linalg.norm(xn, axis=1)).mean()
+    assert recon_loss_token_norm(x, x_hat).item() == pytest.approx(want, rel=1e-5)
+    assert mse(x, x_hat).item() == pytest.approx(((xn - xhn) ** 2).mean(), rel=1e-5)
+    assert l1_penalty(Codes(d_sae=9, acts_BS=acts)).item() == pytest.approx(
+        acts.double().numpy().sum(axis=1).mean(), rel=1e-5
+    )
+
+
+def test_auxk_loss_matches_numpy_and_only_trains_dead_latents():
+    g = torch.Generator().manual_seed(2)
+    B, D, S = 16, 5, 10
+    x, x_hat = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    pre = torch.randn(B, S, generator=g, requires_grad=True)
+    W_dec = torch.randn(S, D, generator=g, requires_grad=True)
+    dead = torch.zeros(S, dtype=torch.bool)
+    dead[[1, 4, 7]] = True
+
+    loss = auxk_loss(x, x_hat, pre, W_dec, dead, aux_k=2)
+    e = (x - x_hat).double().numpy()
+    p = pre.detach().double().numpy()
+    e_hat = np.zeros_like(e)
+    for b in range(B):
+        cols = [1, 4, 7]
+        top = sorted(cols, key=lambda j: -p[b, j])[:2]
+        for j in top:
+            e_hat[b] += max(p[b, j], 0.0) * W_dec.detach().double().numpy()[j]
+    want = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+    loss.backward()
+    alive = ~dead
+    assert (W_dec.grad[alive] == 0).all() and (pre.grad[:, alive] == 0).all()
+    assert W_dec.grad[dead].abs().sum() > 0
+    assert auxk_loss(x, x_hat, pre, W_dec, torch.zeros(S, dtype=torch.bool), aux_k=2).item() == 0
+
+
+def test_ghost_grads_loss_matches_recon_and_only_trains_dead_latents():
+    g = torch.Generator().manual_seed(3)
+    B, D, S = 16, 5, 10
+    x, x_hat = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    pre = torch.randn(B, S, generator=g, requires_grad=True)
+    W_dec = torch.randn(S, D, generator=g, requires_grad=True)
+    dead = torch.zeros(S, dtype=torch.bool)
+    dead[[0, 3]] = True
+    match = torch.tensor(0.123)
+    loss = ghost_grads_loss(x, x_hat, pre, W_dec, dead, match=match)
+    assert loss.item() == pytest.approx(0.123, rel=1e-5)  # value rescaled to the recon loss
+    loss.backward()
+    assert (W_dec.grad[~dead] == 0).all() and (pre.grad[:, ~dead] == 0).all()
+    assert pre.grad[:, dead].abs().sum() > 0
+
+
+def _numpy_firing_reference(fire_NS: np.ndarray, window: int, threshold: float):
+    """Dead: no firing in the last `window` tokens. Dense: freq > threshold over the last
+    complete window (windows are consecutive blocks of `window` tokens from the start)."""
+    n = len(fire_NS)
+    dead = ~fire_NS[n - window:].any(axis=0)
+    last = (n // window) - 1
+    freq = fire_NS[last * window:(last + 1) * window].mean(axis=0)
+    return dead.mean(), (freq > threshold).mean()
+
+
+@pytest.mark.parametrize("n_batches", [10, 13, 29])
+def test_firing_counter_dead_and_dense_over_window(n_batches):
+    B, S, window = 20, 40, 100
+    rng = np.random.default_rng(n_batches)
+    rates = np.concatenate([np.full(10, 0.0), np.full(10, 0.003), np.full(10, 0.05), np.full(10, 0.3)])
+    fire_NS = rng.random((n_batches * B, S)) < rates
+    fire_NS[: B, :5] = True  # five never-again latents fire once, in the first batch
+
+    counter = FiringCounter(S, window_tokens=window)
+    for i in range(n_batches):
+        acts = torch.from_numpy(fire_NS[i * B:(i + 1) * B].astype(np.float32))
+        counter.update(Codes(d_sae=S, acts_BS=acts))
+    want_dead, want_dense = _numpy_firing_reference(fire_NS, window, 0.1)
+    assert counter.dead_fraction().item() == pytest.approx(want_dead)
+    assert counter.dense_fraction().item() == pytest.approx(want_dense)
+    assert counter.dead_fraction().item() >= 10 / 40  # the never-firing ones at least
+
+
+def test_firing_counter_is_nan_before_one_window_and_counts_sparse_codes():
+    counter = FiringCounter(6, window_tokens=10)
+    codes = Codes(
+        d_sae=6,
+        vals_BK=torch.tensor([[1.0, 0.0], [2.0, 3.0], [0.5, 0.0]]),
+        idx_BK=torch.tensor([[0, 1], [0, 5], [2, 3]]),
+    )
+    assert codes.fire_counts().tolist() == [2, 0, 1, 0, 0, 1]
+    counter.update(codes)
+    assert math.isnan(counter.dead_fraction().item())
+    assert math.isnan(counter.dense_fraction().item())
+    for _ in range(3):
+        counter.update(codes)
+    assert counter.dead_mask().tolist() == [False, True, False, True, True, False]
+
+
+def test_evaluate_reports_original_units_and_window():
+    sae = build(make_sae_config("relu", norm_scale=7.0, dead_window_tokens=128), seed=0)
+    batches = [7.0 * b for b in random_batches(4, offset=1.0)]
+    got = evaluate(sae, batches)
+    ref = RunningMetrics()
+    with torch.no_grad():
+        for x in batches:
+            x_hat, codes = sae(x)
+            ref.update(x, x_hat, codes)
+    want = ref.compute()
+    for key in want:
+        assert got[key] == pytest.approx(want[key])
+    assert got["window_tokens"] == 128 and 0 <= got["dead_fraction"] <= 1
