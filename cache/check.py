@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cache import schema
-from cache.store import ActivationStore
+from cache.store import ActivationStore, _is_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,54 @@ class VerifyReport:
         return out
 
 
-def verify(path: Path | str) -> VerifyReport:
+@dataclasses.dataclass(frozen=True)
+class CodeVerifyReport:
+    """What ``verify`` found in a sparse code store."""
+
+    path: Path
+    n_shards: int
+    incomplete_shards: list[int]
+    problems: list[str]  # one line per damaged shard
+
+    @property
+    def ok(self) -> bool:
+        return not (self.incomplete_shards or self.problems)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: sparse codes in {self.n_shards} shards"]
+        if self.incomplete_shards:
+            out.append(f"INCOMPLETE: {len(self.incomplete_shards)} shards never encoded "
+                       f"({', '.join(map(str, self.incomplete_shards[:20]))}); rerun `pipeline encode`")
+        out += [f"BAD: {p}" for p in self.problems]
+        out.append("OK" if self.ok else "FAILED")
+        return out
+
+
+def verify_codes(path: Path | str) -> CodeVerifyReport:
+    """Pointers monotone and sized to the shard, latent ids in range, values finite and positive."""
+    from cache.codes import CodeStore
+
+    codes = CodeStore(path)
+    problems = []
+    for k in np.flatnonzero(codes.done):
+        n_img = min(codes.images_per_shard, codes.n_images - k * codes.images_per_shard)
+        c = codes.read_shard(int(k))
+        if len(c.token_ptr) != n_img * codes.n_tokens + 1 or c.token_ptr[0] != 0 or np.any(np.diff(c.token_ptr) < 0):
+            problems.append(f"shard {k}: token pointers do not describe {n_img} images x {codes.n_tokens} tokens")
+        elif c.token_ptr[-1] != len(c.indices) or len(c.indices) != len(c.values):
+            problems.append(f"shard {k}: {c.token_ptr[-1]} entries announced, {len(c.indices)} stored")
+        elif len(c.indices) and (c.indices.min() < 0 or c.indices.max() >= codes.d_sae):
+            problems.append(f"shard {k}: latent ids outside 0..{codes.d_sae - 1}")
+        elif not (np.isfinite(c.values).all() and (c.values > 0).all()):
+            problems.append(f"shard {k}: values that are NaN, inf or not positive")
+    return CodeVerifyReport(path=codes.path, n_shards=codes.n_shards, incomplete_shards=codes.incomplete_shards(),
+                            problems=problems)
+
+
+def verify(path: Path | str) -> VerifyReport | CodeVerifyReport:
     """Read every completed shard once and check it; memory is one shard of one layer."""
+    if _is_kind(Path(path), schema.KIND_CODES):
+        return verify_codes(path)
     store = ActivationStore(path, mode="r")
     n = store.n_images
     labels, valid, done = store.labels, store.valid, store.done

@@ -8,6 +8,11 @@ FORMAT_VERSION = 1
 """Bumped whenever an array, attribute or layout below changes meaning; readers refuse other versions."""
 
 KIND_ACTIVATIONS = "activations"
+KIND_CODES = "codes"
+
+# Sparse code store (codes.zarr): per-shard CSR groups plus the same `done` array.
+CODES_SHARDS = "shards"
+CODES_ARRAYS = ("token_ptr", "indices", "values")
 
 # Arrays (paths inside the store's Zarr group).
 ACTS_GROUP = "acts"

@@ -110,12 +110,15 @@ class StoreSpec:
         return config_sha256(self.config)
 
 
-def _is_store(path: Path) -> bool:
+def _is_kind(path: Path, kind: str) -> bool:
+    """True when ``path`` is a Zarr group whose ``kind`` attribute is ``kind``."""
+    if not (Path(path) / "zarr.json").exists():
+        return False
     try:
         group = zarr.open_group(path, mode="r")
     except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
         return False
-    return group.attrs.get(schema.ATTR_KIND) == schema.KIND_ACTIVATIONS
+    return group.attrs.get(schema.ATTR_KIND) == kind
 
 
 def _clear_dir(path: Path) -> None:
@@ -137,7 +140,7 @@ def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) ->
     path = Path(path)
     existing = [p for p in path.iterdir() if p.name != schema.LOCK_FILE] if path.exists() else []
     if existing:
-        if not _is_store(path):
+        if not _is_kind(path, schema.KIND_ACTIVATIONS):
             raise UserError(
                 f"{path} exists and is not an activation store; choose a new --out path "
                 "(nothing was written)")

@@ -54,6 +54,8 @@ def main(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     for ours in ("pipeline", "stages", "cache"):
         logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # the progress bar shows training metrics; per-interval log lines only with -v
+        logging.getLogger("pipeline.sae.trainer").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -135,7 +137,7 @@ def info(store: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 def verify(store: Path) -> None:
-    """Check every shard: completeness, NaN rows, all-zero rows, labels. Exit 1 if not OK."""
+    """Check every shard of an activation or code store; exit 1 if anything is wrong."""
     from cache.check import verify as check
 
     report = check(store)
@@ -143,6 +145,63 @@ def verify(store: Path) -> None:
         click.echo(line)
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path), help="Activation store to train on.")
+@click.option("--layer", required=True, type=int, help="Block index inside the store (0-based, residual output).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="SAE folder to create or resume.")
+@click.option("--arch", default="relu", show_default=True, type=click.Choice(["relu", "topk", "batchtopk"]),
+              help="relu = the paper's ReLU + L1; topk/batchtopk keep k latents per token.")
+@click.option("--expansion", default=64.0, show_default=True, help="Latents per model dimension (paper: 64).")
+@click.option("--k", type=int, help="Active latents per token (topk, batchtopk).")
+@click.option("--l1", type=float, help="L1 coefficient (default: 8e-5 for relu, as in the paper).")
+@click.option("--token-kind", default="all", show_default=True, type=click.Choice(["all", "patches", "cls"]))
+@click.option("--tokens", "total_tokens", default=2_000_000, show_default=True, help="Total token budget.")
+@click.option("--batch-images", default=128, show_default=True, help="Images' worth of tokens per step.")
+@click.option("--lr", default=4e-4, show_default=True)
+@click.option("--warmup-steps", default=500, show_default=True)
+@click.option("--normalize", is_flag=True, help="Scale activations to unit mean norm x sqrt(D) (stored with the SAE).")
+@click.option("--revival", default="auto", show_default=True,
+              type=click.Choice(["auto", "ghost_grads", "auxk", "none"]), help="Dead-latent revival.")
+@click.option("--dead-window-tokens", default=1_000_000, show_default=True,
+              help="A latent silent for this many tokens counts as dead.")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Images held out for validation.")
+@click.option("--early-stop-patience", type=int, help="Stop after this many logs without validation FVU gain.")
+@click.option("--checkpoint-every", default=500, show_default=True, help="Steps between checkpoints.")
+@click.option("--log-every", default=50, show_default=True, help="Steps between metric records.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--overwrite", is_flag=True, help="Replace an SAE folder trained with other settings.")
+@click.option("--no-progress", is_flag=True)
+def train(no_progress: bool, **options: object) -> None:
+    """Train a sparse autoencoder on one layer of a store; rerun the same command to resume."""
+    from stages import train as stage
+
+    out = stage.run(stage.Config(progress=not no_progress, **options))
+    m = out.metrics
+    resumed = f" (resumed at step {out.resumed_from_step})" if out.resumed_from_step else ""
+    click.echo(f"trained {out.steps} steps{resumed} in {out.seconds:.1f} s -> {out.sae_dir}")
+    click.echo(f"  {m['eval_split']} metrics: MSE {m['mse']:.4g}  FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
+               f"L1 {m['l1']:.3g}  dead {m['train_dead_fraction']:.3f}  ({out.metrics_path}, {out.plot_path})")
+
+
+@main.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path), help="Activation store.")
+@click.option("--sae", "sae_dir", required=True, type=click.Path(path_type=Path), help="Trained SAE folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Code store to create or resume.")
+@click.option("--batch-tokens", type=int, help="Tokens per SAE forward (default: ~256 MB of dense codes).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a code store made from another SAE or store.")
+@click.option("--no-progress", is_flag=True)
+def encode(no_progress: bool, **options: object) -> None:
+    """Write every token's sparse SAE code (CSR per shard, zstd); rerun to resume."""
+    from stages import encode as stage
+
+    out = stage.run(stage.Config(progress=not no_progress, **options))
+    click.echo(f"encoded {out.n_images} images ({out.n_tokens} tokens, mean L0 {out.mean_l0:.1f}) "
+               f"in {out.seconds:.1f} s -> {out.codes_dir}")
 
 
 @main.command("import")

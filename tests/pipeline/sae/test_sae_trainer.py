@@ -209,7 +209,6 @@ def test_recovers_planted_dictionary(arch):
     assert held_out["fvu"] < MAX_FVU, held_out
     if arch != "relu":
         assert held_out["l0"] <= 4.5
-    assert elapsed < 30, f"{arch} took {elapsed:.1f}s"
 
 
 # --- dead-latent revival --------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""Stage two (b): encode every token of an activation store with a trained SAE into codes.zarr.
+
+Shard ``k`` of the code store holds the codes of the images of shard ``k`` of the activation
+store. Resumable and locked like extraction; the SAE can encode any store of the same width
+and layer (e.g. the adapted model's store in the adaptation study).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.codes import CodeStore, ShardCodes
+from cache.store import ActivationStore, StoreLock, config_sha256
+from cache.writer import BackgroundWriter
+from pipeline.errors import UserError
+from pipeline.models import file_sha256, resolve_device
+from pipeline.sae import SAE, Codes, load_sae
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    cache_dir: Path  # activation store to encode
+    sae_dir: Path  # trained SAE folder (config.json + weights.safetensors)
+    out_dir: Path  # code store to create or resume
+    batch_tokens: int | None = None  # tokens per SAE forward; default keeps a dense batch near 256 MB
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("cache_dir", "sae_dir", "out_dir"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    codes_dir: Path
+    n_images: int
+    n_tokens: int
+    nnz: int
+    mean_l0: float
+    seconds: float
+
+
+def check_sae_fits_store(sae: SAE, store: ActivationStore) -> int:
+    """The SAE's layer, checked against the store; refuses a width or layer that does not fit."""
+    c = sae.config
+    if c.d_in != store.d_model:
+        raise UserError(f"the SAE expects width {c.d_in} but {store.path} holds width {store.d_model}; "
+                        "use an SAE trained on this model")
+    layer = c.layer if c.layer is not None else store.layers[0]
+    if layer not in store.layers:
+        raise UserError(f"the SAE was trained on layer {layer}, which {store.path} does not hold "
+                        f"(layers {store.layers}); extract that layer or use another SAE")
+    if c.cache_config_sha256 and c.cache_config_sha256 != store.config_sha256:
+        log.warning("the SAE was trained on another store (config %s); encoding %s with it anyway",
+                    c.cache_config_sha256[:12], store.path)
+    return layer
+
+
+def codes_to_csr(codes: Codes) -> ShardCodes:
+    """CSR of one batch: nonzeros per token in ascending latent order."""
+    if codes.is_sparse:
+        order = codes.idx_BK.argsort(dim=1)
+        idx_BK = codes.idx_BK.gather(1, order)
+        vals_BK = codes.vals_BK.gather(1, order)
+        keep = vals_BK > 0
+        counts = keep.sum(1)
+        indices, values = idx_BK[keep], vals_BK[keep]
+    else:
+        rows, indices = codes.acts_BS.nonzero(as_tuple=True)
+        values = codes.acts_BS[rows, indices]
+        counts = torch.bincount(rows, minlength=codes.acts_BS.shape[0])
+    ptr = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    torch.cumsum(counts.cpu(), 0, out=ptr[1:])
+    return ShardCodes(ptr.numpy(), indices.cpu().numpy().astype(np.int32), values.float().cpu().numpy())
+
+
+def concat_csr(parts: list[ShardCodes]) -> ShardCodes:
+    offsets = np.cumsum([0] + [p.token_ptr[-1] for p in parts[:-1]])
+    ptr = np.concatenate([[0]] + [p.token_ptr[1:] + o for p, o in zip(parts, offsets)]).astype(np.int64)
+    return ShardCodes(ptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.values for p in parts]))
+
+
+def run(cfg: Config) -> Outputs:
+    started = time.perf_counter()
+    store = ActivationStore(cfg.cache_dir, mode="r")
+    store.require_complete()
+    device = resolve_device(cfg.device)
+    sae = load_sae(cfg.sae_dir, device=device)
+    layer = check_sae_fits_store(sae, store)
+    d_sae = sae.config.d_sae
+    batch_tokens = cfg.batch_tokens or max(256, 2**26 // d_sae)
+    weights_sha = file_sha256(cfg.sae_dir / "weights.safetensors")
+    identity = config_sha256({"store": store.config_sha256, "layer": layer, "sae_weights": weights_sha})
+    attrs = {"acts_store": str(store.path.resolve()), "acts_config_sha256": store.config_sha256, "layer": layer,
+             "sae_dir": str(cfg.sae_dir.resolve()), "sae_weights_sha256": weights_sha,
+             "sae_config": sae.config.to_dict(), "class_names": store.class_names,
+             "token_layout": store.token_layout,
+             "values": "SAE codes as returned by encode (the SAE's normalised units)"}
+    t = store.n_tokens
+    with StoreLock(cfg.out_dir):
+        codes = CodeStore.create_or_resume(cfg.out_dir, n_images=store.n_images, n_tokens=t, d_sae=d_sae,
+                                           images_per_shard=store.images_per_shard, attrs=attrs,
+                                           identity=identity, overwrite=cfg.overwrite)
+        pending = codes.incomplete_shards()
+        acts = store.acts(layer)
+        valid = store.valid
+        n_pending = sum(store.shard_slice(k).stop - store.shard_slice(k).start for k in pending)
+        bar = tqdm(total=n_pending * t, unit="tok", unit_scale=True, desc=f"encode {cfg.out_dir.name}",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        with BackgroundWriter(codes.write_shard) as writer, torch.inference_mode():
+            for k in pending:
+                sl = store.shard_slice(k)
+                x_ND = torch.from_numpy(acts[sl]).reshape(-1, store.d_model)
+                keep_N = torch.from_numpy(np.repeat(valid[sl], t))
+                parts = []
+                for s in range(0, len(x_ND), batch_tokens):
+                    x_BD = x_ND[s:s + batch_tokens].to(device, torch.float32)
+                    c = sae.encode(x_BD)
+                    c = _drop_rows(c, ~keep_N[s:s + batch_tokens].to(device))
+                    parts.append(codes_to_csr(c))
+                    bar.update(len(x_BD))
+                writer.submit(k, concat_csr(parts))
+        bar.close()
+    nnz = int(sum(codes.read_shard(k).token_ptr[-1] for k in range(codes.n_shards)))
+    n_tokens = store.n_images * t
+    return Outputs(codes_dir=codes.path, n_images=store.n_images, n_tokens=n_tokens, nnz=nnz,
+                   mean_l0=nnz / max(n_tokens, 1), seconds=time.perf_counter() - started)
+
+
+def _drop_rows(codes: Codes, drop_B: torch.Tensor) -> Codes:
+    """Empty codes for tokens of unreadable images (their activations are placeholders)."""
+    if not drop_B.any():
+        return codes
+    if codes.is_sparse:
+        return Codes(d_sae=codes.d_sae, vals_BK=codes.vals_BK.masked_fill(drop_B[:, None], 0), idx_BK=codes.idx_BK)
+    return Codes(d_sae=codes.d_sae, acts_BS=codes.acts_BS.masked_fill(drop_B[:, None], 0))

@@ -1,0 +1,246 @@
+"""Stage two (a): train a sparse autoencoder on one layer of an activation store.
+
+Resumable: a checkpoint (weights, optimiser, step, firing counters, RNG) is written every
+``checkpoint_every`` steps; the token stream is a pure function of the start token, so a
+rerun after a kill continues with exactly the batches the uninterrupted run would have seen.
+Metrics are computed in the store's original units on held-out images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cache.loader import LoaderConfig, TokenLoader, token_indices
+from cache.store import ActivationStore, config_sha256
+from pipeline.errors import UserError
+from pipeline.models import resolve_device
+from pipeline.plots import plot_curves
+from pipeline.sae import (
+    NonFiniteLossError,
+    SAEConfig,
+    TrainConfig,
+    Trainer,
+    build,
+    estimate_norm_scale,
+    evaluate,
+    load_trainer,
+    save_sae,
+    save_training_state,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """One SAE training run; every field except the last group defines the run's identity."""
+
+    cache_dir: Path  # activation store to train on
+    layer: int  # block index (0-based, residual output) inside the store
+    out_dir: Path  # SAE folder: final weights, checkpoint/, metrics, plots
+    arch: str = "relu"  # relu (paper), topk or batchtopk
+    expansion: float = 64.0  # d_sae = expansion x d_model (paper: 64)
+    k: int | None = None  # active latents per token for topk/batchtopk
+    l1: float | None = None  # L1 coefficient; None = 8e-5 for relu (paper), 0 for TopK family
+    token_kind: str = "all"  # train on all tokens, patches only, or class tokens only
+    total_tokens: int = 2_000_000  # token budget of the whole run
+    batch_images: int = 128  # images' worth of tokens per step (paper: 128 images x 197 tokens)
+    lr: float = 4e-4  # Adam learning rate after warm-up (paper: 4e-4)
+    warmup_steps: int = 500  # linear warm-up steps (paper: 500)
+    normalize: bool = False  # divide activations by mean norm / sqrt(D) (stored with the SAE)
+    revival: str = "auto"  # dead-latent revival: auto, ghost_grads, auxk, none
+    dead_window_tokens: int = 1_000_000  # a latent is dead if silent for this many tokens
+    val_fraction: float = 0.05  # images held out for validation metrics and early stopping
+    window_chunks: int = 64  # chunks shuffled together by the loader
+    seed: int = 0
+    dtype: str = "float32"  # float32, or bfloat16 autocast
+    # -- not part of the identity: how the run is executed and reported
+    device: str = "auto"
+    log_every: int = 50  # steps between metric records
+    checkpoint_every: int = 500  # steps between checkpoints
+    early_stop_patience: int | None = None  # stop after this many evaluations without val FVU gain
+    max_val_tokens: int = 200_000  # tokens used for each validation
+    overwrite: bool = False  # discard an existing run with another identity
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.total_tokens < 1 or self.batch_images < 1:
+            raise UserError("--tokens and --batch-images must be at least 1")
+        if self.expansion <= 0:
+            raise UserError(f"--expansion must be positive (got {self.expansion})")
+
+    def identity(self) -> dict[str, Any]:
+        keep = {f.name for f in dataclasses.fields(self)} - {
+            "out_dir", "device", "log_every", "checkpoint_every", "early_stop_patience",
+            "max_val_tokens", "overwrite", "progress"}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items() if k in keep}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    sae_dir: Path
+    metrics_path: Path
+    plot_path: Path
+    metrics: dict[str, float]
+    steps: int
+    resumed_from_step: int
+    seconds: float
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _prepare_out_dir(cfg: Config, identity_sha: str) -> bool:
+    """True when a resumable checkpoint of this very run exists; refuses another run's folder."""
+    run_path = cfg.out_dir / RUN_FILE
+    if run_path.exists():
+        previous = json.loads(run_path.read_text())["identity_sha256"]
+        if previous != identity_sha and not cfg.overwrite:
+            raise UserError(f"{cfg.out_dir} holds an SAE trained with other settings; pass --overwrite "
+                            "to replace it or choose a new --out")
+        if previous == identity_sha:
+            return (cfg.out_dir / CHECKPOINT_DIR / "trainer.pt").exists()
+        log.warning("--overwrite: deleting the SAE run in %s", cfg.out_dir)
+        shutil.rmtree(cfg.out_dir)
+    elif cfg.out_dir.exists() and any(cfg.out_dir.iterdir()):
+        raise UserError(f"{cfg.out_dir} exists and is not an SAE run folder; choose a new --out")
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_path, {"identity_sha256": identity_sha, "identity": cfg.identity()})
+    return False
+
+
+def _limited(batches: Iterator[torch.Tensor], max_tokens: int) -> Iterator[torch.Tensor]:
+    seen = 0
+    for x in batches:
+        if seen >= max_tokens:
+            return
+        seen += len(x)
+        yield x
+
+
+def run(cfg: Config) -> Outputs:
+    """Train (or resume training) the SAE described by ``cfg``."""
+    started = time.perf_counter()
+    store = ActivationStore(cfg.cache_dir, mode="r")
+    store.acts(cfg.layer)  # refuses a layer the store does not hold
+    store.require_complete()
+    device = resolve_device(cfg.device)
+    tokens_per_image = len(token_indices(store, cfg.token_kind))
+    loader_cfg = LoaderConfig(layer=cfg.layer, batch_tokens=cfg.batch_images * tokens_per_image,
+                              token_kind=cfg.token_kind, window_chunks=cfg.window_chunks,
+                              val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_loader = TokenLoader(store, loader_cfg, split="train")
+    val_loader = TokenLoader(store, loader_cfg, split="val") if cfg.val_fraction > 0 else train_loader
+    identity_sha = config_sha256({**cfg.identity(), "store": store.config_sha256})
+    resume = _prepare_out_dir(cfg, identity_sha)
+    train_cfg = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, log_every=cfg.log_every,
+                            checkpoint_every=cfg.checkpoint_every, total_tokens=cfg.total_tokens,
+                            batch_tokens=loader_cfg.batch_tokens, device=device, dtype=cfg.dtype,
+                            revival=cfg.revival)
+    ckpt_dir = cfg.out_dir / CHECKPOINT_DIR
+    history: list[dict[str, float]] = []
+    if resume:
+        trainer = load_trainer(ckpt_dir, train_cfg)
+        history_path = cfg.out_dir / HISTORY_FILE
+        if history_path.exists():
+            history = [h for h in json.loads(history_path.read_text()) if h["step"] <= trainer.n_steps]
+        log.info("resuming %s from step %d (%d tokens)", cfg.out_dir, trainer.n_steps, trainer.tokens_seen)
+    else:
+        sample_ND = next(train_loader.batches(0))
+        norm_scale = estimate_norm_scale(sample_ND) if cfg.normalize else 1.0
+        sae_cfg = SAEConfig.from_expansion(
+            arch=cfg.arch, d_in=store.d_model, expansion=cfg.expansion, k=cfg.k, l1=cfg.l1,
+            norm_scale=norm_scale, dead_window_tokens=cfg.dead_window_tokens, dtype="float32",
+            model=f"{store.attrs['model']['name']}/{store.attrs['model']['pretrained']}", layer=cfg.layer,
+            token_kind=cfg.token_kind, cache_config_sha256=store.config_sha256)
+        trainer = Trainer(build(sae_cfg, seed=cfg.seed).to(device), train_cfg)
+        trainer.init_from_sample(sample_ND.to(device))
+    resumed_from = trainer.n_steps
+    n_steps_total = math.ceil(cfg.total_tokens / loader_cfg.batch_tokens)
+
+    best = {"fvu": math.inf, "evals_since": 0, "stop": False}
+    clock = {"t": time.perf_counter(), "tokens": trainer.tokens_seen}
+
+    n_val_tokens = min(cfg.max_val_tokens, val_loader.tokens_per_epoch)  # at most one pass
+
+    def validate() -> dict[str, float]:
+        return evaluate(trainer.sae, _limited(val_loader.batches(0), n_val_tokens), window_tokens=n_val_tokens)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        record = {"step": step, **metrics, "lr": train_cfg.lr_at(step - 1),
+                  "tokens_per_s": (trainer.tokens_seen - clock["tokens"]) / max(now - clock["t"], 1e-9)}
+        clock.update(t=now, tokens=trainer.tokens_seen)
+        if cfg.early_stop_patience is not None:
+            val_fvu = validate()["fvu"]
+            record["val_fvu"] = val_fvu
+            if val_fvu < best["fvu"] - 1e-4:
+                best.update(fvu=val_fvu, evals_since=0)
+            else:
+                best["evals_since"] += 1
+                best["stop"] = best["evals_since"] >= cfg.early_stop_patience
+        history.append(record)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}")
+
+    def on_checkpoint(t: Trainer) -> None:
+        save_training_state(t, ckpt_dir)
+        _write_json(cfg.out_dir / HISTORY_FILE, history)
+
+    def stream() -> Iterator[torch.Tensor]:
+        for x_BD in train_loader.batches(trainer.tokens_seen):
+            if best["stop"]:
+                log.info("early stop: validation FVU has not improved for %d evaluations", cfg.early_stop_patience)
+                return
+            bar.update(trainer.n_steps - bar.n)
+            yield x_BD.to(device, non_blocking=True)
+
+    bar = tqdm(total=n_steps_total, initial=trainer.n_steps, unit="step", desc=f"train {cfg.out_dir.name}",
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        trainer.fit(stream(), on_log=on_log, on_checkpoint=on_checkpoint)
+    except NonFiniteLossError as err:
+        last = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").exists() else None
+        kept = "the last good checkpoint is in " + str(ckpt_dir) if last else "no checkpoint was written yet"
+        raise UserError(f"training stopped at step {err.step}: the loss became NaN/inf; {kept}; "
+                        "lower --lr or check the store with `pipeline verify`") from None
+    finally:
+        bar.close()
+    on_checkpoint(trainer)
+    save_sae(trainer.sae, cfg.out_dir)
+    final = validate()
+    final.update({"steps": trainer.n_steps, "tokens_seen": trainer.tokens_seen,
+                  "train_dead_fraction": float(trainer.firing.dead_fraction()),
+                  "train_dead_window_tokens": cfg.dead_window_tokens,
+                  "lr": train_cfg.lr_at(trainer.n_steps - 1),
+                  "tokens_per_s": history[-1]["tokens_per_s"] if history else float("nan"),
+                  "eval_split": "val" if cfg.val_fraction > 0 else "train"})
+    metrics_path = cfg.out_dir / METRICS_FILE
+    _write_json(metrics_path, final)
+    plot_path = plot_curves(history, cfg.out_dir / "curves.png",
+                            panels=[("loss", "training loss"), ("l0", "L0 (active latents / token)"),
+                                    ("fvu", "FVU (batch)")],
+                            title=f"{cfg.arch} SAE, layer {cfg.layer}, x{cfg.expansion:g}")
+    return Outputs(sae_dir=cfg.out_dir, metrics_path=metrics_path, plot_path=plot_path, metrics=final,
+                   steps=trainer.n_steps, resumed_from_step=resumed_from, seconds=time.perf_counter() - started)

@@ -1,0 +1,205 @@
+"""Stage two: training from a store (planted dictionary, resume, refusals) and sparse codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import stages.train as train_stage
+from cache.check import verify
+from cache.codes import CodeStore
+from cache.store import ActivationStore
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.sae import load_sae
+from stages import encode, importer
+from stages.train import Config
+from tests.helpers import make_extract_config
+
+D, N_TRUE, P_ACTIVE, NOISE = 32, 64, 3 / 64, 0.01
+MIN_MEAN_MAX_COS, MAX_FVU = 0.9, 0.15  # 64 features in 32 dims interfere: good SAEs reach FVU ~0.1
+SETTINGS = {"relu": dict(l1=3e-3, lr=1e-2), "topk": dict(k=4, lr=3e-3), "batchtopk": dict(k=4, lr=3e-3)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread is fastest and immune to a busy second core."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A store of x = sparse codes x unit dictionary + noise, (n, d) tokens, plus the dictionary."""
+    tmp = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    dict_FD = rng.standard_normal((N_TRUE, D))
+    dict_FD /= np.linalg.norm(dict_FD, axis=1, keepdims=True)
+    n = 40_000
+    coef = (rng.random((n, N_TRUE)) < P_ACTIVE) * (0.5 + rng.random((n, N_TRUE)))
+    x_ND = coef @ dict_FD + NOISE * rng.standard_normal((n, D))
+    np.save(tmp / "x.npy", x_ND.astype(np.float16))
+    importer.run(importer.Config(source_path=tmp / "x.npy", out_dir=tmp / "store", images_per_chunk=512,
+                                 images_per_shard=4096))
+    return tmp / "store", dict_FD
+
+
+def _cfg(store, out, arch="relu", **overrides) -> Config:
+    s = dict(SETTINGS[arch])
+    base = dict(cache_dir=store, layer=0, out_dir=out, arch=arch, expansion=4, total_tokens=256 * 1000,
+                batch_images=256, warmup_steps=50, val_fraction=0.1, dead_window_tokens=20_000, log_every=100,
+                checkpoint_every=400, device="cpu", progress=False, lr=s.pop("lr"), **s)
+    base.update(overrides)
+    return Config(**base)
+
+
+@pytest.mark.parametrize("arch", sorted(SETTINGS))
+def test_planted_dictionary_is_recovered_from_a_store(planted, tmp_path, arch):
+    store, dict_FD = planted
+    out = train_stage.run(_cfg(store, tmp_path / arch, arch))
+    sae = load_sae(out.sae_dir)
+    assert sae.config.arch == arch and sae.config.d_sae == 128
+    max_cos_F = (torch.from_numpy(dict_FD).float() @ sae.W_dec.detach().T).max(dim=1).values
+    assert max_cos_F.mean() >= MIN_MEAN_MAX_COS, max_cos_F
+    assert out.metrics["fvu"] < MAX_FVU and out.metrics["eval_split"] == "val"
+    metrics = json.loads(out.metrics_path.read_text())
+    for key in ("mse", "fvu", "l0", "l1", "token_norm_loss", "dead_fraction", "dense_fraction", "lr", "tokens_per_s"):
+        assert np.isfinite(metrics[key]), key
+    history = json.loads((out.sae_dir / "history.json").read_text())
+    assert history[0]["fvu"] > history[-1]["fvu"] and out.plot_path.stat().st_size > 10_000
+
+
+def test_interrupted_training_resumes_to_identical_weights(planted, tmp_path, monkeypatch):
+    store, _ = planted
+    cfg = _cfg(store, tmp_path / "ref", total_tokens=256 * 120, checkpoint_every=40)
+    train_stage.run(cfg)
+    reference = load_sae(cfg.out_dir)
+
+    real_save = train_stage.save_training_state
+    calls = []
+
+    def save_then_die(trainer, path):
+        real_save(trainer, path)
+        calls.append(trainer.n_steps)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # dies right after the step-80 checkpoint
+
+    interrupted = _cfg(store, tmp_path / "cut", total_tokens=256 * 120, checkpoint_every=40)
+    monkeypatch.setattr(train_stage, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run(interrupted)
+    monkeypatch.setattr(train_stage, "save_training_state", real_save)
+    out = train_stage.run(interrupted)
+    assert calls == [40, 80] and out.resumed_from_step == 80 and out.steps == 120
+    resumed = load_sae(interrupted.out_dir)
+    for name, p in reference.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_rerun_resumes(planted, tmp_path):
+    store, _ = planted
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--cache", str(store), "--layer", "0", "--expansion", "4",
+            "--l1", "3e-3", "--lr", "1e-2", "--tokens", str(256 * 3000), "--batch-images", "256",
+            "--checkpoint-every", "100", "--log-every", "100", "--device", "cpu", "--no-progress"]
+    ref = subprocess.run([*args, "--out", str(tmp_path / "ref")], capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoint" / "trainer.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["n_steps"] >= 300:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["n_steps"]
+    assert 300 <= step < 3000, f"the kill landed at step {step}; the test needs a mid-run kill"
+    rerun = subprocess.run([*args, "--out", str(tmp_path / "cut")], capture_output=True, text=True)
+    assert rerun.returncode == 0 and f"resumed at step {step}" in rerun.stdout, rerun.stdout + rerun.stderr
+    a, b = load_sae(tmp_path / "ref"), load_sae(tmp_path / "cut")
+    for name, p in a.state_dict().items():
+        assert torch.equal(p, b.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("arch", sorted(SETTINGS))
+def test_encode_round_trip_matches_sae_encode(planted, tmp_path, arch):
+    store_dir, _ = planted
+    cfg = _cfg(store_dir, tmp_path / "sae", arch, total_tokens=256 * 60)
+    train_stage.run(cfg)
+    out = encode.run(encode.Config(cache_dir=store_dir, sae_dir=cfg.out_dir, out_dir=tmp_path / "codes",
+                                   batch_tokens=3000, device="cpu", progress=False))
+    sae = load_sae(cfg.out_dir)
+    acts = torch.from_numpy(ActivationStore(store_dir).acts(0)[:].astype(np.float32))[:, 0]
+    with torch.no_grad():
+        expected_NS = sae.encode(acts).dense().numpy()
+    codes = CodeStore(out.codes_dir)
+    for i in (0, 1, 4095, 4096, 39_999):
+        np.testing.assert_array_equal(codes.image(i)[0], expected_NS[i])
+    for j in (0, 17, 127):
+        np.testing.assert_array_equal(codes.latent(j)[:, 0], expected_NS[:, j])
+    assert out.nnz == int((expected_NS > 0).sum())
+    assert verify(out.codes_dir).ok
+
+
+def test_encode_resumes_and_verify_flags_damage(planted, tmp_path):
+    store_dir, _ = planted
+    cfg = _cfg(store_dir, tmp_path / "sae", total_tokens=256 * 20)
+    train_stage.run(cfg)
+    enc = encode.Config(cache_dir=store_dir, sae_dir=cfg.out_dir, out_dir=tmp_path / "codes", device="cpu",
+                        progress=False)
+    encode.run(enc)
+    codes = CodeStore(enc.out_dir, mode="r+")
+    before = codes.read_shard(3)
+    codes.group["done"][3] = 0
+    assert not verify(enc.out_dir).ok
+    encode.run(enc)
+    after = CodeStore(enc.out_dir).read_shard(3)
+    assert all(np.array_equal(getattr(before, f), getattr(after, f)) for f in ("token_ptr", "indices", "values"))
+    codes.group["shards/000002/indices"][0] = 10_000
+    report = verify(enc.out_dir)
+    assert not report.ok and "latent ids outside" in report.problems[0]
+
+
+def test_refusals(planted, tmp_path):
+    store_dir, _ = planted
+    with pytest.raises(UserError, match="layer 7 is not in"):
+        train_stage.run(_cfg(store_dir, tmp_path / "a", layer=7))
+    cfg = _cfg(store_dir, tmp_path / "sae", total_tokens=256 * 5)
+    train_stage.run(cfg)
+    with pytest.raises(UserError, match="other settings"):
+        train_stage.run(_cfg(store_dir, tmp_path / "sae", total_tokens=256 * 6))
+    tiny = make_extract_config(tmp_path)  # width 64: does not fit an SAE of width 32
+    from stages import extract
+
+    extract.run(tiny)
+    result = CliRunner().invoke(main, ["encode", "--cache", str(tiny.out_dir), "--sae", str(cfg.out_dir),
+                                       "--out", str(tmp_path / "c"), "--device", "cpu"])
+    assert result.exit_code == 2 and "expects width 32" in result.output
+    ActivationStore(tiny.out_dir).group["done"][0] = 0
+    result = CliRunner().invoke(main, ["train", "--cache", str(tiny.out_dir), "--layer", "3", "--out",
+                                       str(tmp_path / "t"), "--device", "cpu"])
+    assert result.exit_code == 2 and "pipeline verify" in result.output
+
+
+def test_nan_loss_stops_keeps_checkpoint_and_names_the_step(planted, tmp_path):
+    store_dir, _ = planted
+    cfg = _cfg(store_dir, tmp_path / "nan", lr=1e12, warmup_steps=0, checkpoint_every=1, log_every=1,
+               total_tokens=256 * 200)
+    with pytest.raises(UserError, match=r"training stopped at step \d+: the loss became NaN/inf"):
+        train_stage.run(cfg)
+    state = torch.load(cfg.out_dir / "checkpoint" / "trainer.pt", weights_only=True)
+    weights = load_sae(cfg.out_dir / "checkpoint").state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert state["n_steps"] >= 1
