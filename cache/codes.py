@@ -42,14 +42,6 @@ class ShardCodes:
     indices: np.ndarray
     values: np.ndarray
 
-    @classmethod
-    def from_dense(cls, codes_NS: np.ndarray) -> ShardCodes:
-        """From dense ``(tokens, S)`` codes; nonzeros in row-major order."""
-        rows, cols = np.nonzero(codes_NS)
-        ptr = np.zeros(len(codes_NS) + 1, np.int64)
-        np.cumsum(np.bincount(rows, minlength=len(codes_NS)), out=ptr[1:])
-        return cls(ptr, cols.astype(np.int32), codes_NS[rows, cols].astype(np.float32))
-
     def dense(self, d_sae: int, token_start: int = 0, token_stop: int | None = None) -> np.ndarray:
         """Dense ``(tokens, S)`` float32 codes of local tokens ``token_start:token_stop``."""
         stop = len(self.token_ptr) - 1 if token_stop is None else token_stop
@@ -133,14 +125,15 @@ class CodeStore:
     def write_shard(self, k: int, codes: ShardCodes) -> None:
         """Write shard ``k``'s arrays (replacing any half-written ones), then mark it done."""
         g = self.group.require_group(shard_group(k))
-        for name, arr in (("token_ptr", codes.token_ptr), ("indices", codes.indices), ("values", codes.values)):
+        for name in schema.CODES_ARRAYS:
+            arr = getattr(codes, name)
             g.create_array(name, shape=arr.shape, chunks=(max(1, min(len(arr), 2**20)),), dtype=arr.dtype,
                            compressors=ZstdCodec(level=3), overwrite=True)[:] = arr
         self.group[schema.DONE][k] = 1
 
     def read_shard(self, k: int) -> ShardCodes:
         g = self.group[shard_group(k)]
-        return ShardCodes(g["token_ptr"][:], g["indices"][:], g["values"][:])
+        return ShardCodes(*(g[name][:] for name in schema.CODES_ARRAYS))
 
     def image(self, i: int) -> np.ndarray:
         """Dense ``(T, S)`` float32 codes of image ``i``: one shard's pointers and one slice read."""

@@ -139,14 +139,3 @@ class TokenLoader:
             for i in range(n_full):
                 yield window[i * b:(i + 1) * b]
             carry = window[n_full * b:]
-
-    def images(self, split_rows_mask: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Chunk by chunk in row order: (row indices, ``x_NTD`` float32 of the chosen token kind)."""
-        mask = self.rows if split_rows_mask is None else split_rows_mask
-        c = self.store.images_per_chunk
-        for start in range(0, self.store.n_images, c):
-            stop = min(start + c, self.store.n_images)
-            keep = mask[start:stop]
-            if keep.any():
-                acts_NTD = self.array[start:stop][keep][:, self.tokens_T]
-                yield np.arange(start, stop)[keep], torch.from_numpy(acts_NTD).float()

@@ -25,6 +25,11 @@ def test_doc_lists_exactly_the_schema_attributes():
     assert _first_column("Group attributes") == set(schema.ATTRS)
 
 
+def test_doc_lists_the_code_store_arrays():
+    names = {m.group(1) for m in re.finditer(r"^\| `shards/<k>/(\w+)` \|", DOC, re.M)}
+    assert names == set(schema.CODES_ARRAYS)
+
+
 def test_doc_states_the_current_version():
     assert f"version {schema.FORMAT_VERSION})" in DOC.splitlines()[0]
 
