@@ -45,14 +45,17 @@ class LoaderConfig:
             raise UserError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def token_indices(store: ActivationStore, kind: str) -> np.ndarray:
+def token_indices(store: ActivationStore, kind: str) -> slice:
     """Token positions of a kind, from the store's recorded layout (never assumed)."""
     layout = store.token_layout
     if kind == "all":
-        return np.arange(store.n_tokens)
+        return slice(0, store.n_tokens)
     if kind == "cls":
-        return np.array([int(layout["class_token_index"])])
-    return np.arange(int(layout["n_prefix_tokens"]), store.n_tokens)
+        if layout.get("class_token_index") is None:
+            raise UserError(f"{store.path} records no class token; use --token-kind all or patches")
+        cls = int(layout["class_token_index"])
+        return slice(cls, cls + 1)
+    return slice(int(layout["n_prefix_tokens"]), store.n_tokens)
 
 
 def split_rows(store: ActivationStore, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -76,7 +79,7 @@ class TokenLoader:
         c = store.images_per_chunk
         self.chunk_starts = np.arange(0, store.n_images, c)
         rows_per_chunk = np.add.reduceat(self.rows.astype(np.int64), self.chunk_starts)
-        self.tokens_per_chunk = rows_per_chunk * len(self.tokens_T)
+        self.tokens_per_chunk = rows_per_chunk * len(range(store.n_tokens)[self.tokens_T])
         keep = self.tokens_per_chunk > 0
         self.chunk_starts, self.tokens_per_chunk = self.chunk_starts[keep], self.tokens_per_chunk[keep]
         self.tokens_per_epoch = int(self.tokens_per_chunk.sum())
@@ -92,17 +95,23 @@ class TokenLoader:
         return [order[i:i + self.cfg.window_chunks] for i in range(0, len(order), self.cfg.window_chunks)]
 
     def _read_window(self, epoch: int, w: int, chunks: np.ndarray) -> torch.Tensor:
-        c = self.store.images_per_chunk
-        parts = []
+        """The window's tokens, shuffled, still float16 (batches are converted one at a time)."""
+        c, d = self.store.images_per_chunk, self.d_model
+        out_ND = np.empty((int(self.tokens_per_chunk[chunks].sum()), d), dtype=self.array.dtype)
+        pos = 0
         for k in chunks:
             start = int(self.chunk_starts[k])
             stop = min(start + c, self.store.n_images)
             acts_NTD = self.array[start:stop]
-            acts_NTD = acts_NTD[self.rows[start:stop]][:, self.tokens_T]
-            parts.append(acts_NTD.reshape(-1, acts_NTD.shape[-1]))
-        x_ND = torch.from_numpy(np.concatenate(parts))
-        perm = torch.from_numpy(np.random.default_rng([self.cfg.seed, 3, epoch, w]).permutation(len(x_ND)))
-        return x_ND[perm].float()
+            rows = self.rows[start:stop]
+            if not rows.all():
+                acts_NTD = acts_NTD[rows]
+            acts_NTD = acts_NTD[:, self.tokens_T]
+            n = acts_NTD.shape[0] * acts_NTD.shape[1]
+            out_ND[pos:pos + n] = acts_NTD.reshape(n, d)
+            pos += n
+        perm = np.random.default_rng([self.cfg.seed, 3, epoch, w]).permutation(len(out_ND))
+        return torch.from_numpy(out_ND[perm])
 
     def _token_stream(self, start_token: int) -> Iterator[torch.Tensor]:
         """Shuffled windows in order, the first one cut at ``start_token``; prefetches one ahead."""
@@ -129,13 +138,19 @@ class TokenLoader:
                 epoch += 1
 
     def batches(self, start_token: int = 0) -> Iterator[torch.Tensor]:
-        """Endless ``(batch_tokens, D)`` batches of the stream, starting at token ``start_token``."""
+        """Endless float32 ``(batch_tokens, D)`` batches of the stream, from token ``start_token``."""
         b = self.cfg.batch_tokens
-        carry = torch.empty(0, self.d_model)
+        carry: torch.Tensor | None = None  # the tail of the previous window, shorter than a batch
         for window in self._token_stream(start_token):
-            if len(carry):
-                window = torch.cat([carry, window])
-            n_full = len(window) // b
+            pos = 0
+            if carry is not None:
+                pos = b - len(carry)
+                if len(window) < pos:
+                    carry = torch.cat([carry, window])
+                    continue
+                yield torch.cat([carry, window[:pos]]).float()
+            n_full = (len(window) - pos) // b
             for i in range(n_full):
-                yield window[i * b:(i + 1) * b]
-            carry = window[n_full * b:]
+                yield window[pos + i * b: pos + (i + 1) * b].float()
+            rest = window[pos + n_full * b:]
+            carry = rest if len(rest) else None

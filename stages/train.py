@@ -147,7 +147,7 @@ def run(cfg: Config) -> Outputs:
     store.acts(cfg.layer)  # refuses a layer the store does not hold
     store.require_complete()
     device = resolve_device(cfg.device)
-    tokens_per_image = len(token_indices(store, cfg.token_kind))
+    tokens_per_image = len(range(store.n_tokens)[token_indices(store, cfg.token_kind)])
     loader_cfg = LoaderConfig(layer=cfg.layer, batch_tokens=cfg.batch_images * tokens_per_image,
                               token_kind=cfg.token_kind, window_chunks=cfg.window_chunks,
                               val_fraction=cfg.val_fraction, seed=cfg.seed)

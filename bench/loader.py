@@ -1,0 +1,86 @@
+"""Shuffled token loader vs a sequential raw read of the same array, and vs SAE training.
+
+    python bench/loader.py [--images 2048] [--expansion 8]
+
+Writes a ViT-B/16-shaped store (N x 197 x 768 float16, default chunking) of random values,
+then measures tokens/s of (a) ``TokenLoader.batches`` (whole chunks in random order,
+shuffle window, float32 batches of 128 images' tokens), (b) reading the same array
+sequentially shard by shard, (c) a ReLU SAE training step (768 -> expansion x 768) on
+batches of 2,048 tokens. Prints both ratios last (targets: loader/raw >= 0.5,
+loader/train >= 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from _util import peak_rss_mb, seconds
+
+from cache.loader import LoaderConfig, TokenLoader
+from cache.store import StoreSpec, create_or_resume, plan_layout
+from pipeline.sae import SAEConfig, TrainConfig, Trainer, build
+
+
+def make_store(path: Path, n: int, t: int = 197, d: int = 768):
+    chunk, shard = plan_layout(t * d * 2, n)
+    spec = StoreSpec(layers=(10,), n_tokens=t, d_model=d, image_ids=[str(i) for i in range(n)], class_names=["a"],
+                     images_per_chunk=chunk, images_per_shard=shard, config={"bench": n},
+                     attrs={"token_layout": {"n_tokens": t, "n_prefix_tokens": 1, "class_token_index": 0}})
+    store = create_or_resume(path, spec)
+    rng = np.random.default_rng(0)
+    for s in range(store.n_shards):
+        sl = store.shard_slice(s)
+        acts = rng.standard_normal((sl.stop - sl.start, t, d), dtype=np.float32).astype(np.float16)
+        store.write_shard(s, {10: acts}, np.zeros(len(acts), np.int64), np.ones(len(acts), bool))
+    return store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--expansion", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    store = make_store(work / "store", args.images)
+    n_tokens = store.n_images * store.n_tokens
+    loader = TokenLoader(store, LoaderConfig(layer=10, batch_tokens=128 * 197, seed=0), split="all")
+
+    def drain() -> None:
+        it = loader.batches(0)
+        for _ in range(n_tokens // loader.cfg.batch_tokens):
+            next(it)
+
+    def raw() -> None:
+        arr = store.acts(10)
+        for s in range(store.n_shards):
+            arr[store.shard_slice(s)]
+
+    raw(), drain()  # warm the page cache and the code paths
+    n_loaded = (n_tokens // loader.cfg.batch_tokens) * loader.cfg.batch_tokens
+    loader_tps = n_loaded / seconds(drain)
+    raw_tps = n_tokens / seconds(raw)
+
+    cfg = SAEConfig.from_expansion(arch="relu", d_in=768, expansion=args.expansion)
+    trainer = Trainer(build(cfg, seed=0), TrainConfig(batch_tokens=2048, warmup_steps=1, log_every=10**9))
+    x_BD = torch.randn(2048, 768)
+    trainer.step(x_BD)
+    train_tps = 2048 * args.train_steps / seconds(lambda: [trainer.step(x_BD) for _ in range(args.train_steps)])
+    shutil.rmtree(work)
+    print(f"store: {store.n_images} x 197 x 768 float16 ({n_tokens * 768 * 2 / 1e6:.0f} MB), "
+          f"chunks of {store.images_per_chunk} images; {torch.get_num_threads()} threads")
+    print(f"loader (shuffled float32 batches) : {loader_tps:12,.0f} tokens/s")
+    print(f"raw sequential read               : {raw_tps:12,.0f} tokens/s")
+    print(f"ReLU SAE training, 768 x {args.expansion:<3d}     : {train_tps:12,.0f} tokens/s")
+    print(f"peak RSS                          : {peak_rss_mb():12,.0f} MB")
+    print(f"ratio loader/train = {loader_tps / train_tps:.1f}  (target >= 5)")
+    print(f"ratio loader/raw = {loader_tps / raw_tps:.2f}  (target >= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
