@@ -203,3 +203,23 @@ def test_nan_loss_stops_keeps_checkpoint_and_names_the_step(planted, tmp_path):
     weights = load_sae(cfg.out_dir / "checkpoint").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert state["n_steps"] >= 1
+
+
+def test_early_stop_when_validation_fvu_stalls(planted, tmp_path):
+    store_dir, _ = planted
+    cfg = _cfg(store_dir, tmp_path / "stall", lr=1e-12, warmup_steps=0, log_every=5, early_stop_patience=2,
+               total_tokens=256 * 400)
+    out = train_stage.run(cfg)
+    history = json.loads((cfg.out_dir / "history.json").read_text())
+    assert out.steps < 400 and len(history) <= 4 and all("val_fvu" in h for h in history)
+
+
+def test_encode_refuses_an_sae_of_another_layer(planted, tmp_path):
+    store_dir, _ = planted
+    cfg = _cfg(store_dir, tmp_path / "sae", total_tokens=256 * 5)
+    train_stage.run(cfg)
+    config = json.loads((cfg.out_dir / "config.json").read_text())
+    config["layer"] = 5
+    (cfg.out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trained on layer 5, which .* does not hold"):
+        encode.run(encode.Config(cache_dir=store_dir, sae_dir=cfg.out_dir, out_dir=tmp_path / "c", device="cpu"))
