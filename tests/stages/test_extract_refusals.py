@@ -123,10 +123,11 @@ def _done_count(path: Path) -> int:
 def test_sigkill_then_rerun_is_bit_identical(tmp_path):
     args = [sys.executable, "-m", "pipeline.cli", "extract", *_with(TINY_ARGS, limit="600", batch_size="1")]
     args[args.index("--shard-images") + 1] = "20"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread each, immune to a busy core
     reference = tmp_path / "reference"
-    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True)
+    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, env=env)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while _done_count(killed) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -136,7 +137,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path):
     assert 3 <= n_done < 30, f"kill landed after {n_done} of 30 shards; the test needs a mid-run kill"
     check = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(killed)], capture_output=True, text=True)
     assert check.returncode == 1 and "INCOMPLETE" in check.stdout
-    subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True)
+    subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True, env=env)
     assert tree_digest(killed) == tree_digest(reference)
     check = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(killed)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
