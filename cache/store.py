@@ -146,6 +146,8 @@ def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) ->
                 "(nothing was written)")
         store = ActivationStore(path)
         if store.config_sha256 == spec.config_sha256:
+            for stale in path.rglob(".*.tmp-*"):  # left by a writer killed mid-shard
+                stale.unlink()
             n_done = int(store.done.sum())
             log.info("resuming %s: %d of %d shards already complete", path, n_done, store.n_shards)
             return store

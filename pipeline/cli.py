@@ -80,8 +80,12 @@ def main(verbose: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of --limit's subset and of the synthetic images.")
 @click.option("--chunk-images", "images_per_chunk", type=int, help="Rows per Zarr chunk (default: ~3 MB chunks).")
 @click.option("--shard-images", "images_per_shard", type=int, help="Rows per shard file (default: ~64 MB shards).")
+@click.option("--scheduler", help="Run one Dask task per shard on this scheduler (tcp://HOST:PORT); "
+              "its workers must see --out on a shared file system.")
+@click.option("--cluster", type=click.Choice(["local"]), help="Start a local Dask cluster (see --n-workers).")
+@click.option("--n-workers", default=2, show_default=True, help="Worker processes of --cluster local.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def extract(no_progress: bool, **options: object) -> None:
+def extract(no_progress: bool, cluster: str | None, scheduler: str | None, **options: object) -> None:
     """Stream patch-token activations of chosen blocks into a resumable Zarr store.
 
     Rerunning the same command finishes an interrupted store; a different config is refused
@@ -89,7 +93,9 @@ def extract(no_progress: bool, **options: object) -> None:
     """
     from stages import extract as stage
 
-    out = stage.run(stage.Config(progress=not no_progress, **options))
+    if cluster and scheduler:
+        raise UserError("give either --cluster local or --scheduler ADDRESS, not both")
+    out = stage.run(stage.Config(progress=not no_progress, scheduler=scheduler or cluster, **options))
     click.echo(
         f"extracted {out.n_computed} of {out.n_images} images ({out.n_skipped} unreadable, skipped) "
         f"x {out.n_tokens // max(out.n_images, 1)} tokens, layers {list(out.layers)}: "
@@ -202,6 +208,61 @@ def encode(no_progress: bool, **options: object) -> None:
     out = stage.run(stage.Config(progress=not no_progress, **options))
     click.echo(f"encoded {out.n_images} images ({out.n_tokens} tokens, mean L0 {out.mean_l0:.1f}) "
                f"in {out.seconds:.1f} s -> {out.codes_dir}")
+
+
+@main.command()
+@click.option("--codes", "codes_dir", required=True, type=click.Path(path_type=Path), help="Code store (pipeline encode).")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path),
+              help="Activation store the codes were encoded from.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Statistics folder to write.")
+@click.option("--top-k", default=10, show_default=True, help="Reference images kept per latent.")
+@click.option("--threshold", default=0.2, show_default=True, help="Class counts count tokens with f > threshold.")
+@click.option("--scheduler", default="threads", show_default=True,
+              help="Dask scheduler: threads, synchronous, processes, or a dask.distributed address tcp://host:port.")
+@click.option("--workers", "n_workers", type=int, help="Threads or processes of a local scheduler (default: cores).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+def stats(no_plots: bool, **options: object) -> None:
+    """Per-latent statistics (frequency, mean activation, references, label entropy, class counts).
+
+    Out of core: one Dask task per code shard, partial results merged in a tree.
+    """
+    from stages import stats as stage
+
+    out = stage.run(stage.Config(plots=not no_plots, **options))
+    click.echo(f"statistics of {out.n_latents} latents ({out.n_dead} dead) over {out.n_valid_images} valid images "
+               f"in {out.n_shards} shards, {out.seconds:.1f} s -> {out.stats_dir}")
+
+
+@main.command()
+@click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path), help="Folder from pipeline stats.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder to write.")
+@click.option("--latents", "n_latents", default=100, show_default=True, help="Most frequent alive latents shown.")
+@click.option("--low-entropy", "n_low_entropy", default=10, show_default=True,
+              help="Also show this many of the lowest-entropy alive latents.")
+@click.option("--root", type=click.Path(path_type=Path), help="Where the dataset's images are now "
+              "(default: the root recorded in the activation store).")
+def report(**options: object) -> None:
+    """Static HTML report (open index.html from disk): sortable latent table, reference heatmaps."""
+    from stages import report as stage
+
+    out = stage.run(stage.Config(**options))
+    click.echo(f"report of {len(out.latent_pages)} latents ({out.n_pictures} reference pictures) "
+               f"in {out.seconds:.1f} s -> {out.index_path}")
+    if out.image_problem:
+        click.echo(f"  images not shown: {out.image_problem}")
+    elif out.n_without_image:
+        click.echo(f"  {out.n_without_image} references could not be opened (heatmap only; see their pages)")
+
+
+@main.command("show-latent")
+@click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path), help="Folder from pipeline stats.")
+@click.option("--latent", required=True, type=int, help="Latent id.")
+def show_latent(stats_dir: Path, latent: int) -> None:
+    """Print one latent's statistics and reference images."""
+    from pipeline.latents import LatentStats
+
+    for line in LatentStats(stats_dir).describe(latent):
+        click.echo(line)
 
 
 @main.command("import")

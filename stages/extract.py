@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -50,6 +51,8 @@ class Config:
     overwrite: bool = False  # replace a store written with another config
     images_per_chunk: int | None = None  # content: rows per Zarr chunk (default ~3 MB)
     images_per_shard: int | None = None  # content: rows per shard file (default ~64 MB)
+    scheduler: str | None = None  # None: this process; "local": a LocalCluster; or a Dask scheduler address
+    n_workers: int = 2  # worker processes of a local cluster
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -158,49 +161,107 @@ def _to_store_dtype(layer: int, acts_BTD: torch.Tensor, first_row: int) -> np.nd
     return acts16.cpu().numpy()
 
 
-def run(cfg: Config) -> Outputs:
-    """Extract (or finish extracting) the store described by ``cfg``."""
-    started = time.perf_counter()
+def _fill_shard(model: LoadedModel, batches: Iterator[Any], store: ActivationStore, shard: int,
+                layers: tuple[int, ...], bar: tqdm | None) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """Compute one shard from the next batches of ``batches`` (which never cross shards)."""
+    sl = store.shard_slice(shard)
+    n = sl.stop - sl.start
+    acts = {layer: np.empty((n, model.n_tokens, model.width), np.float16) for layer in layers}
+    labels_N = np.empty(n, np.int64)
+    valid_N = np.empty(n, bool)
+    row = 0
+    while row < n:
+        images_BCHW, labels_B, ok_B = next(batches)
+        b = len(labels_B)
+        for layer, acts_BTD in model.tap(images_BCHW, layers).items():
+            acts_BTD = acts_BTD * ok_B.to(acts_BTD.device)[:, None, None]  # unreadable rows -> 0
+            acts[layer][row:row + b] = _to_store_dtype(layer, acts_BTD, sl.start + row)
+        labels_N[row:row + b] = labels_B.numpy()
+        valid_N[row:row + b] = ok_B.numpy()
+        row += b
+        if bar is not None:
+            bar.update(b)
+    return acts, labels_N, valid_N
+
+
+def _loader(model: LoadedModel, images: ImageSet, store: ActivationStore, shards: list[int], cfg: Config,
+            workers: int) -> DataLoader:
+    return DataLoader(_SafeImages(images.dataset, model.image_size),
+                      batch_sampler=list(_shard_batches(store, shards, cfg.batch_size)),
+                      num_workers=workers, pin_memory=model.device.startswith("cuda"))
+
+
+def _open(cfg: Config) -> tuple[LoadedModel, ImageSet]:
     model = load_model(cfg.model, cfg.pretrained, device=cfg.device, dtype=cfg.dtype, init_seed=cfg.seed)
     model.check_layers(cfg.layers)
     images = open_dataset(cfg.dataset, root=cfg.root, split=cfg.split, transform=model.preprocess,
                           limit=cfg.limit, seed=cfg.seed, image_size=model.image_size)
+    return model, images
+
+
+_WORKER_CACHE: dict[str, tuple[LoadedModel, ImageSet]] = {}
+
+
+def extract_shard_task(cfg: Config, shard: int) -> int:
+    """One Dask task: compute and write one whole shard. The model is loaded once per worker.
+
+    Idempotent: a task rerun after its shard was completed (e.g. after a worker died just
+    after writing) returns at once.
+    """
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = _open(cfg)
+    model, images = _WORKER_CACHE[key]
+    store = ActivationStore(cfg.out_dir)
+    if store.done[shard]:
+        return shard
+    batches = iter(_loader(model, images, store, [shard], cfg, workers=0))
+    store.write_shard(shard, *_fill_shard(model, batches, store, shard, cfg.layers, None))
+    return shard
+
+
+def _run_local(cfg: Config, model: LoadedModel, images: ImageSet, store: ActivationStore, pending: list[int],
+               bar: tqdm) -> None:
+    batches = iter(_loader(model, images, store, pending, cfg, workers=cfg.workers))
+    with BackgroundWriter(store.write_shard) as writer:
+        for shard in pending:
+            writer.submit(shard, *_fill_shard(model, batches, store, shard, cfg.layers, bar))
+
+
+def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: tqdm) -> None:
+    from pipeline.scale import dask_client
+
+    with dask_client(cfg.scheduler, cfg.n_workers) as client:
+        futures = client.map(extract_shard_task, [cfg] * len(pending), pending, pure=False, retries=2)
+        from distributed import as_completed
+
+        for future in as_completed(futures):
+            shard = future.result()
+            sl = store.shard_slice(shard)
+            bar.update(sl.stop - sl.start)
+
+
+def run(cfg: Config) -> Outputs:
+    """Extract (or finish extracting) the store described by ``cfg``."""
+    started = time.perf_counter()
+    model, images = _open(cfg)
     spec = _spec(cfg, model, images)
     with StoreLock(cfg.out_dir):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         pending = store.incomplete_shards()
-        n_pending = sum(len(range(*store.shard_slice(s).indices(store.n_images))) for s in pending)
-        loader = DataLoader(_SafeImages(images.dataset, model.image_size),
-                            batch_sampler=list(_shard_batches(store, pending, cfg.batch_size)),
-                            num_workers=cfg.workers, pin_memory=model.device.startswith("cuda"))
+        n_pending = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in pending)
         bar = tqdm(total=n_pending, unit="img", desc=f"extract {store.path.name}",
                    disable=not cfg.progress, dynamic_ncols=True)
         streaming = time.perf_counter()
-        with BackgroundWriter(store.write_shard) as writer:
-            batches = iter(loader)
-            for shard in pending:
-                sl = store.shard_slice(shard)
-                n = sl.stop - sl.start
-                acts = {layer: np.empty((n, model.n_tokens, model.width), np.float16) for layer in cfg.layers}
-                labels_N = np.empty(n, np.int64)
-                valid_N = np.empty(n, bool)
-                row = 0
-                while row < n:
-                    images_BCHW, labels_B, ok_B = next(batches)
-                    b = len(labels_B)
-                    tapped = model.tap(images_BCHW, cfg.layers)
-                    for layer, acts_BTD in tapped.items():
-                        acts_BTD = acts_BTD * ok_B.to(acts_BTD.device)[:, None, None]  # unreadable rows -> 0
-                        acts[layer][row:row + b] = _to_store_dtype(layer, acts_BTD, sl.start + row)
-                    labels_N[row:row + b] = labels_B.numpy()
-                    valid_N[row:row + b] = ok_B.numpy()
-                    row += b
-                    bar.update(b)
-                writer.submit(shard, acts, labels_N, valid_N)
+        if cfg.scheduler is None:
+            _run_local(cfg, model, images, store, pending, bar)
+        else:
+            _run_dask(cfg, store, pending, bar)
         bar.close()
         stream_seconds = time.perf_counter() - streaming
-        valid = store.valid
-        skipped = [str(i) for i in np.asarray(store.image_ids)[~valid]]
+        store.require_complete()
+        skipped = [str(i) for i in np.asarray(store.image_ids)[~store.valid]]
         store.set_attrs(**{schema.ATTR_SKIPPED: skipped})
         if skipped:
             log.warning("%d unreadable images were skipped (rows marked invalid, listed in attrs '%s')",
