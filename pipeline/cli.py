@@ -5,6 +5,7 @@ Problems the user can fix print one line ``error: ...`` and exit with status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -263,6 +264,47 @@ def show_latent(stats_dir: Path, latent: int) -> None:
 
     for line in LatentStats(stats_dir).describe(latent):
         click.echo(line)
+
+
+WORK = Path("work")  # where `dvc repro` keeps the study's outputs (see dvc.yaml)
+
+
+@main.command("run-stage")
+@click.argument("name", type=click.Choice(["extract", "train", "encode"]))
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+def run_stage(name: str, params_path: Path) -> None:
+    """Run one stage of dvc.yaml with its settings from params.yaml (what `dvc repro` calls)."""
+    import shutil
+
+    from pipeline.params import load_params, section
+
+    params = load_params(params_path)
+    if name == "extract":
+        from stages import extract as stage
+
+        data = section(params, "data", ("dataset", "root", "split", "limit", "seed"))
+        model = section(params, "model", ("name", "pretrained"))
+        ext = section(params, "extract", ("layers", "batch_size", "device", "dtype", "workers", "scheduler", "n_workers"))
+        out = stage.run(stage.Config(**data, model=model.get("name", "ViT-B-16"),
+                                     pretrained=str(model.get("pretrained", "openai")),
+                                     out_dir=WORK / "acts", overwrite=True, **ext))
+        click.echo(f"extract: {out.n_computed} of {out.n_images} images computed -> {out.store_dir}")
+    elif name == "train":
+        from stages import train as stage
+
+        sae = section(params, "sae", {f.name for f in dataclasses.fields(stage.Config)}
+                      - {"cache_dir", "out_dir", "overwrite", "progress"})
+        out = stage.run(stage.Config(cache_dir=WORK / "acts", out_dir=WORK / "sae", overwrite=True, **sae))
+        shutil.copyfile(out.metrics_path, WORK / "sae-metrics.json")
+        shutil.copyfile(out.sae_dir / "history.json", WORK / "sae-history.json")
+        click.echo(f"train: {out.steps} steps, FVU {out.metrics['fvu']:.4f}, L0 {out.metrics['l0']:.1f} -> {out.sae_dir}")
+    elif name == "encode":
+        from stages import encode as stage
+
+        enc = section(params, "encode", ("device", "batch_tokens"))
+        out = stage.run(stage.Config(cache_dir=WORK / "acts", sae_dir=WORK / "sae", out_dir=WORK / "codes",
+                                     overwrite=True, **enc))
+        click.echo(f"encode: {out.n_tokens} tokens, mean L0 {out.mean_l0:.1f} -> {out.codes_dir}")
 
 
 @main.command("import")
