@@ -240,6 +240,8 @@ def stats(no_plots: bool, **options: object) -> None:
 @click.option("--latents", "n_latents", default=100, show_default=True, help="Most frequent alive latents shown.")
 @click.option("--low-entropy", "n_low_entropy", default=10, show_default=True,
               help="Also show this many of the lowest-entropy alive latents.")
+@click.option("--min-references", default=5, show_default=True,
+              help="Lowest-entropy picks need this many reference images (one image always has entropy 0).")
 @click.option("--root", type=click.Path(path_type=Path), help="Where the dataset's images are now "
               "(default: the root recorded in the activation store).")
 def report(**options: object) -> None:

@@ -15,7 +15,6 @@ from dask.callbacks import Callback
 from cache.codes import CodeStore, ShardCodes
 from cache.store import StoreSpec, create_or_resume
 from pipeline.cli import main
-from pipeline.errors import UserError
 from pipeline.latents import LatentStats
 from stages import stats
 
@@ -120,7 +119,7 @@ def numpy_stats(f_NTS, labels, valid, *, n_classes, k=10, threshold=0.2, n_prefi
                top_class_share=np.array(share))
     counts = np.zeros((n_classes, s), np.int64)
     for c in range(n_classes):
-        counts[c] = (f[valid & (labels == c)] > threshold).sum((0, 1))
+        counts[c] = (f_NTS[valid & (labels == c)] > np.float32(threshold)).sum((0, 1))  # float32, as stored
     out["counts"] = counts
     out["maps"] = [[f[i, n_prefix:, j] for i in r] for j, r in enumerate(refs)]
     return out
@@ -169,6 +168,8 @@ def test_every_statistic_matches_numpy(random_case):
     np.testing.assert_array_equal(np.where(top_null, -1, top), ref["top_class"])
     counts = np.load(out.class_counts_path)
     np.testing.assert_array_equal(counts, ref["counts"])
+    in_f64 = (f[valid & (labels == labels[3]), :, 4].astype(np.float64) > 0.2).sum()
+    assert counts[labels[3], 4] == in_f64 - 5  # image 3 holds float32(0.2) on its 5 tokens: not above 0.2
     np.testing.assert_array_equal(table.column("n_tokens_above_threshold").to_numpy(), ref["counts"].sum(0))
     assert json.loads(out.class_names_path.read_text()) == ["a", "b", "c"]
 

@@ -1,6 +1,6 @@
 """Distributed extraction: images/s with a local Dask cluster of 1 vs 2 worker processes.
 
-    python bench/distributed.py [--model tiny-vit] [--images 6000]
+    python bench/extract_cluster.py [--model tiny-vit] [--images 6000]
 
 Each worker is a single-threaded process that loads the model once and writes whole
 shards. Times ``pipeline extract --cluster local`` end to end (cluster start-up and model
