@@ -272,7 +272,7 @@ WORK = Path("work")  # where `dvc repro` keeps the study's outputs (see dvc.yaml
 
 
 @main.command("run-stage")
-@click.argument("name", type=click.Choice(["extract", "train", "encode"]))
+@click.argument("name", type=click.Choice(["extract", "train", "encode", "stats", "report"]))
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
 def run_stage(name: str, params_path: Path) -> None:
     """Run one stage of dvc.yaml with its settings from params.yaml (what `dvc repro` calls)."""
@@ -307,6 +307,19 @@ def run_stage(name: str, params_path: Path) -> None:
         out = stage.run(stage.Config(cache_dir=WORK / "acts", sae_dir=WORK / "sae", out_dir=WORK / "codes",
                                      overwrite=True, **enc))
         click.echo(f"encode: {out.n_tokens} tokens, mean L0 {out.mean_l0:.1f} -> {out.codes_dir}")
+    elif name == "stats":
+        from stages import stats as stage
+
+        st = section(params, "stats", ("top_k", "threshold", "scheduler", "n_workers"))
+        out = stage.run(stage.Config(codes_dir=WORK / "codes", cache_dir=WORK / "acts", out_dir=WORK / "stats", **st))
+        shutil.copyfile(out.summary_path, WORK / "stats-summary.json")
+        click.echo(f"stats: {out.n_latents} latents, {out.n_dead} dead -> {out.stats_dir}")
+    elif name == "report":
+        from stages import report as stage
+
+        rep = section(params, "report", ("n_latents", "n_low_entropy", "min_references"))
+        out = stage.run(stage.Config(stats_dir=WORK / "stats", out_dir=WORK / "report", **rep))
+        click.echo(f"report: {len(out.latent_pages)} latent pages -> {out.index_path}")
 
 
 @main.command("import")

@@ -49,9 +49,12 @@ def study(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_valid_outputs(study):
     repo, log = study
-    for stage in ("extract", "train", "encode"):
+    for stage in ("extract", "train", "encode", "stats", "report"):
         assert f"Running stage '{stage}'" in log
     assert verify(repo / "work" / "acts").ok and verify(repo / "work" / "codes").ok
+    summary = json.loads((repo / "work" / "stats-summary.json").read_text())
+    assert summary["n_latents"] == 8 * 64
+    assert (repo / "work" / "report" / "index.html").stat().st_size > 1000
     metrics = json.loads((repo / "work" / "sae-metrics.json").read_text())
     assert metrics["steps"] > 0 and 0 <= metrics["fvu"] < 10 and metrics["l0"] > 0
     shown = _sh("dvc", "metrics", "show", "--json", cwd=repo)
