@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from cache.shardfile import read_rows
 from cache.store import ActivationStore
 from pipeline.errors import UserError
 
@@ -68,7 +69,7 @@ def split_rows(store: ActivationStore, val_fraction: float, seed: int) -> dict[s
 
 
 class TokenLoader:
-    """An endless, seeded stream of shuffled ``x_BD`` float32 token batches from one split."""
+    """An endless, seeded stream of shuffled ``x_BD`` float16 token batches from one split."""
 
     def __init__(self, store: ActivationStore, cfg: LoaderConfig, *, split: str = "train"):
         store.require_complete()
@@ -94,28 +95,41 @@ class TokenLoader:
         order = np.random.default_rng([self.cfg.seed, 2, epoch]).permutation(len(self.chunk_starts))
         return [order[i:i + self.cfg.window_chunks] for i in range(0, len(order), self.cfg.window_chunks)]
 
-    def _read_window(self, epoch: int, w: int, chunks: np.ndarray) -> torch.Tensor:
-        """The window's tokens, shuffled, still float16 (batches are converted one at a time)."""
-        c, d = self.store.images_per_chunk, self.d_model
-        out_ND = np.empty((int(self.tokens_per_chunk[chunks].sum()), d), dtype=self.array.dtype)
+    def _read_window(self, epoch: int, w: int, chunks: np.ndarray, buf_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The window's tokens (unshuffled, float16, in ``buf_ND``) and the order to draw them in.
+
+        Batches are gathered from the window in that order and converted one at a time, so
+        the window is never copied whole again; the two window buffers are reused.
+        """
+        c, d, t = self.store.images_per_chunk, self.d_model, self.store.n_tokens
+        every_token = self.tokens_T == slice(0, t)
+        n_tokens = int(self.tokens_per_chunk[chunks].sum())
         pos = 0
         for k in chunks:
             start = int(self.chunk_starts[k])
             stop = min(start + c, self.store.n_images)
-            acts_NTD = self.array[start:stop]
             rows = self.rows[start:stop]
-            if not rows.all():
-                acts_NTD = acts_NTD[rows]
-            acts_NTD = acts_NTD[:, self.tokens_T]
+            if every_token and rows.all():  # the common case: straight from the file into the window
+                n = (stop - start) * t
+                read_rows(self.array, start, stop, out=buf_ND[pos:pos + n].reshape(stop - start, t, d))
+                pos += n
+                continue
+            acts_NTD = read_rows(self.array, start, stop)[rows][:, self.tokens_T]
             n = acts_NTD.shape[0] * acts_NTD.shape[1]
-            out_ND[pos:pos + n] = acts_NTD.reshape(n, d)
+            buf_ND[pos:pos + n] = acts_NTD.reshape(n, d)
             pos += n
-        perm = np.random.default_rng([self.cfg.seed, 3, epoch, w]).permutation(len(out_ND))
-        return torch.from_numpy(out_ND[perm])
+        perm = np.random.default_rng([self.cfg.seed, 3, epoch, w]).permutation(n_tokens)
+        return buf_ND[:n_tokens], perm
 
-    def _token_stream(self, start_token: int) -> Iterator[torch.Tensor]:
-        """Shuffled windows in order, the first one cut at ``start_token``; prefetches one ahead."""
+    def _token_stream(self, start_token: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(window, draw order) pairs, the first order cut at ``start_token``; prefetches one ahead
+        into the other of two reused buffers (the consumer finishes a window before the next
+        but one is read into its buffer)."""
         epoch, skip = divmod(start_token, self.tokens_per_epoch)
+        largest = max(int(self.tokens_per_chunk[w].sum()) for e in (epoch, epoch + 1) for w in self._windows(e))
+        largest = max(largest, int(np.sort(self.tokens_per_chunk)[::-1][: self.cfg.window_chunks].sum()))
+        buffers = [np.empty((largest, self.d_model), dtype=self.array.dtype) for _ in range(2)]
+        n_read = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-loader") as pool:
             pending: Future | None = None
             while True:
@@ -127,30 +141,42 @@ class TokenLoader:
                     first += 1
                 jobs = [(epoch, i, windows[i]) for i in range(first, len(windows))]
                 for j, job in enumerate(jobs):
-                    current = pending.result() if pending is not None else self._read_window(*job)
-                    pending = None
-                    if j + 1 < len(jobs):
-                        pending = pool.submit(self._read_window, *jobs[j + 1])
-                    else:  # the next epoch's first window
-                        pending = pool.submit(self._read_window, epoch + 1, 0, self._windows(epoch + 1)[0])
-                    yield current[skip:]
+                    if pending is None:
+                        current = self._read_window(*job, buffers[n_read % 2])
+                        n_read += 1
+                    else:
+                        current = pending.result()
+                    nxt = jobs[j + 1] if j + 1 < len(jobs) else (epoch + 1, 0, self._windows(epoch + 1)[0])
+                    pending = pool.submit(self._read_window, *nxt, buffers[n_read % 2])
+                    n_read += 1
+                    window, order = current
+                    yield window, order[skip:]
                     skip = 0
                 epoch += 1
 
     def batches(self, start_token: int = 0) -> Iterator[torch.Tensor]:
-        """Endless float32 ``(batch_tokens, D)`` batches of the stream, from token ``start_token``."""
+        """Endless ``(batch_tokens, D)`` batches of the stream, from token ``start_token``.
+
+        Batches keep the store's float16: the consumer converts them where it computes
+        (on a GPU after a transfer of half the bytes; on a CPU, in the training step).
+        """
         b = self.cfg.batch_tokens
-        carry: torch.Tensor | None = None  # the tail of the previous window, shorter than a batch
-        for window in self._token_stream(start_token):
+        carry: np.ndarray | None = None  # tail of the previous window, shorter than a batch
+
+        def gather(window: np.ndarray, idx: np.ndarray) -> np.ndarray:
+            return np.take(window, idx, axis=0)  # a copy (the buffer is refilled later); ~2x torch's
+
+        for window, order in self._token_stream(start_token):
             pos = 0
             if carry is not None:
                 pos = b - len(carry)
-                if len(window) < pos:
-                    carry = torch.cat([carry, window])
+                if len(order) < pos:
+                    carry = np.concatenate([carry, gather(window, order)])
                     continue
-                yield torch.cat([carry, window[:pos]]).float()
-            n_full = (len(window) - pos) // b
-            for i in range(n_full):
-                yield window[pos + i * b: pos + (i + 1) * b].float()
-            rest = window[pos + n_full * b:]
-            carry = rest if len(rest) else None
+                yield torch.from_numpy(np.concatenate([carry, gather(window, order[:pos])]))
+                carry = None
+            while pos + b <= len(order):
+                yield torch.from_numpy(gather(window, order[pos:pos + b]))
+                pos += b
+            if pos < len(order):
+                carry = gather(window, order[pos:])

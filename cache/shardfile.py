@@ -1,4 +1,4 @@
-"""Write one whole activation shard as a file, in Zarr's own sharding format, atomically.
+"""Write whole activation shards as files in Zarr's own sharding format, and read rows back fast.
 
 Why not ``array[sl] = x``: zarr assembles the shard in memory chunk by chunk before writing
 it, which runs at about half the disk's speed. Our chunks span whole rows (chunk shape
@@ -8,6 +8,11 @@ index's crc32c. We write those bytes with two ``write`` calls into a temporary f
 rename it into place, so a killed writer never leaves a half shard. Any array whose codecs
 differ from that layout, or a store that is not a local directory, goes through zarr.
 ``tests/cache/test_shardfile.py`` checks that the bytes equal zarr's own encoding.
+
+Reading rows of one chunk through zarr costs about twice a plain file read (an async round
+trip per call), which the shuffled loader pays for every chunk; ``read_rows`` reads the
+shard index and then the rows' bytes straight from the file, falling back to zarr for any
+other layout.
 """
 
 from __future__ import annotations
@@ -76,3 +81,52 @@ def write_rows(array: zarr.Array, start: int, rows_NTD: np.ndarray) -> None:
         f.write(memoryview(data).cast("B"))
         f.write(index)
     os.replace(tmp, path)
+
+
+def _shard_path(array: zarr.Array, shard: int) -> Path:
+    key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+    return Path(array.store.root) / array.path / key
+
+
+def _read_index(path: Path, n_chunks: int) -> np.ndarray:
+    nbytes = n_chunks * 16 + 4
+    with open(path, "rb") as f:
+        f.seek(-nbytes, os.SEEK_END)
+        raw = f.read(nbytes)
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
+
+
+def read_rows(array: zarr.Array, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of one shard, read from the shard file when the layout allows it.
+
+    With ``out`` (C-contiguous, shaped like the rows) the bytes land there without a copy.
+    """
+    shard_rows, c = array.shards[0], array.chunks[0]
+    shard = start // shard_rows
+
+    def via_zarr() -> np.ndarray:
+        rows = array[start:stop]
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+
+    if not _plain_layout(array) or (stop - 1) // shard_rows != shard:
+        return via_zarr()
+    path = _shard_path(array, shard)
+    if not path.exists():
+        return via_zarr()
+    first, last = (start % shard_rows) // c, ((stop - 1) % shard_rows) // c
+    index = _read_index(path, shard_rows // c)[first:last + 1]
+    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+    contiguous = np.all(index[:, 1] == c * row_bytes) and np.all(np.diff(index[:, 0].astype(np.int64)) == c * row_bytes)
+    if not contiguous:  # missing or reordered chunks: let zarr handle it
+        return via_zarr()
+    offset = int(index[0, 0]) + (start % shard_rows - first * c) * row_bytes
+    if out is None:
+        out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(memoryview(out).cast("B")) != (stop - start) * row_bytes:
+            raise OSError(f"{path} is shorter than its index says; run `pipeline verify` on the store")
+    return out

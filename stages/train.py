@@ -131,13 +131,14 @@ def _prepare_out_dir(cfg: Config, identity_sha: str) -> bool:
     return False
 
 
-def _limited(batches: Iterator[torch.Tensor], max_tokens: int) -> Iterator[torch.Tensor]:
+def _on_device(batches: Iterator[torch.Tensor], device: str, max_tokens: float = math.inf) -> Iterator[torch.Tensor]:
+    """float32 batches on ``device`` (the loader yields float16 on the host), up to ``max_tokens``."""
     seen = 0
     for x in batches:
         if seen >= max_tokens:
             return
         seen += len(x)
-        yield x
+        yield x.to(device, non_blocking=True).float()
 
 
 def run(cfg: Config) -> Outputs:
@@ -168,7 +169,7 @@ def run(cfg: Config) -> Outputs:
             history = [h for h in json.loads(history_path.read_text()) if h["step"] <= trainer.n_steps]
         log.info("resuming %s from step %d (%d tokens)", cfg.out_dir, trainer.n_steps, trainer.tokens_seen)
     else:
-        sample_ND = next(train_loader.batches(0))
+        sample_ND = next(train_loader.batches(0)).float()
         norm_scale = estimate_norm_scale(sample_ND) if cfg.normalize else 1.0
         sae_cfg = SAEConfig.from_expansion(
             arch=cfg.arch, d_in=store.d_model, expansion=cfg.expansion, k=cfg.k, l1=cfg.l1,
@@ -186,7 +187,8 @@ def run(cfg: Config) -> Outputs:
     n_val_tokens = min(cfg.max_val_tokens, val_loader.tokens_per_epoch)  # at most one pass
 
     def validate() -> dict[str, float]:
-        return evaluate(trainer.sae, _limited(val_loader.batches(0), n_val_tokens), window_tokens=n_val_tokens)
+        return evaluate(trainer.sae, _on_device(val_loader.batches(0), device, n_val_tokens),
+                        window_tokens=n_val_tokens)
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
@@ -209,12 +211,12 @@ def run(cfg: Config) -> Outputs:
         _write_json(cfg.out_dir / HISTORY_FILE, history)
 
     def stream() -> Iterator[torch.Tensor]:
-        for x_BD in train_loader.batches(trainer.tokens_seen):
+        for x_BD in _on_device(train_loader.batches(trainer.tokens_seen), device):
             if best["stop"]:
                 log.info("early stop: validation FVU has not improved for %d evaluations", cfg.early_stop_patience)
                 return
             bar.update(trainer.n_steps - bar.n)
-            yield x_BD.to(device, non_blocking=True)
+            yield x_BD
 
     bar = tqdm(total=n_steps_total, initial=trainer.n_steps, unit="step", desc=f"train {cfg.out_dir.name}",
                disable=not cfg.progress, dynamic_ncols=True)

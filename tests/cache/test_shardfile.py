@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from cache.shardfile import _plain_layout, write_rows
+from cache.shardfile import _plain_layout, read_rows, write_rows
 
 
 def _array(path, n, compressors=None):
@@ -45,3 +45,28 @@ def test_refuses_partial_shards(tmp_path):
         write_rows(arr, 3, np.ones((9, 5, 6), np.float16))
     with pytest.raises(ValueError, match="not one whole shard"):
         write_rows(arr, 0, np.ones((4, 5, 6), np.float16))
+
+
+@pytest.mark.parametrize("writer", ["ours", "zarr"])
+def test_read_rows_equals_zarr(tmp_path, writer):
+    n = 31
+    rows = np.random.default_rng(1).standard_normal((n, 5, 6)).astype(np.float16)
+    arr = _array(tmp_path / "a", n)
+    for start in range(0, n, 9):
+        if writer == "ours":
+            write_rows(arr, start, rows[start:start + 9])
+        else:
+            arr[start:start + 9] = rows[start:start + 9]
+    for start, stop in [(0, 3), (3, 6), (0, 9), (4, 8), (9, 18), (27, 31), (30, 31), (2, 7)]:
+        np.testing.assert_array_equal(read_rows(arr, start, stop), rows[start:stop])
+    np.testing.assert_array_equal(read_rows(arr, 7, 12), rows[7:12])  # crosses shards: through zarr
+    out = np.empty((5, 5, 6), np.float16)
+    assert read_rows(arr, 2, 7, out=out) is out
+    np.testing.assert_array_equal(out, rows[2:7])
+
+
+def test_read_rows_falls_back_for_compressed_arrays(tmp_path):
+    arr = _array(tmp_path / "z", 18, compressors=zarr.codecs.ZstdCodec())
+    rows = np.arange(18 * 30, dtype=np.float16).reshape(18, 5, 6)
+    arr[:] = rows
+    np.testing.assert_array_equal(read_rows(arr, 3, 6), rows[3:6])
