@@ -271,8 +271,85 @@ def show_latent(stats_dir: Path, latent: int) -> None:
 WORK = Path("work")  # where `dvc repro` keeps the study's outputs (see dvc.yaml)
 
 
+def _k_list(value: str) -> tuple[int | str, ...]:
+    from stages.mask import parse_k
+
+    try:
+        return tuple(parse_k(v.strip()) for v in value.split(",") if v.strip())
+    except UserError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@main.command()
+@click.option("--sae", "sae_dir", required=True, type=click.Path(path_type=Path), help="Trained SAE folder.")
+@click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path),
+              help="Statistics folder of that SAE (pipeline stats); its class counts pick each class's top-k latents.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Results folder: masking.json, per_class.csv, accuracy_vs_k.png.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Activation store holding the SAE's layer: reuse its residuals, run only the blocks after the tap.")
+@click.option("--dataset", help="Evaluation dataset (default: the --cache store's).")
+@click.option("--root", help="Local dataset folder (default: the store's).")
+@click.option("--split", help="Evaluation split (default: the store's, else the dataset's default).")
+@click.option("--limit", type=int, help="Seeded subset of the split, as given to extract (default: the store's).")
+@click.option("--seed", type=int, help="Subset and random-init seed, as given to extract (default: the store's, else 0).")
+@click.option("--model", help="open_clip model name (default: the model the SAE was trained on).")
+@click.option("--pretrained", help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights "
+              "(default: the SAE's).")
+@click.option("--layer", type=int, help="Block index to splice at (default and only choice: the SAE's layer).")
+@click.option("--mode", "modes", default="on,off", show_default=True,
+              callback=lambda c, p, v: tuple(m for m in v.split(",") if m.strip()),
+              help="on = keep only the class's top-k latents; off = zero them.")
+@click.option("--k", "ks", default="1,2,5,10,50,100,500,1000,2000,all", show_default=True,
+              callback=lambda c, p, v: _k_list(v), help="Set sizes; 'all' = every latent.")
+@click.option("--error-term", is_flag=True, help="Splice the sweep as x_hat_masked + (x - x_hat) (paper: without).")
+@click.option("--seeds", "n_seeds", default=3, show_default=True, help="Random-latent-set baselines (0 = none).")
+@click.option("--random-seed", default=0, show_default=True, help="Seed of the random sets and the probe's images.")
+@click.option("--head", default="auto", show_default=True, type=click.Choice(["auto", "zeroshot", "probe"]),
+              help="auto = probe for random weights (--pretrained none), zero-shot otherwise.")
+@click.option("--templates", default="auto", show_default=True, type=click.Choice(["auto", "openai", "world"]),
+              help="Zero-shot prompt templates (auto: world for synthetic, the 80 OpenAI ones otherwise).")
+@click.option("--class-prompts", type=click.Path(path_type=Path),
+              help="JSON list of class names for the prompts (or {class: prompt name}).")
+@click.option("--classifier-cache", "classifier_cache_dir", type=click.Path(path_type=Path),
+              default=Path.home() / ".cache" / "patchsae-pipeline" / "classifiers", show_default=True,
+              help="Where zero-shot classifiers are cached per model and class names.")
+@click.option("--probe-split", help="Split the probe is fit on (default: held-out images of the evaluation split).")
+@click.option("--probe-images", default=1000, show_default=True,
+              help="Probe training images (from the evaluation split: at most half of it).")
+@click.option("--batch-size", default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--workers", default=0, show_default=True, help="Image-decoding processes (0 = main process).")
+@click.option("--full-last-block", is_flag=True,
+              help="Compute the last block for every token (default: for the class token only, which is all the "
+                   "pooling reads; equal up to float rounding).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plot.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def mask(full_last_block: bool, no_plots: bool, no_progress: bool, **options: object) -> None:
+    """Masking experiments: accuracy with the SAE spliced in and each class's top-k latents on or off.
+
+    The mask of an image uses its ground-truth class (the paper's protocol). Plain CLIP's
+    accuracy with the head is computed first and printed before any masking.
+    """
+    from stages import mask as stage
+
+    out = stage.run(stage.Config(plots=not no_plots, progress=not no_progress,
+                                 class_token_only=not full_last_block, **options))
+    click.echo(f"{out.head} head, {out.n_images} images, {out.n_classes} classes, layer {out.layer} "
+               f"(tap from the {out.source}); sweep {out.sweep_seconds:.1f} s of {out.seconds:.1f} s")
+    click.echo(f"  plain CLIP {out.clip_accuracy:.4f}   SAE all on {out.sae_all_on_accuracy:.4f}   "
+               f"SAE + error term {out.sae_error_term_accuracy:.4f}")
+    for mode, row in out.accuracy.items():
+        rand = out.random_accuracy.get(mode, {})
+        cells = "  ".join(f"k={k}: {a:.3f}" + (f" (rand {rand[k][0]:.3f}±{rand[k][1]:.3f})" if k in rand else "")
+                          for k, a in row.items())
+        click.echo(f"  {mode:3s} {cells}")
+    click.echo(f"  -> {out.results_path}, {out.per_class_path}" + (f", {out.plot_path}" if out.plot_path else ""))
+
+
 @main.command("run-stage")
-@click.argument("name", type=click.Choice(["extract", "train", "encode", "stats", "report"]))
+@click.argument("name", type=click.Choice(["extract", "train", "encode", "stats", "mask", "report"]))
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
 def run_stage(name: str, params_path: Path) -> None:
     """Run one stage of dvc.yaml with its settings from params.yaml (what `dvc repro` calls)."""
@@ -314,6 +391,18 @@ def run_stage(name: str, params_path: Path) -> None:
         out = stage.run(stage.Config(codes_dir=WORK / "codes", cache_dir=WORK / "acts", out_dir=WORK / "stats", **st))
         shutil.copyfile(out.summary_path, WORK / "stats-summary.json")
         click.echo(f"stats: {out.n_latents} latents, {out.n_dead} dead -> {out.stats_dir}")
+    elif name == "mask":
+        from stages import mask as stage
+
+        m = section(params, "mask", ("modes", "ks", "error_term", "n_seeds", "random_seed", "head", "templates",
+                                     "probe_images", "probe_l2", "batch_size", "device"))
+        model = section(params, "model", ("name", "pretrained"))
+        out = stage.run(stage.Config(cache_dir=WORK / "acts", sae_dir=WORK / "sae", stats_dir=WORK / "stats",
+                                     out_dir=WORK / "masking", model=model.get("name"),
+                                     pretrained=str(model.get("pretrained", "openai")), progress=False, **m))
+        shutil.copyfile(out.results_path, WORK / "masking-metrics.json")
+        shutil.copyfile(out.plot_path, WORK / "masking-accuracy_vs_k.png")
+        click.echo(f"mask: plain CLIP {out.clip_accuracy:.4f}, SAE all on {out.sae_all_on_accuracy:.4f} -> {out.out_dir}")
     elif name == "report":
         from stages import report as stage
 

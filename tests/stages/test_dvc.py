@@ -38,6 +38,7 @@ def study(tmp_path_factory):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["limit"] = 48
     params["sae"].update(total_tokens=20_000, batch_images=16, warmup_steps=5)
+    params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _sh("git", "init", "-q", cwd=repo)
     _sh("dvc", "init", "-q", cwd=repo)
@@ -49,12 +50,15 @@ def study(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_valid_outputs(study):
     repo, log = study
-    for stage in ("extract", "train", "encode", "stats", "report"):
+    for stage in ("extract", "train", "encode", "stats", "mask", "report"):
         assert f"Running stage '{stage}'" in log
     assert verify(repo / "work" / "acts").ok and verify(repo / "work" / "codes").ok
     summary = json.loads((repo / "work" / "stats-summary.json").read_text())
     assert summary["n_latents"] == 8 * 64
     assert (repo / "work" / "report" / "index.html").stat().st_size > 1000
+    masking = json.loads((repo / "work" / "masking-metrics.json").read_text())
+    acc = masking["accuracy"]
+    assert 0 <= acc["clip"] <= 1 and set(acc["on"]) == set(acc["off"]) == {"1", "10", "all"}
     metrics = json.loads((repo / "work" / "sae-metrics.json").read_text())
     assert metrics["steps"] > 0 and 0 <= metrics["fvu"] < 10 and metrics["l0"] > 0
     shown = _sh("dvc", "metrics", "show", "--json", cwd=repo)

@@ -1,0 +1,241 @@
+"""Splicing an SAE into a CLIP ViT: replace the residual stream at the tap by a reconstruction.
+
+Layers are block indices, 0-based, residual-stream output of that block. Splicing at layer
+``L`` means: take the residual stream after ``visual.transformer.resblocks[L]`` (every token:
+class token and patches), replace it by the SAE reconstruction computed from a possibly
+masked latent vector, then finish the forward exactly as open_clip does: the blocks after
+the tap (``resblocks[L + 1:]``), then ``visual._pool`` (which applies ``ln_post`` and pools:
+the class token for CLIP ViTs; attention pooling too, where a model has it) and
+``visual.proj``. No other module is touched, so with nothing replaced the result is
+open_clip's own ``encode_image`` (tested). Because class-token pooling reads one row, the
+last block can be computed for the class-token query alone (``class_token_only``; equal up
+to float rounding, tested), which is most of the cost of a one-block tail.
+
+Maths (per token, raw = cache units; ``s`` = the SAE's ``norm_scale``, codes ``f`` and the
+parameters in the SAE's normalised units):
+
+    x̂          = s · (f W_dec + b_dec)                     full reconstruction
+    "on"  set A: x̂_A = s · (Σ_{j∈A} f_j W_dec[j] + b_dec)   keep only the latents in A
+    "off" set A: x̂_¬A = x̂ − s · Σ_{j∈A} f_j W_dec[j]        zero the latents in A
+    with the error term:  x̂_masked + (x − x̂), computed as x − (x̂ − x̂_masked) so that it is
+    exactly x when nothing is masked.
+
+"on" with every latent is x̂; "off" with every latent leaves ``s · b_dec`` at every token
+(both computed exactly, without summing 49k rows). Latent sets are given per image (one
+row of ``idx_BK`` per image, e.g. the top-k latents of its class), so one batch can mix
+classes. Masked reconstructions cost ``O(tokens · k · D)``; the dense codes and the full
+reconstruction are computed once per batch (``encode_tap``) and shared by every mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from open_clip.transformer import ResidualAttentionBlock
+from torch import Tensor
+
+from pipeline.errors import UserError
+from pipeline.sae import SAE
+
+MODES = ("on", "off")
+
+
+def check_layer(visual: Any, layer: int) -> None:
+    n_blocks = len(visual.transformer.resblocks)
+    if not 0 <= layer < n_blocks:
+        raise UserError(f"layer {layer} is out of range for a model with blocks 0..{n_blocks - 1} "
+                        "(block index, 0-based, residual output)")
+
+
+@torch.inference_mode()
+def tap_forward(visual: Any, images_BCHW: Tensor, layer: int) -> Tensor:
+    """Residual stream after block ``layer``, ``(B, T, D)`` (class token first); stops there."""
+    check_layer(visual, layer)
+    param = next(visual.parameters())
+    out = visual.forward_intermediates(
+        images_BCHW.to(param.device, param.dtype), indices=[layer], stop_early=True,
+        intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+    return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+def supports_class_token_only(visual: Any) -> bool:
+    """True when the features depend on the last block's class-token output alone.
+
+    That holds for open_clip ViTs that pool the class token (``pool_type == 'tok'``, no
+    attention pooling) and use the standard ``ResidualAttentionBlock``, batch first.
+    """
+    blocks = visual.transformer.resblocks
+    return (getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
+            and getattr(visual.transformer, "batch_first", True)
+            and all(type(b) is ResidualAttentionBlock for b in blocks))
+
+
+def _class_token_block(block: Any, x_BTD: Tensor) -> Tensor:
+    """``block(x)[:, :1]`` with only the class token as query (keys and values: every token).
+
+    The same operations as ``ResidualAttentionBlock.forward`` (self-attention, no mask),
+    restricted to the one output row the class-token pooling reads.
+    """
+    kv_BTD = block.ln_1(x_BTD)
+    x_B1D = x_BTD[:, :1] + block.ls_1(block.attention(q_x=kv_BTD[:, :1], k_x=kv_BTD, v_x=kv_BTD))
+    return x_B1D + block.ls_2(block.mlp(block.ln_2(x_B1D)))
+
+
+@torch.inference_mode()
+def finish_forward(visual: Any, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
+    """Image features ``(B, E)`` from the residual stream after block ``layer``.
+
+    Runs ``resblocks[layer + 1:]``, then open_clip's own ``_pool`` (ln_post + pooling) and
+    ``proj``: the tail of ``VisionTransformer.forward``. ``class_token_only`` computes the
+    last block for the class-token query alone (the only row class-token pooling reads;
+    ~4x less work for a one-block tail; equal up to float rounding); it is ignored where
+    ``supports_class_token_only`` is False.
+    """
+    check_layer(visual, layer)
+    param = next(visual.parameters())
+    x = x_BTD.to(param.device, param.dtype)
+    transformer = visual.transformer
+    tail = list(transformer.resblocks[layer + 1:])
+    last = None
+    if class_token_only and tail and supports_class_token_only(visual):
+        last = tail.pop()
+    batch_first = getattr(transformer, "batch_first", True)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for block in tail:
+        x = block(x, attn_mask=None)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    if last is not None:
+        x = _class_token_block(last, x)
+    pooled_BE, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled_BE = pooled_BE @ visual.proj
+    return pooled_BE
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One batch of tapped residuals with its SAE codes and full reconstruction (float32)."""
+
+    x_BTD: Tensor  # the residual stream at the tap, raw units
+    f_BTS: Tensor  # dense codes, the SAE's normalised units
+    xhat_BTD: Tensor  # full reconstruction s · (f W_dec + b_dec), raw units
+    norm_scale: float
+
+
+@torch.inference_mode()
+def encode_tap(sae: SAE, x_BTD: Tensor) -> Encoded:
+    """Encode every token of a batch once; the masks below reuse these codes."""
+    b, t, d = x_BTD.shape
+    if d != sae.config.d_in:
+        raise UserError(f"the SAE expects width {sae.config.d_in} but the tap has width {d}; "
+                        "use an SAE trained on this model and layer")
+    param = sae.W_dec
+    x_BTD = x_BTD.to(param.device, torch.float32)
+    codes = sae.encode(x_BTD.reshape(b * t, d))
+    xhat = sae.decode(codes).to(torch.float32)
+    f = codes.dense().to(torch.float32)
+    return Encoded(x_BTD=x_BTD, f_BTS=f.reshape(b, t, -1), xhat_BTD=xhat.reshape(b, t, d),
+                   norm_scale=float(sae.config.norm_scale))
+
+
+def _partial(sae: SAE, enc: Encoded, idx_BK: Tensor) -> Tensor:
+    """s · Σ_{j∈A_b} f_j W_dec[j] per token, for each image's latent set ``idx_BK[b]`` (raw units)."""
+    b, t, _ = enc.f_BTS.shape
+    idx_BK = idx_BK.to(enc.f_BTS.device, torch.long)
+    f_BTK = enc.f_BTS.gather(2, idx_BK[:, None, :].expand(b, t, idx_BK.shape[1]))
+    w_BKD = sae.W_dec.detach().to(torch.float32)[idx_BK]
+    return torch.bmm(f_BTK, w_BKD) * enc.norm_scale
+
+
+@torch.inference_mode()
+def masked_reconstruction(sae: SAE, enc: Encoded, mode: str, idx_BK: Tensor | None) -> Tensor:
+    """The reconstruction ``(B, T, D)`` from masked codes (raw units).
+
+    ``idx_BK``: the latent set of each image (row b applies to every token of image b);
+    None means every latent ("on" → x̂, "off" → s · b_dec at every token).
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown masking mode '{mode}'; use one of {', '.join(MODES)}")
+    b_dec_D = sae.b_dec.detach().to(torch.float32) * enc.norm_scale
+    if idx_BK is None:
+        if mode == "on":
+            return enc.xhat_BTD
+        return b_dec_D.expand_as(enc.xhat_BTD).clone()
+    if idx_BK.ndim != 2 or idx_BK.shape[0] != enc.f_BTS.shape[0]:
+        raise ValueError(f"idx_BK must be (B, K) with B={enc.f_BTS.shape[0]}, got {tuple(idx_BK.shape)}")
+    part_BTD = _partial(sae, enc, idx_BK)
+    if mode == "on":
+        return part_BTD + b_dec_D
+    return enc.xhat_BTD - part_BTD
+
+
+def splice_input(enc: Encoded, xhat_masked_BTD: Tensor, *, error_term: bool) -> Tensor:
+    """What replaces the residual stream at the tap: x̂_masked, or x − (x̂ − x̂_masked)."""
+    if not error_term:
+        return xhat_masked_BTD
+    if xhat_masked_BTD is enc.xhat_BTD:
+        return enc.x_BTD  # nothing masked: the error term restores x exactly
+    return enc.x_BTD - (enc.xhat_BTD - xhat_masked_BTD)
+
+
+@torch.inference_mode()
+def spliced_residual(sae: SAE, x_BTD: Tensor, *, mode: str = "on", idx_BK: Tensor | None = None,
+                     error_term: bool = False) -> Tensor:
+    """The residual stream at the tap after splicing (one mask, one batch)."""
+    enc = encode_tap(sae, x_BTD)
+    return splice_input(enc, masked_reconstruction(sae, enc, mode, idx_BK), error_term=error_term)
+
+
+@torch.inference_mode()
+def spliced_features(visual: Any, sae: SAE, layer: int, x_BTD: Tensor, *, mode: str = "on",
+                     idx_BK: Tensor | None = None, error_term: bool = False,
+                     class_token_only: bool = False) -> Tensor:
+    """Image features ``(B, E)`` with the SAE spliced in at ``layer`` (tap given as ``x_BTD``)."""
+    return finish_forward(visual, spliced_residual(sae, x_BTD, mode=mode, idx_BK=idx_BK, error_term=error_term),
+                          layer, class_token_only=class_token_only)
+
+
+@contextlib.contextmanager
+def splice_hook(visual: Any, sae: SAE, layer: int, *, mode: str = "on", idx_BK: Tensor | None = None,
+                error_term: bool = False) -> Iterator[None]:
+    """While active, every forward of ``visual`` has the SAE spliced in after block ``layer``.
+
+    A forward hook on ``resblocks[layer]`` replaces its output; the rest of the model's own
+    forward runs unchanged. For models whose forward is not open_clip's stock one (e.g.
+    with extra prompt tokens); ``idx_BK`` must then match the batch being run.
+    """
+    check_layer(visual, layer)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+
+    def hook(module: Any, args: Any, output: Tensor) -> Tensor:
+        x_BTD = output if batch_first else output.transpose(0, 1)
+        new_BTD = spliced_residual(sae, x_BTD, mode=mode, idx_BK=idx_BK, error_term=error_term).to(output.dtype)
+        return new_BTD if batch_first else new_BTD.transpose(0, 1)
+
+    handle = visual.transformer.resblocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def finish_many(visual: Any, xs: Sequence[Tensor], layer: int, *, max_rows: int = 64,
+                class_token_only: bool = False) -> list[Tensor]:
+    """``finish_forward`` of several same-shaped batches, stacked into forwards of up to ``max_rows`` images."""
+    if not xs:
+        return []
+    b = xs[0].shape[0]
+    per = max(1, max_rows // max(b, 1))
+    out: list[Tensor] = []
+    for start in range(0, len(xs), per):
+        group = xs[start:start + per]
+        feats = finish_forward(visual, torch.cat(list(group)), layer, class_token_only=class_token_only)
+        out.extend(feats.split([x.shape[0] for x in group]))
+    return out
