@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
 
 from pipeline.errors import UserError
 
@@ -14,7 +14,8 @@ from pipeline.errors import UserError
 def load_params(path: Path) -> dict[str, dict[str, Any]]:
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist; run from the project folder that holds params.yaml")
-    params = yaml.safe_load(Path(path).read_text()) or {}
+    # YAML 1.2, as DVC reads and writes params.yaml: `on`/`off` stay strings, never booleans
+    params = YAML(typ="safe").load(Path(path).read_text()) or {}
     if not isinstance(params, dict):
         raise UserError(f"{path} must map section names to settings")
     return params
