@@ -307,8 +307,10 @@ def _k_list(value: str) -> tuple[int | str, ...]:
 @click.option("--random-seed", default=0, show_default=True, help="Seed of the random sets and the probe's images.")
 @click.option("--head", default="auto", show_default=True, type=click.Choice(["auto", "zeroshot", "probe"]),
               help="auto = probe for random weights (--pretrained none), zero-shot otherwise.")
-@click.option("--templates", default="auto", show_default=True, type=click.Choice(["auto", "openai", "world"]),
-              help="Zero-shot prompt templates (auto: world for synthetic, the 80 OpenAI ones otherwise).")
+@click.option("--templates", default="auto", show_default=True,
+              type=click.Choice(["auto", "openai", "world", "dataset"]),
+              help="Zero-shot prompt templates (auto: world for synthetic, the 80 OpenAI ones otherwise; "
+              "dataset: the dataset's own, e.g. EuroSAT's 'a centered satellite photo of {}.').")
 @click.option("--class-prompts", type=click.Path(path_type=Path),
               help="JSON list of class names for the prompts (or {class: prompt name}).")
 @click.option("--classifier-cache", "classifier_cache_dir", type=click.Path(path_type=Path),

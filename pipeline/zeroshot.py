@@ -74,7 +74,19 @@ OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
 # "a photo of a" opening and drop the attributes the class does not fix.
 WORLD_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "an image of a {}.")
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"openai": OPENAI_IMAGENET_TEMPLATES, "world": WORLD_TEMPLATES}
+# Datasets whose literature uses their own prompts (CoOp's single templates).
+DATASET_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "eurosat": ("a centered satellite photo of {}.",),
+    "dtd": ("{} texture.",),
+    "fgvcaircraft": ("a photo of a {}, a type of aircraft.",),
+    "flowers102": ("a photo of a {}, a type of flower.",),
+    "food101": ("a photo of {}, a type of food.",),
+    "oxfordpets": ("a photo of a {}, a type of pet.",),
+    "ucf101": ("a photo of a person doing {}.",),
+}
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"openai": OPENAI_IMAGENET_TEMPLATES, "world": WORLD_TEMPLATES,
+                                             **DATASET_TEMPLATES}
 
 
 def _check_templates(templates: Sequence[str]) -> None:

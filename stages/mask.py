@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 ALL = "all"
 DEFAULT_KS: tuple[int | str, ...] = (1, 2, 5, 10, 50, 100, 500, 1000, 2000, ALL)
 HEADS = ("auto", "zeroshot", "probe")
-TEMPLATE_CHOICES = ("auto", "openai", "world")
+TEMPLATE_CHOICES = ("auto", "openai", "world", "dataset")
 
 RESULTS_FILE = "masking.json"
 PER_CLASS_FILE = "per_class.csv"
@@ -133,7 +133,7 @@ class Config:
     n_seeds: int = 3  # random-latent-set baselines (0 = none)
     random_seed: int = 0  # seed of the random latent sets and of the probe's held-out images
     head: str = "auto"  # zeroshot, probe, or auto (probe for random weights, zero-shot otherwise)
-    templates: str = "auto"  # zero-shot templates: openai (80 ImageNet), world (synthetic), auto (by dataset)
+    templates: str = "auto"  # zero-shot templates: openai (80 ImageNet), world (synthetic), dataset (e.g. EuroSAT's), auto
     class_prompts: Path | None = None  # JSON list of C names (or {class name: prompt name}) used in the prompts
     classifier_cache_dir: Path | None = None  # where zero-shot classifiers are cached (None: not cached)
     probe_split: str | None = None  # probe training split; None: held-out images of the evaluation split
@@ -474,8 +474,12 @@ def zero_shot_head(cfg: Config, model: LoadedModel, class_names: list[str],
                    dataset_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     from pipeline import zeroshot
 
-    template_set = cfg.templates if cfg.templates != "auto" else ("world" if dataset_name == "synthetic"
-                                                                  else "openai")
+    if cfg.templates == "auto":  # the world's prompts; else the 80 OpenAI ones (the paper's protocol)
+        template_set = "world" if dataset_name == "synthetic" else "openai"
+    elif cfg.templates == "dataset":  # the dataset's own prompts where the literature has them
+        template_set = dataset_name if dataset_name in zeroshot.DATASET_TEMPLATES else "openai"
+    else:
+        template_set = cfg.templates
     names = _prompt_names(cfg, class_names)
     W_CE = zeroshot.cached_text_classifier(model, names, zeroshot.TEMPLATE_SETS[template_set],
                                            cache_dir=cfg.classifier_cache_dir)

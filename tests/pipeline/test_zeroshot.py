@@ -62,7 +62,7 @@ def test_world_templates_fill_class_names():
     assert "red circle" in names
     prompts = [t.format("red circle") for t in zeroshot.WORLD_TEMPLATES]
     assert "a photo of a red circle." in prompts
-    assert set(zeroshot.TEMPLATE_SETS) == {"openai", "world"}
+    assert set(zeroshot.TEMPLATE_SETS) == {"openai", "world", *zeroshot.DATASET_TEMPLATES}
 
 
 def test_text_classifier_matches_hand_computation():
@@ -162,3 +162,10 @@ def test_random_init_models_are_never_cached(tmp_path):
     assert zeroshot.classifier_key(model, ["a"], ["a {}."]) is None
     zeroshot.cached_text_classifier(model, ["red circle"], ["a {}."], cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_template_sets():
+    from pipeline.zeroshot import DATASET_TEMPLATES, TEMPLATE_SETS
+
+    assert TEMPLATE_SETS["eurosat"] == ("a centered satellite photo of {}.",)
+    assert all("{}" in t for templates in DATASET_TEMPLATES.values() for t in templates)
