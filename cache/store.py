@@ -41,6 +41,10 @@ def plan_layout(bytes_per_image: int, n_images: int, *, images_per_chunk: int | 
     if images_per_chunk is None:
         images_per_chunk = max(1, round(schema.TARGET_CHUNK_BYTES / bytes_per_image))
         images_per_chunk = min(images_per_chunk, max(1, n_images))
+        if images_per_shard is not None and images_per_shard >= 1:  # the largest divisor of the shard
+            images_per_chunk = min(images_per_chunk, images_per_shard)
+            while images_per_shard % images_per_chunk:
+                images_per_chunk -= 1
     if images_per_shard is None:
         chunks_per_shard = max(1, round(schema.TARGET_SHARD_BYTES / (images_per_chunk * bytes_per_image)))
         chunks_per_shard = min(chunks_per_shard, max(1, -(-n_images // images_per_chunk)))

@@ -26,6 +26,13 @@ def test_plan_layout_sizes(bytes_per_image, n_images):
         assert 30e6 <= shard * bytes_per_image <= 100e6
 
 
+@given(bytes_per_image=st.integers(100, 5_000_000), n_images=st.integers(1, 100_000),
+       shard=st.integers(1, 5000))
+def test_plan_layout_with_a_given_shard_size(bytes_per_image, n_images, shard):
+    chunk, got = plan_layout(bytes_per_image, n_images, images_per_shard=shard)
+    assert got == shard and shard % chunk == 0
+
+
 def test_plan_layout_for_vit_b16():
     chunk, shard = plan_layout(197 * 768 * 2, 27_000)
     assert (chunk, shard) == (10, 220)  # 3.0 MB chunks, 66.6 MB shards
