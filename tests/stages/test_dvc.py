@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from cache.check import verify
 from tests.helpers import tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+BIN = str(Path(sys.executable).parent)  # dvc and pipeline live beside this interpreter (the venv need not be active)
+ENV = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "OMP_NUM_THREADS": "1"}
 
 
@@ -28,8 +30,7 @@ def _sh(*cmd: str, cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A git + DVC repo holding this project's stage graph, with tiny parameters, reproduced once."""
-    if shutil.which("dvc") is None:
-        pytest.skip("dvc is not installed (pip install -e '.[test]' installs it)")
+    assert shutil.which("dvc", path=ENV["PATH"]), "dvc is missing: it is a dependency (pip install -e .)"
     repo = tmp_path_factory.mktemp("study")
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
