@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Never wait on the Hugging Face hub in tests: offline lookups fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,3 +20,13 @@ def tiny_store(tmp_path: Path) -> Path:
     cfg = make_extract_config(tmp_path)
     extract.run(cfg)
     return cfg.out_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and SAEs: one torch thread is fastest, and immune to a busy second core
+    (with two, tiny matmuls stall on each other); results are unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,3 +39,12 @@ def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 4, size: 
             pixels[..., c % 3] += 150
             Image.fromarray(pixels).save(d / f"img_{i}.jpg" if i % 2 else d / f"img_{i}.png")
     return root
+
+
+def assert_one_line_error(code: int, output: str, *needles: str) -> None:
+    """A refusal: exit status 2 and exactly one `error:` line that names the problem."""
+    assert code == 2, output
+    lines = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, output
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -12,14 +12,9 @@ from pipeline.models import load_model
 from pipeline.sae import Codes, SAEConfig, build
 from stages.mask import random_latents, top_latents
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids thread start-up stalls on a busy machine (results are unchanged)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def _random_sae(d_in: int, d_sae: int, layer: int, *, norm_scale: float = 1.0, seed: int = 0):

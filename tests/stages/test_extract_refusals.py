@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cache import schema
 from cache.store import StoreLock
-from tests.helpers import TINY, make_extract_config, tree_digest
+from tests.helpers import TINY, assert_one_line_error, make_extract_config, tree_digest
 from pipeline.cli import main
 from pipeline.models import load_model
 from stages import extract
@@ -29,14 +29,6 @@ TINY_ARGS = ["--dataset", "synthetic", "--limit", "48", "--model", TINY, "--pret
 def _cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
-
-
-def _assert_one_line_error(code: int, output: str, *needles: str) -> None:
-    assert code == 2, output
-    lines = [ln for ln in output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _with(args: list[str], **replace: str) -> list[str]:
@@ -56,28 +48,28 @@ def _with(args: list[str], **replace: str) -> list[str]:
 def test_refusals_leave_an_existing_store_untouched(tiny_store, replace, needles):
     before = tree_digest(tiny_store)
     code, out = _cli("extract", *_with(TINY_ARGS, **replace), "--out", str(tiny_store))
-    _assert_one_line_error(code, out, *needles)
+    assert_one_line_error(code, out, *needles)
     assert tree_digest(tiny_store) == before
 
 
 def test_missing_dataset_root_says_how_to_get_it(tmp_path):
     code, out = _cli("extract", *_with(TINY_ARGS, dataset="eurosat"), "--root", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "s"))
-    _assert_one_line_error(code, out, "does not exist", "eurosat/2750")
+    assert_one_line_error(code, out, "does not exist", "eurosat/2750")
     assert not (tmp_path / "s").exists()
 
 
 def test_pretrained_tag_that_cannot_be_downloaded(tmp_path):
     code, out = _cli("extract", *_with(TINY_ARGS, model="ViT-B-16", pretrained="openai"),
                      "--out", str(tmp_path / "s"))
-    _assert_one_line_error(code, out, "'openai'", "--pretrained /path/to/checkpoint")
+    assert_one_line_error(code, out, "'openai'", "--pretrained /path/to/checkpoint")
     assert not (tmp_path / "s").exists()
 
 
 def test_other_config_refused_without_overwrite(tiny_store):
     before = tree_digest(tiny_store)
     code, out = _cli("extract", *_with(TINY_ARGS, layers="2"), "--out", str(tiny_store))
-    _assert_one_line_error(code, out, "another config", "--overwrite")
+    assert_one_line_error(code, out, "another config", "--overwrite")
     assert tree_digest(tiny_store) == before
     code, out = _cli("extract", *_with(TINY_ARGS, layers="2"), "--out", str(tiny_store), "--overwrite")
     assert code == 0, out
@@ -88,7 +80,7 @@ def test_a_directory_that_is_not_a_store_is_never_touched(tmp_path):
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "chapter1.tex").write_text("precious")
     code, out = _cli("extract", *TINY_ARGS, "--out", str(tmp_path / "thesis"), "--overwrite")
-    _assert_one_line_error(code, out, "is not an activation store")
+    assert_one_line_error(code, out, "is not an activation store")
     assert sorted(p.name for p in (tmp_path / "thesis").iterdir() if p.name != ".lock") == ["chapter1.tex"]
 
 
@@ -96,7 +88,7 @@ def test_second_concurrent_writer_is_refused(tiny_store):
     before = tree_digest(tiny_store)
     with StoreLock(tiny_store):
         code, out = _cli("extract", *TINY_ARGS, "--out", str(tiny_store))
-    _assert_one_line_error(code, out, "being written by another process")
+    assert_one_line_error(code, out, "being written by another process")
     assert tree_digest(tiny_store) == before
 
 
@@ -107,7 +99,7 @@ def test_nan_activations_are_refused(tmp_path):
     weights = tmp_path / "nan.pt"
     torch.save(state, weights)
     code, out = _cli("extract", *_with(TINY_ARGS, pretrained=str(weights)), "--out", str(tmp_path / "s"))
-    _assert_one_line_error(code, out, "NaN/inf activations", "layer 1")
+    assert_one_line_error(code, out, "NaN/inf activations", "layer 1")
     store = zarr.open_group(tmp_path / "s", mode="r")
     assert not store[schema.DONE][:].any()  # nothing was marked complete
 

@@ -17,19 +17,14 @@ from pipeline.cli import main
 from pipeline.models import load_model
 from pipeline.sae import SAEConfig, build, load_sae, save_sae
 from stages import encode, extract, mask, stats
-from tests.helpers import TINY, make_image_folder
+from tests.helpers import TINY, assert_one_line_error, make_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYER = 2
 KS = "1,5,50,all"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids thread start-up stalls on a busy machine (results are unchanged)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sae_stats(root: Path, store_dir: Path, sae) -> tuple[Path, Path]:
@@ -216,17 +211,9 @@ def test_planted_class_latent_off_drops_to_chance_on_keeps_it(tmp_path):
 # Refusals: one line, exit status 2
 
 
-def _assert_one_line_error(code: int, output: str, *needles: str) -> None:
-    assert code == 2, output
-    lines = [ln for ln in output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_refuses_another_layer(world, tmp_path):
     code, out = _cli(*_base_args(world, tmp_path / "m"), "--cache", world["store"], "--layer", "1")
-    _assert_one_line_error(code, out, "trained on layer 2, not layer 1")
+    assert_one_line_error(code, out, "trained on layer 2, not layer 1")
 
 
 def test_refuses_an_sae_of_another_model(world, tmp_path):
@@ -237,7 +224,7 @@ def test_refuses_an_sae_of_another_model(world, tmp_path):
     args = _base_args(world, tmp_path / "m")
     args[args.index("--sae") + 1] = tmp_path / "sae"
     code, out = _cli(*args, "--cache", world["store"])
-    _assert_one_line_error(code, out, "trained on ViT-B-16/openai, not tiny-vit/none")
+    assert_one_line_error(code, out, "trained on ViT-B-16/openai, not tiny-vit/none")
 
 
 def test_refuses_stats_of_another_sae(world, tmp_path):
@@ -246,20 +233,20 @@ def test_refuses_stats_of_another_sae(world, tmp_path):
     args = _base_args(world, tmp_path / "m")
     args[args.index("--sae") + 1] = tmp_path / "sae"
     code, out = _cli(*args, "--cache", world["store"])
-    _assert_one_line_error(code, out, "computed from another SAE")
+    assert_one_line_error(code, out, "computed from another SAE")
 
 
 def test_refuses_k_larger_than_d_sae(world, tmp_path):
     args = _base_args(world, tmp_path / "m")
     args[args.index("--k") + 1] = "1,257"
     code, out = _cli(*args, "--cache", world["store"])
-    _assert_one_line_error(code, out, "k=257 exceeds the SAE's 256 latents")
+    assert_one_line_error(code, out, "k=257 exceeds the SAE's 256 latents")
 
 
 def test_refuses_a_dataset_with_other_classes(world, tmp_path):
     folder = make_image_folder(tmp_path / "folder", n_classes=3, per_class=2)
     code, out = _cli(*_base_args(world, tmp_path / "m"), "--dataset", "imagefolder", "--root", folder)
-    _assert_one_line_error(code, out, "do not match those of", "3 classes vs 20")
+    assert_one_line_error(code, out, "do not match those of", "3 classes vs 20")
 
 
 def test_refuses_bad_k_and_a_store_without_the_layer(world, tmp_path):
@@ -271,5 +258,5 @@ def test_refuses_bad_k_and_a_store_without_the_layer(world, tmp_path):
     extract.run(extract.Config(dataset="synthetic", out_dir=other, limit=4, model=TINY, pretrained="none",
                                layers=(1,), batch_size=4, device="cpu", progress=False))
     code, out = _cli(*_base_args(world, tmp_path / "m"), "--cache", other)
-    _assert_one_line_error(code, out, "holds layers [1], not the SAE's layer 2")
+    assert_one_line_error(code, out, "holds layers [1], not the SAE's layer 2")
     assert not (tmp_path / "m").exists()

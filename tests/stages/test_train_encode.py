@@ -25,18 +25,13 @@ from stages import encode, importer
 from stages.train import Config
 from tests.helpers import make_extract_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, N_TRUE, P_ACTIVE, NOISE = 32, 64, 3 / 64, 0.01
 MIN_MEAN_MAX_COS, MAX_FVU = 0.9, 0.15  # 64 features in 32 dims interfere: good SAEs reach FVU ~0.1
 SETTINGS = {"relu": dict(l1=3e-3, lr=1e-2), "topk": dict(k=4, lr=3e-3), "batchtopk": dict(k=4, lr=3e-3)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is fastest and immune to a busy second core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
