@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # The built-in offline default (params.yaml): the whole stage graph of dvc.yaml.
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc repro
-	$(VENV)/bin/pipeline info work/acts
+	$(VENV)/bin/pipeline info work/synthetic/acts
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc metrics show
 
 # Headless Chromium for the report's browser test (Debian packages; needs root). Without
@@ -37,6 +37,13 @@ test-fast: setup
 bench: setup
 	$(PY) bench/writer.py
 	$(PY) bench/extract.py
+	$(PY) bench/loader.py
+	$(PY) bench/train.py
+	$(PY) bench/encode.py
+	$(PY) bench/stats.py
+	$(PY) bench/masking.py
+	$(PY) bench/distributed.py
+	$(PY) bench/pretrain.py
 
 clean-demo:
 	rm -rf work dvc.lock

@@ -58,10 +58,29 @@ def plan_layout(bytes_per_image: int, n_images: int, *, images_per_chunk: int | 
     return images_per_chunk, images_per_shard
 
 
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (e.g. a DataLoader worker) closes its copies of the lock descriptors:
+    an flock belongs to the open file, so a child outliving a killed writer would keep the
+    store locked. Closing (never unlocking) leaves the parent's lock in place."""
+    for fd in _HELD_LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 class StoreLock:
     """Exclusive advisory lock on a store directory; the kernel drops it if the holder dies.
 
     A second writer gets a UserError instead of interleaving writes with the first.
+    Forked children do not inherit it (``_drop_locks_in_child``).
     """
 
     def __init__(self, store_dir: Path):
@@ -82,10 +101,12 @@ class StoreLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -5,7 +5,6 @@ Problems the user can fix print one line ``error: ...`` and exit with status 2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -85,6 +84,9 @@ def main(verbose: bool) -> None:
               "its workers must see --out on a shared file system.")
 @click.option("--cluster", type=click.Choice(["local"]), help="Start a local Dask cluster (see --n-workers).")
 @click.option("--n-workers", default=2, show_default=True, help="Worker processes of --cluster local.")
+@click.option("--adapter", type=click.Path(path_type=Path),
+              help="MaPLe adapter folder (pipeline adapt --out): store the adapted model's activations "
+                   "(the base model's token positions; the vision prompt tokens are dropped).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def extract(no_progress: bool, cluster: str | None, scheduler: str | None, **options: object) -> None:
     """Stream patch-token activations of chosen blocks into a resumable Zarr store.
@@ -244,6 +246,8 @@ def stats(no_plots: bool, **options: object) -> None:
               help="Lowest-entropy picks need this many reference images (one image always has entropy 0).")
 @click.option("--root", type=click.Path(path_type=Path), help="Where the dataset's images are now "
               "(default: the root recorded in the activation store).")
+@click.option("--groundtruth", "groundtruth_dir", type=click.Path(path_type=Path),
+              help="Ground-truth folder (pipeline groundtruth) of the same codes: adds its metrics to the report.")
 def report(**options: object) -> None:
     """Static HTML report (open index.html from disk): sortable latent table, reference heatmaps."""
     from stages import report as stage
@@ -268,7 +272,61 @@ def show_latent(stats_dir: Path, latent: int) -> None:
         click.echo(line)
 
 
-WORK = Path("work")  # where `dvc repro` keeps the study's outputs (see dvc.yaml)
+def _world_record(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, object] | None:
+    """``--world``: a JSON file holding a world record, or key=value pairs such as seed=0,image_size=32."""
+    if value is None:
+        return None
+    if Path(value).is_file():
+        try:
+            record = json.loads(Path(value).read_text())
+        except json.JSONDecodeError as err:
+            raise click.BadParameter(f"{value} is not JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise click.BadParameter(f"{value} must hold a JSON object such as {{\"seed\": 0, \"image_size\": 32}}")
+        return record
+    record = {}
+    for item in value.split(","):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value pairs such as seed=0,image_size=32, or a JSON file; "
+                                     f"got '{item}'")
+        record[key] = int(text) if text.lstrip("-").isdigit() else text
+    return record
+
+
+@main.command()
+@click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path),
+              help="Statistics folder (pipeline stats) of the codes to evaluate; it names the code and activation stores.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write: groundtruth.json, latents.csv, values.csv, groundtruth.png.")
+@click.option("--world", callback=_world_record,
+              help="World the store must come from, checked against the store's own: key=value pairs such as "
+                   "seed=0,image_size=32,task=shape_colour, or a JSON file of those keys and held_out "
+                   "(default: the store's world, unchecked).")
+@click.option("--codes", "codes_dir", type=click.Path(path_type=Path),
+              help="Code store (default: the one recorded in the statistics).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Activation store (default: the one recorded in the statistics).")
+@click.option("--attributes", callback=lambda c, p, v: None if v is None else tuple(a.strip() for a in v.split(",")),
+              help="Attributes to score (default: shape,colour,size,texture,background,position).")
+@click.option("--score", default="max_patch", show_default=True, type=click.Choice(["max_patch", "mean"]),
+              help="Image-level score: max of f over the patches, or mean over all tokens.")
+@click.option("--auroc-threshold", default=0.95, show_default=True,
+              help="A value has a dedicated latent when some latent reaches this AUROC for it.")
+@click.option("--map-threshold", default=0.5, show_default=True,
+              help="Localisation: a patch is on when f >= this fraction of the image's largest patch value.")
+@click.option("--object-fraction", default=0.5, show_default=True,
+              help="Localisation: a patch is an object patch when this fraction of its pixels shows the object.")
+@click.option("--no-plots", is_flag=True, help="Skip groundtruth.png.")
+def groundtruth(no_plots: bool, **options: object) -> None:
+    """Score latents against the synthetic world: best attribute value (AUROC, purity), IoU and pointing."""
+    from stages import groundtruth as stage
+
+    out = stage.run(stage.Config(plots=not no_plots, **{k: v for k, v in options.items() if v is not None}))
+    iou = "n/a" if out.mean_iou_dedicated is None else f"{out.mean_iou_dedicated:.3f}"
+    click.echo(f"{out.n_covered} of {out.n_values} attribute values have a dedicated latent "
+               f"(mean IoU {iou}); {out.n_latents} latents over {out.n_images} images in {out.seconds:.1f} s "
+               f"-> {out.out_dir}")
 
 
 def _k_list(value: str) -> tuple[int | str, ...]:
@@ -288,6 +346,9 @@ def _k_list(value: str) -> tuple[int | str, ...]:
               help="Results folder: masking.json, per_class.csv, accuracy_vs_k.png.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Activation store holding the SAE's layer: reuse its residuals, run only the blocks after the tap.")
+@click.option("--adapter", type=click.Path(path_type=Path),
+              help="MaPLe adapter folder (pipeline adapt --out): mask the adapted model with the base model's SAE "
+                   "(reads images: a --cache store of this adapter only names them).")
 @click.option("--dataset", help="Evaluation dataset (default: the --cache store's).")
 @click.option("--root", help="Local dataset folder (default: the store's).")
 @click.option("--split", help="Evaluation split (default: the store's, else the dataset's default).")
@@ -350,67 +411,49 @@ def mask(full_last_block: bool, no_plots: bool, no_progress: bool, **options: ob
     click.echo(f"  -> {out.results_path}, {out.per_class_path}" + (f", {out.plot_path}" if out.plot_path else ""))
 
 
+@main.command()
+@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
+              help="Statistics folder (pipeline stats) of the base model.")
+@click.option("--adapted", "adapted_dir", required=True, type=click.Path(path_type=Path),
+              help="Statistics folder of the adapted model, computed with the same SAE on the same classes.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Results folder: remap.json, remap_table.md, remap.png.")
+@click.option("--high", "tau_high", default=0.5, show_default=True,
+              help="A latent is high for a class when its normalised count is >= this.")
+@click.option("--low", "tau_low", default=0.1, show_default=True,
+              help="... and low when its normalised count is <= this.")
+@click.option("--normalise", default="max", show_default=True, type=click.Choice(["max", "tokens"]),
+              help="Per class: divide by the most counted latent's count (max) or by the class's tokens.")
+@click.option("--base-masking", type=click.Path(path_type=Path),
+              help="masking.json (or its folder) of the base model with this SAE, shown beside the adapted one.")
+@click.option("--adapted-masking", type=click.Path(path_type=Path),
+              help="masking.json (or its folder) of the adapted model with the base model's SAE.")
+@click.option("--no-plots", is_flag=True, help="Skip remap.png.")
+def remap(no_plots: bool, **options: object) -> None:
+    """Adaptation analysis: per class, latents high in both models, high->low and low->high (paper Table 1)."""
+    from stages import remap as stage
+
+    out = stage.run(stage.Config(plots=not no_plots, **options))
+    for line in out.table_lines:
+        click.echo(line)
+    click.echo(f"-> {out.results_path}, {out.table_path}" + (f", {out.plot_path}" if out.plot_path else ""))
+
+
 @main.command("run-stage")
-@click.argument("name", type=click.Choice(["extract", "train", "encode", "stats", "mask", "report"]))
+@click.argument("name", type=click.Choice(["pretrain", "extract", "adapt", "train", "encode", "stats", "mask",
+                                           "groundtruth", "remap", "report"]))
+@click.option("--dataset", help="Which of data.datasets (every stage but pretrain).")
+@click.option("--layer", type=int, help="Which of extract.layers (stages from train on, except adapt).")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
-def run_stage(name: str, params_path: Path) -> None:
-    """Run one stage of dvc.yaml with its settings from params.yaml (what `dvc repro` calls)."""
-    import shutil
+def run_stage(name: str, dataset: str | None, layer: int | None, params_path: Path) -> None:
+    """Run one stage instance of dvc.yaml with its settings from params.yaml (what `dvc repro` calls).
 
-    from pipeline.params import load_params, section
+    Outputs go under work/ (layout: pipeline/study.py).
+    """
+    from pipeline.params import load_params
+    from pipeline.study import run_stage as run
 
-    params = load_params(params_path)
-    if name == "extract":
-        from stages import extract as stage
-
-        data = section(params, "data", ("dataset", "root", "split", "limit", "seed"))
-        model = section(params, "model", ("name", "pretrained"))
-        ext = section(params, "extract", ("layers", "batch_size", "device", "dtype", "workers", "scheduler", "n_workers"))
-        out = stage.run(stage.Config(**data, model=model.get("name", "ViT-B-16"),
-                                     pretrained=str(model.get("pretrained", "openai")),
-                                     out_dir=WORK / "acts", overwrite=True, **ext))
-        click.echo(f"extract: {out.n_computed} of {out.n_images} images computed -> {out.store_dir}")
-    elif name == "train":
-        from stages import train as stage
-
-        sae = section(params, "sae", {f.name for f in dataclasses.fields(stage.Config)}
-                      - {"cache_dir", "out_dir", "overwrite", "progress"})
-        out = stage.run(stage.Config(cache_dir=WORK / "acts", out_dir=WORK / "sae", overwrite=True, **sae))
-        shutil.copyfile(out.metrics_path, WORK / "sae-metrics.json")
-        shutil.copyfile(out.sae_dir / "history.json", WORK / "sae-history.json")
-        click.echo(f"train: {out.steps} steps, FVU {out.metrics['fvu']:.4f}, L0 {out.metrics['l0']:.1f} -> {out.sae_dir}")
-    elif name == "encode":
-        from stages import encode as stage
-
-        enc = section(params, "encode", ("device", "batch_tokens"))
-        out = stage.run(stage.Config(cache_dir=WORK / "acts", sae_dir=WORK / "sae", out_dir=WORK / "codes",
-                                     overwrite=True, **enc))
-        click.echo(f"encode: {out.n_tokens} tokens, mean L0 {out.mean_l0:.1f} -> {out.codes_dir}")
-    elif name == "stats":
-        from stages import stats as stage
-
-        st = section(params, "stats", ("top_k", "threshold", "scheduler", "n_workers"))
-        out = stage.run(stage.Config(codes_dir=WORK / "codes", cache_dir=WORK / "acts", out_dir=WORK / "stats", **st))
-        shutil.copyfile(out.summary_path, WORK / "stats-summary.json")
-        click.echo(f"stats: {out.n_latents} latents, {out.n_dead} dead -> {out.stats_dir}")
-    elif name == "mask":
-        from stages import mask as stage
-
-        m = section(params, "mask", ("modes", "ks", "error_term", "n_seeds", "random_seed", "head", "templates",
-                                     "probe_images", "probe_l2", "batch_size", "device"))
-        model = section(params, "model", ("name", "pretrained"))
-        out = stage.run(stage.Config(cache_dir=WORK / "acts", sae_dir=WORK / "sae", stats_dir=WORK / "stats",
-                                     out_dir=WORK / "masking", model=model.get("name"),
-                                     pretrained=str(model.get("pretrained", "openai")), progress=False, **m))
-        shutil.copyfile(out.results_path, WORK / "masking-metrics.json")
-        shutil.copyfile(out.plot_path, WORK / "masking-accuracy_vs_k.png")
-        click.echo(f"mask: plain CLIP {out.clip_accuracy:.4f}, SAE all on {out.sae_all_on_accuracy:.4f} -> {out.out_dir}")
-    elif name == "report":
-        from stages import report as stage
-
-        rep = section(params, "report", ("n_latents", "n_low_entropy", "min_references"))
-        out = stage.run(stage.Config(stats_dir=WORK / "stats", out_dir=WORK / "report", **rep))
-        click.echo(f"report: {len(out.latent_pages)} latent pages -> {out.index_path}")
+    click.echo(run(name, load_params(params_path), dataset, layer))
 
 
 @main.command("import")
@@ -435,6 +478,110 @@ def import_(class_names: str, **options: object) -> None:
     out = stage.run(stage.Config(class_names=names, **options))
     click.echo(f"imported {out.n_images} x {out.n_tokens} x {out.d_model} in {out.seconds:.1f} s -> {out.store_dir}")
 
+
+@main.command()
+@click.option("--world", default="synthetic", show_default=True, type=click.Choice(["synthetic"]),
+              help="Source of image-caption pairs (the generated world, offline).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Run folder to create or resume (model.pt, trainer_state.pt, config.json, metrics.json, loss.png).")
+@click.option("--model", default="tiny-clip", show_default=True, help="open_clip model name (a registered config).")
+@click.option("--steps", default=600, show_default=True, help="Optimizer steps; each sees --batch-size fresh pairs.")
+@click.option("--batch-size", default=64, show_default=True, help="Image-caption pairs per contrastive batch.")
+@click.option("--lr", default=2e-3, show_default=True, help="Peak AdamW learning rate (warm-up, then cosine to 0).")
+@click.option("--warmup-steps", default=30, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay on weight matrices.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the world's images and of the initial weights.")
+@click.option("--task", default="shape_colour", show_default=True, help="Classes of the zero-shot evaluation.")
+@click.option("--templates", default="world", show_default=True, type=click.Choice(["world", "openai"]),
+              help="Prompt templates of the zero-shot evaluation.")
+@click.option("--eval-images", default=1000, show_default=True, help="Test-split images for zero-shot accuracy.")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (GPU when present).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting).")
+@click.option("--workers", default=1, show_default=True, help="Processes rendering batches ahead (0 = in the loop).")
+@click.option("--overwrite", is_flag=True, help="Replace a run folder trained with other settings.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def pretrain(no_progress: bool, **options: object) -> None:
+    """Pretrain a tiny CLIP from scratch on the synthetic world's image-caption pairs.
+
+    Rerunning the same command resumes from the last checkpoint; other settings in the same
+    --out are refused unless --overwrite. Ends with zero-shot accuracy on the test split.
+    """
+    from stages import pretrain as stage
+
+    out = stage.run(stage.Config(progress=not no_progress, **options))
+    resumed = f" (resumed at step {out.start_step})" if 0 < out.start_step < out.steps else ""
+    if out.start_step == out.steps:
+        resumed = " (already trained)"
+    click.echo(f"trained {out.steps} steps{resumed}: final loss {out.final_loss:.3f}, "
+               f"zero-shot accuracy {100 * out.accuracy:.1f}% on {out.n_classes} classes "
+               f"(chance {100 / out.n_classes:.1f}%), training {out.train_seconds:.1f} s, "
+               f"this run {out.seconds:.1f} s")
+    click.echo(f"  checkpoint {out.model_path}  (metrics {out.metrics_path.name}, curve {out.plot_path.name})")
+
+
+@main.command()
+@click.option("--dataset", required=True, help="Dataset to adapt to (see `pipeline extract --help`), e.g. eurosat.")
+@click.option("--root", help="Local dataset folder (nothing is downloaded).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Adapter folder to create or resume (prompts.safetensors, config.json, metrics.json, loss.png).")
+@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name (frozen).")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights.")
+@click.option("--shots", default=16, show_default=True, help="Training images per class (seeded draw).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the few-shot draw, prompt init and batch order.")
+@click.option("--train-split", default="train", show_default=True, help="Split the few-shot images come from.")
+@click.option("--test-split", default="test", show_default=True, help="Split the accuracies are measured on.")
+@click.option("--test-limit", type=int, help="Seeded subset of the test split (default: all of it).")
+@click.option("--task", "synthetic_task", default="shape_colour", show_default=True,
+              help="Synthetic dataset only: which attributes make the classes.")
+@click.option("--n-ctx", default=2, show_default=True, help="Learnable context tokens per prompted layer.")
+@click.option("--depth", default=9, show_default=True, help="Prompted layers of each tower (layer 0 included).")
+@click.option("--ctx-init", default="a photo of a", show_default=True,
+              help="Prompt prefix whose first --n-ctx tokens initialise the context; 'none' for 'X X' and random.")
+@click.option("--class-prompts", type=click.Path(path_type=Path),
+              help="JSON list of class names for the prompts (or {class: name}), e.g. 'annual crop land' for AnnualCrop.")
+@click.option("--epochs", default=5, show_default=True, help="Passes over the few-shot images.")
+@click.option("--batch-size", default=4, show_default=True, help="Images per step.")
+@click.option("--lr", default=0.0035, show_default=True, help="Peak SGD learning rate (cosine to 0).")
+@click.option("--warmup-epochs", default=1, show_default=True, help="Epochs at --warmup-lr before the cosine.")
+@click.option("--warmup-lr", default=1e-5, show_default=True, help="Learning rate of the warm-up epochs.")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="Load these MaPLe prompts instead of training: an adapter folder, its prompts.safetensors, or an "
+                   "official MaPLe checkpoint.")
+@click.option("--templates", default="auto", show_default=True,
+              help="Base zero-shot prompts: auto (the dataset's own, else openai), openai, world, or a dataset name.")
+@click.option("--eval-batch-size", default=64, show_default=True, help="Images per forward when evaluating.")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (GPU when present).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting).")
+@click.option("--workers", default=0, show_default=True, help="Image-decoding processes (0 = main process).")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter folder written with other settings.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def adapt(ctx_init: str, no_progress: bool, **options: object) -> None:
+    """Adapt a frozen CLIP with MaPLe prompts trained few-shot; report base vs adapted accuracy.
+
+    Rerunning the same command resumes from the last checkpoint; other settings in the same
+    --out are refused unless --overwrite. `pipeline extract --adapter OUT` then stores the
+    adapted model's activations.
+    """
+    from stages import adapt as stage
+
+    out = stage.run(stage.Config(ctx_init=None if ctx_init.lower() == "none" else ctx_init,
+                                 progress=not no_progress, **options))
+    if out.plot_path is None:
+        how = "prompts loaded"
+    elif out.start_step == out.steps:
+        how = f"{out.steps} steps (already trained)"
+    else:
+        how = f"{out.steps} steps" + (f" (resumed at step {out.start_step})" if out.start_step else "")
+        how += f", final loss {out.final_loss:.3f}"
+    click.echo(f"MaPLe on {out.n_train_images} images ({out.n_classes} classes): {how}")
+    click.echo(f"  test accuracy on {out.n_test_images} images: base zero-shot {100 * out.base_accuracy:.1f}%, "
+               f"base few-shot probe {100 * out.probe_accuracy:.1f}%, adapted {100 * out.adapted_accuracy:.1f}% "
+               f"(chance {100 / out.n_classes:.1f}%)")
+    click.echo(f"  adapter {out.out_dir}  (prompts {out.prompts_path.name}, metrics {out.metrics_path.name}"
+               + (f", curve {out.plot_path.name})" if out.plot_path else ")"))
 
 if __name__ == "__main__":
     main()

@@ -180,6 +180,34 @@ def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
+def dataset_labels(data: Any) -> np.ndarray:
+    """Label of every row (int64), from the dataset's label list where it keeps one (no image decoding)."""
+    if isinstance(data, _Subset):
+        return dataset_labels(data.data)[data.indices]
+    if callable(getattr(data, "label", None)):  # SyntheticWorld
+        return np.array([data.label(i) for i in range(len(data))], np.int64)
+    labels = _labels_or_none(data)
+    if labels is None:
+        return np.array([int(data[i][1]) for i in range(len(data))], np.int64)
+    return np.asarray(labels, np.int64)
+
+
+def few_shot_indices(labels_N: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` rows of every class, drawn uniformly without replacement (seeded), ascending.
+
+    Every class in ``0 … max label`` must have at least ``shots`` rows.
+    """
+    rng = np.random.default_rng([seed, shots])
+    picked = []
+    for c in range(int(labels_N.max()) + 1):
+        rows = np.flatnonzero(labels_N == c)
+        if len(rows) < shots:
+            raise UserError(f"class {c} has {len(rows)} images in this split, fewer than --shots {shots}; "
+                            "lower --shots or use a larger split")
+        picked.append(rng.choice(rows, size=shots, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def default_split(name: str) -> str:
     return "train" if name == "synthetic" else SOURCES[name].default_split if name in SOURCES else "all"
 

@@ -4,7 +4,7 @@ Every image shows one object (shape, colour, size, position, small rotation) on 
 background (colour and texture).  The world serves three purposes:
 
 * the built-in offline dataset ``synthetic`` for activation extraction;
-* image–caption pairs (``caption``) to pretrain a tiny CLIP contrastively;
+* image–caption pairs (``partial_caption``) to pretrain a tiny CLIP contrastively;
 * ground truth for evaluating SAE latents: attribute values (``scene``) and the per-pixel
   object mask (``mask``).
 
@@ -61,6 +61,8 @@ TASKS: dict[str, tuple[str, ...]] = {
     "texture": ("texture",),
     "background": ("background",),
 }
+
+OBJECT_ATTRIBUTES: tuple[str, ...] = ("shape", "colour")  # every pretraining caption names these
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -214,6 +216,20 @@ def caption_for(scene: dict[str, Any]) -> str:
     backgrounds read 'on a plain grey background', checker ones 'with a checker pattern'.
     """
     return f"a photo of a {_phrase({name: scene[name] for name in ATTRIBUTES})}"
+
+
+def partial_caption_for(scene: dict[str, Any], rng: np.random.Generator) -> str:
+    """Caption naming the object (colour and shape) and a random subset of the other
+    attribute values (each kept with probability 1/2), e.g. 'a photo of a red circle' or
+    'a photo of a small blue ring on a background with dots'.
+
+    Like alt-text, a caption always names its main subject and only sometimes the details.
+    Pretraining on these keeps short prompts such as 'a photo of a red circle.' in
+    distribution; with full captions only, such prompts fall far from every caption the
+    text tower saw and zero-shot accuracy stays low.
+    """
+    keep = {name: name in OBJECT_ATTRIBUTES or rng.random() < 0.5 for name in ATTRIBUTES}
+    return f"a photo of a {_phrase({name: scene[name] for name in ATTRIBUTES if keep[name]})}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,6 +499,13 @@ class SyntheticWorld:
     def caption(self, i) -> str:
         """Caption of image i naming all its attribute values."""
         return caption_for(self.scene(i))
+
+    def partial_caption(self, i) -> str:
+        """Caption of image i naming a random subset of its attribute values (``partial_caption_for``),
+        drawn from a stream of its own so images and full captions stay unchanged."""
+        i = self._index(i)
+        rng = np.random.default_rng([_RNG_SALT, self.config.seed, self._split_id, i, 1])
+        return partial_caption_for(self.scene(i), rng)
 
     def render(self, i) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 (H, W, 3) image, bool (H, W) object mask) of image i."""

@@ -118,6 +118,28 @@ def text_classifier(model: Any, tokenizer: Any, class_names: Sequence[str], temp
     return F.normalize(per_template.mean(dim=1), dim=-1)
 
 
+def read_class_prompts(path: str | os.PathLike | None, class_names: Sequence[str]) -> list[str]:
+    """The names to put in the prompts: ``class_names``, or those of a JSON file.
+
+    The file is a list of C names in label order, or ``{class name: prompt name}`` (e.g.
+    EuroSAT's "AnnualCrop" → "annual crop land", CoOp's names).
+    """
+    if path is None:
+        return list(class_names)
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read --class-prompts {path} ({err}); give a JSON list of names") from None
+    if isinstance(raw, dict):
+        missing = [c for c in class_names if c not in raw]
+        if missing:
+            raise UserError(f"--class-prompts {path} has no name for class '{missing[0]}'")
+        return [str(raw[c]) for c in class_names]
+    if not isinstance(raw, list) or len(raw) != len(class_names):
+        raise UserError(f"--class-prompts {path} must list {len(class_names)} names (one per class)")
+    return [str(n) for n in raw]
+
+
 def zero_shot_logits(image_features_BE: torch.Tensor, W_CE: torch.Tensor) -> torch.Tensor:
     """``100 × cosine`` between each image embedding and each class embedding: (B, C), float32."""
     image_BE = F.normalize(image_features_BE.float(), dim=-1)

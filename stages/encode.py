@@ -1,8 +1,9 @@
 """Stage two (b): encode every token of an activation store with a trained SAE into codes.zarr.
 
 Shard ``k`` of the code store holds the codes of the images of shard ``k`` of the activation
-store. Resumable and locked like extraction; the SAE can encode any store of the same width
-and layer (e.g. the adapted model's store in the adaptation study).
+store. Resumable and locked like extraction; the SAE encodes any store of the model it was
+trained on, at its width and layer, including that model's MaPLe-adapted stores (the
+adaptation study); a store of another model is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache import schema
 from cache.codes import CodeStore, ShardCodes
 from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
@@ -51,12 +53,26 @@ class Outputs:
     seconds: float
 
 
+def store_base_model(store: ActivationStore) -> str:
+    """``name/pretrained`` of the model a store was extracted from (an adapted store: its base model)."""
+    m = store.attrs.get(schema.ATTR_MODEL) or {}
+    return f"{m.get('name')}/{m.get('pretrained')}"
+
+
 def check_sae_fits_store(sae: SAE, store: ActivationStore) -> int:
-    """The SAE's layer, checked against the store; refuses a width or layer that does not fit."""
+    """The SAE's layer, checked against the store; refuses another model, a width or layer that does not fit.
+
+    An adapted store is accepted when its base model is the SAE's model: that is the
+    adaptation study (one SAE encodes the base and the adapted model).
+    """
     c = sae.config
     if c.d_in != store.d_model:
         raise UserError(f"the SAE expects width {c.d_in} but {store.path} holds width {store.d_model}; "
                         "use an SAE trained on this model")
+    base = store_base_model(store)
+    if c.model and c.model.lower() != base.lower():
+        raise UserError(f"the SAE was trained on {c.model} but {store.path} holds activations of {base}; "
+                        "use an SAE trained on that model or a store of the SAE's model")
     layer = c.layer if c.layer is not None else store.layers[0]
     if layer not in store.layers:
         raise UserError(f"the SAE was trained on layer {layer}, which {store.path} does not hold "

@@ -2,6 +2,11 @@
 
 Resumable: shards already marked done are skipped, so rerunning the same command after a
 crash finishes the store, and the result is bit-identical to an uninterrupted run.
+
+With ``adapter`` (a MaPLe folder from ``pipeline adapt``) the store holds the adapted model's
+activations under the same protocol and layout: the base model's token positions only (its
+appended vision prompt tokens are dropped), so the base model's SAE encodes it; the
+adapter's prompts sha256 is part of the store's config.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import importlib.metadata
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,14 @@ from cache import schema
 from cache.check import token_norm_stats
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.writer import BackgroundWriter
+from pipeline import maple
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.errors import UserError
 from pipeline.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+Tap = Callable[[torch.Tensor, tuple[int, ...]], dict[int, torch.Tensor]]  # images_BCHW, layers -> acts_BTD per layer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,12 +59,15 @@ class Config:
     overwrite: bool = False  # replace a store written with another config
     images_per_chunk: int | None = None  # content: rows per Zarr chunk (default ~3 MB)
     images_per_shard: int | None = None  # content: rows per shard file (default ~64 MB)
+    adapter: Path | None = None  # content: MaPLe adapter folder (pipeline adapt --out): store the adapted model
     scheduler: str | None = None  # None: this process; "local": a LocalCluster; or a Dask scheduler address
     n_workers: int = 2  # worker processes of a local cluster
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.adapter is not None:
+            object.__setattr__(self, "adapter", Path(self.adapter))
         object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -113,6 +124,8 @@ def _versions() -> dict[str, str]:
 
 
 def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: int, shard: int) -> dict[str, Any]:
+    """The store's identity; ``adapter`` appears only for adapted models, so base stores keep their sha256."""
+    adapter = {"adapter": maple.adapter_identity(cfg.adapter)} if cfg.adapter is not None else {}
     return {
         "format_version": schema.FORMAT_VERSION,
         "dataset": images.name, "split": images.split, "root": images.root,
@@ -122,7 +135,15 @@ def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: in
         "layers": list(cfg.layers), "dtype": cfg.dtype,
         "images_per_chunk": chunk, "images_per_shard": shard,
         "preprocess": model.preprocess_cfg(),
+        **adapter,
     }
+
+
+def _adapter_attrs(cfg: Config) -> dict[str, Any] | None:
+    if cfg.adapter is None:
+        return None
+    return {**maple.adapter_identity(cfg.adapter), "dir": str(cfg.adapter.resolve()),
+            "stored_tokens": "the base model's positions only; the appended vision prompt tokens are dropped"}
 
 
 def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
@@ -134,7 +155,8 @@ def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
         schema.ATTR_MODEL: {"name": model.name, "pretrained": model.pretrained,
                             "checkpoint_sha256": model.checkpoint_sha256, "n_blocks": model.n_blocks,
                             "d_model": model.width, "dtype": cfg.dtype,
-                            "layer_convention": "block index, 0-based, residual-stream output"},
+                            "layer_convention": "block index, 0-based, residual-stream output",
+                            "adapter": _adapter_attrs(cfg)},
         schema.ATTR_TOKEN_LAYOUT: model.token_layout(),
         schema.ATTR_PREPROCESS: model.preprocess_cfg(),
         schema.ATTR_DATASET: {"name": images.name, "split": images.split, "root": images.root,
@@ -161,7 +183,7 @@ def _to_store_dtype(layer: int, acts_BTD: torch.Tensor, first_row: int) -> np.nd
     return acts16.cpu().numpy()
 
 
-def _fill_shard(model: LoadedModel, batches: Iterator[Any], store: ActivationStore, shard: int,
+def _fill_shard(model: LoadedModel, tap: Tap, batches: Iterator[Any], store: ActivationStore, shard: int,
                 layers: tuple[int, ...], bar: tqdm | None) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
     """Compute one shard from the next batches of ``batches`` (which never cross shards)."""
     sl = store.shard_slice(shard)
@@ -173,7 +195,7 @@ def _fill_shard(model: LoadedModel, batches: Iterator[Any], store: ActivationSto
     while row < n:
         images_BCHW, labels_B, ok_B = next(batches)
         b = len(labels_B)
-        for layer, acts_BTD in model.tap(images_BCHW, layers).items():
+        for layer, acts_BTD in tap(images_BCHW, layers).items():
             acts_BTD = acts_BTD * ok_B.to(acts_BTD.device)[:, None, None]  # unreadable rows -> 0
             acts[layer][row:row + b] = _to_store_dtype(layer, acts_BTD, sl.start + row)
         labels_N[row:row + b] = labels_B.numpy()
@@ -191,15 +213,17 @@ def _loader(model: LoadedModel, images: ImageSet, store: ActivationStore, shards
                       num_workers=workers, pin_memory=model.device.startswith("cuda"))
 
 
-def _open(cfg: Config) -> tuple[LoadedModel, ImageSet]:
+def _open(cfg: Config) -> tuple[LoadedModel, ImageSet, Tap]:
+    """The model, the images and the tap: the base model's, or the adapted model's (base positions only)."""
     model = load_model(cfg.model, cfg.pretrained, device=cfg.device, dtype=cfg.dtype, init_seed=cfg.seed)
     model.check_layers(cfg.layers)
+    tap = maple.load_adapter(cfg.adapter, model).tap if cfg.adapter is not None else model.tap
     images = open_dataset(cfg.dataset, root=cfg.root, split=cfg.split, transform=model.preprocess,
                           limit=cfg.limit, seed=cfg.seed, image_size=model.image_size)
-    return model, images
+    return model, images, tap
 
 
-_WORKER_CACHE: dict[str, tuple[LoadedModel, ImageSet]] = {}
+_WORKER_CACHE: dict[str, tuple[LoadedModel, ImageSet, Tap]] = {}
 
 
 def extract_shard_task(cfg: Config, shard: int) -> int:
@@ -212,21 +236,21 @@ def extract_shard_task(cfg: Config, shard: int) -> int:
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         _WORKER_CACHE[key] = _open(cfg)
-    model, images = _WORKER_CACHE[key]
+    model, images, tap = _WORKER_CACHE[key]
     store = ActivationStore(cfg.out_dir)
     if store.done[shard]:
         return shard
     batches = iter(_loader(model, images, store, [shard], cfg, workers=0))
-    store.write_shard(shard, *_fill_shard(model, batches, store, shard, cfg.layers, None))
+    store.write_shard(shard, *_fill_shard(model, tap, batches, store, shard, cfg.layers, None))
     return shard
 
 
-def _run_local(cfg: Config, model: LoadedModel, images: ImageSet, store: ActivationStore, pending: list[int],
-               bar: tqdm) -> None:
+def _run_local(cfg: Config, model: LoadedModel, tap: Tap, images: ImageSet, store: ActivationStore,
+               pending: list[int], bar: tqdm) -> None:
     batches = iter(_loader(model, images, store, pending, cfg, workers=cfg.workers))
     with BackgroundWriter(store.write_shard) as writer:
         for shard in pending:
-            writer.submit(shard, *_fill_shard(model, batches, store, shard, cfg.layers, bar))
+            writer.submit(shard, *_fill_shard(model, tap, batches, store, shard, cfg.layers, bar))
 
 
 def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: tqdm) -> None:
@@ -245,7 +269,7 @@ def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: tqdm
 def run(cfg: Config) -> Outputs:
     """Extract (or finish extracting) the store described by ``cfg``."""
     started = time.perf_counter()
-    model, images = _open(cfg)
+    model, images, tap = _open(cfg)
     spec = _spec(cfg, model, images)
     with StoreLock(cfg.out_dir):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
@@ -255,7 +279,7 @@ def run(cfg: Config) -> Outputs:
                    disable=not cfg.progress, dynamic_ncols=True)
         streaming = time.perf_counter()
         if cfg.scheduler is None:
-            _run_local(cfg, model, images, store, pending, bar)
+            _run_local(cfg, model, tap, images, store, pending, bar)
         else:
             _run_dask(cfg, store, pending, bar)
         bar.close()

@@ -28,6 +28,14 @@ a linear probe (``pipeline.probe``) fit on plain CLIP's final image embeddings o
 images. Before any masking, plain CLIP's accuracy with the head is computed and logged
 (PITFALLS: a zero-shot gap may be prompts or class names, not the SAE).
 
+An adapted model (``adapter``: a MaPLe folder from ``pipeline adapt``) is masked with the
+base model's SAE from images: the SAE sees the tap at the base model's token positions and
+the vision prompt tokens rejoin them, unmasked, for the blocks after the tap; the zero-shot
+head is the adapter's learned prompt per class. Its stores hold no prompt tokens, so they
+cannot serve the tap: with ``cache_dir`` (a store extracted with this adapter) the store
+only names the images, which are read and run up to the tap. An adapted store without
+its adapter, or another adapter's store, is refused.
+
 The masked forwards reuse the tapped residuals of an activation store when ``cache_dir``
 is given: only the blocks after the tap run (and no image is read). Otherwise images are
 run up to the tap once per batch. Either way the SAE encodes each batch once and every
@@ -52,7 +60,7 @@ from tqdm import tqdm
 
 from cache import schema
 from cache.store import ActivationStore
-from pipeline import splice
+from pipeline import maple, splice, zeroshot
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.errors import UserError
 from pipeline.latents import LatentStats, json_safe
@@ -119,6 +127,7 @@ class Config:
     stats_dir: Path  # statistics folder of that SAE (`pipeline stats`): class_counts.npy picks the top-k latents
     out_dir: Path  # results folder: masking.json, per_class.csv, accuracy_vs_k.png
     cache_dir: Path | None = None  # activation store holding the tapped layer: reuse its residuals (no images read)
+    adapter: Path | None = None  # MaPLe adapter folder: mask the adapted model (from images; stores lack its prompts)
     dataset: str | None = None  # evaluation dataset (see pipeline.datasets); default: the store's
     root: str | None = None  # dataset root; default: the store's
     split: str | None = None  # evaluation split; default: the store's, else the dataset's default split
@@ -151,7 +160,7 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("sae_dir", "stats_dir", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("cache_dir", "class_prompts", "classifier_cache_dir"):
+        for name in ("cache_dir", "adapter", "class_prompts", "classifier_cache_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if isinstance(self.modes, str) or not all(isinstance(m, str) for m in self.modes):
@@ -185,6 +194,9 @@ class Config:
             raise UserError(f"--layer must be a block index >= 0 (got {self.layer})")
         if self.cache_dir is None and self.dataset is None:
             raise UserError("give --dataset (with --root) to read images, or --cache STORE to reuse its activations")
+        if self.adapter is not None and self.class_prompts is not None:
+            raise UserError("--class-prompts does not apply with --adapter: the adapted model prompts the names "
+                            "it was trained with")
         ProbeConfig(l2=self.probe_l2)  # validates
 
 
@@ -307,6 +319,7 @@ class Batch:
     labels: np.ndarray  # int64
     x_BTD: torch.Tensor | None = None  # tapped residuals (pass B)
     images: torch.Tensor | None = None  # preprocessed images (images source, pass A)
+    prompts_BXD: torch.Tensor | None = None  # an adapted model's vision prompt tokens at the tap (pass B)
 
 
 class CacheSource:
@@ -400,6 +413,38 @@ class ImageSource:
             yield Batch(rows=rows_b, labels=labels), feats
 
 
+class AdaptedImageSource(ImageSource):
+    """Rows of a dataset through a MaPLe-adapted model.
+
+    The SAE sees the tap at the base model's positions (class token and patches); the
+    vision prompt tokens at the tap ride along in the batch and rejoin them for the blocks
+    after the tap (``AdaptedCLIP.finish``), unmasked.
+    """
+
+    def __init__(self, images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP, layer: int, workers: int):
+        super().__init__(images, model, layer, workers)
+        self.adapted = adapted
+
+    def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        for images, rows_b, labels in self._loader(rows, batch_size):
+            x_BTD, prompts_BXD = self.adapted.tap_with_prompts(images, (self.layer,))[self.layer]
+            yield Batch(rows=rows_b, labels=labels, x_BTD=x_BTD.to(torch.float32), prompts_BXD=prompts_BXD)
+
+    def plain_features(self, model: LoadedModel, rows: np.ndarray, batch_size: int, tail_rows: int,
+                       class_token_only: bool = False) -> Iterator[tuple[Batch, torch.Tensor]]:
+        for images, rows_b, labels in self._loader(rows, batch_size):
+            with torch.inference_mode():
+                feats = self.adapted.encode_image(images)
+            yield Batch(rows=rows_b, labels=labels), feats
+
+
+def _image_source(images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP | None, layer: int,
+                  workers: int) -> ImageSource:
+    if adapted is None:
+        return ImageSource(images, model, layer, workers)
+    return AdaptedImageSource(images, model, adapted, layer, workers)
+
+
 # ---------------------------------------------------------------------------------------
 # Latent sets
 
@@ -454,26 +499,11 @@ def plan_variants(cfg: Config) -> list[Variant]:
 
 
 def _prompt_names(cfg: Config, class_names: list[str]) -> list[str]:
-    if cfg.class_prompts is None:
-        return class_names
-    try:
-        raw = json.loads(cfg.class_prompts.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read --class-prompts {cfg.class_prompts} ({err}); give a JSON list of names") from None
-    if isinstance(raw, dict):
-        missing = [c for c in class_names if c not in raw]
-        if missing:
-            raise UserError(f"--class-prompts {cfg.class_prompts} has no name for class '{missing[0]}'")
-        return [str(raw[c]) for c in class_names]
-    if not isinstance(raw, list) or len(raw) != len(class_names):
-        raise UserError(f"--class-prompts {cfg.class_prompts} must list {len(class_names)} names (one per class)")
-    return [str(n) for n in raw]
+    return zeroshot.read_class_prompts(cfg.class_prompts, class_names)
 
 
 def zero_shot_head(cfg: Config, model: LoadedModel, class_names: list[str],
                    dataset_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
-    from pipeline import zeroshot
-
     if cfg.templates == "auto":  # the world's prompts; else the 80 OpenAI ones (the paper's protocol)
         template_set = "world" if dataset_name == "synthetic" else "openai"
     elif cfg.templates == "dataset":  # the dataset's own prompts where the literature has them
@@ -486,6 +516,23 @@ def zero_shot_head(cfg: Config, model: LoadedModel, class_names: list[str],
     info = {"kind": "zeroshot", "templates": template_set,
             "n_templates": len(zeroshot.TEMPLATE_SETS[template_set]), "prompt_names": names,
             "logits": "100 x cosine(image embedding, prompt-averaged class embedding)"}
+    return (lambda f: zeroshot.zero_shot_logits(f, W_CE)), info
+
+
+def adapted_head(cfg: Config, adapted: maple.AdaptedCLIP,
+                 class_names: list[str]) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """The adapted model's own classifier: its learned prompt per class (templates do not apply)."""
+    record = maple.read_adapter_config(cfg.adapter)
+    trained_on = list(record["class_names"])
+    if trained_on != list(class_names):
+        raise UserError(f"the adapter in {cfg.adapter} was trained on other classes ({len(trained_on)}: "
+                        f"{trained_on[0]}, ...) than these ({len(class_names)}: {class_names[0]}, ...); mask it on "
+                        "its dataset")
+    names = list(record["prompt_names"])
+    with torch.inference_mode():
+        W_CE = adapted.encode_text(names, normalize=True).float()
+    info = {"kind": "zeroshot", "templates": "the adapter's learned MaPLe prompt", "prompt_names": names,
+            "logits": "100 x cosine(adapted image embedding, adapted class embedding)"}
     return (lambda f: zeroshot.zero_shot_logits(f, W_CE)), info
 
 
@@ -526,6 +573,14 @@ def _open_store(cfg: Config, layer: int, model_name: str, pretrained: str) -> Ac
         raise UserError(f"the store {store.path} holds layers {store.layers}, not the SAE's layer {layer}; extract "
                         f"--layers {layer} or run without --cache")
     m = store.attrs.get(schema.ATTR_MODEL) or {}
+    stored_adapter = (store.attrs.get(schema.ATTR_CONFIG) or {}).get("adapter")
+    if stored_adapter and cfg.adapter is None:
+        raise UserError(f"the store {store.path} holds an adapted model's activations; pass its --adapter DIR to mask "
+                        "that model")
+    if cfg.adapter is not None and stored_adapter != maple.adapter_identity(cfg.adapter):
+        what = "another adapter's" if stored_adapter else "the base model's"
+        raise UserError(f"the store {store.path} holds {what} activations, not those of the adapter in {cfg.adapter}; "
+                        f"pass the store extracted with --adapter {cfg.adapter}, or --dataset/--root without --cache")
     if m.get("name") != model_name or str(m.get("pretrained", "")).lower() != _pretrained_id(pretrained).lower():
         raise UserError(f"the store {store.path} holds activations of {m.get('name')}/{m.get('pretrained')}, not "
                         f"{model_name}/{_pretrained_id(pretrained)}; pass that model or a store of this one")
@@ -568,15 +623,16 @@ def run(cfg: Config) -> Outputs:
     if model.width != sae.config.d_in:
         raise UserError(f"the SAE expects width {sae.config.d_in} but {model_name} has width {model.width}")
     head_kind = cfg.head if cfg.head != "auto" else ("probe" if model.pretrained == "none" else "zeroshot")
+    adapted = maple.load_adapter(cfg.adapter, model) if cfg.adapter is not None else None
 
-    if store is not None:
+    if store is not None and adapted is None:
         source: CacheSource | ImageSource = CacheSource(store, layer)
         class_names = store.class_names
-    else:
+    else:  # an adapted store names the images; the tap is recomputed with the prompt tokens it lacks
         images = open_dataset(data["dataset"], root=data["root"], split=data["split"], transform=model.preprocess,
                               limit=data["limit"], seed=data["seed"], image_size=model.image_size)
         check_classes(images.class_names, stats, f"dataset '{images.name}' split '{images.split}'")
-        source = ImageSource(images, model, layer, cfg.workers)
+        source = _image_source(images, model, adapted, layer, cfg.workers)
         class_names = images.class_names
         data["split"] = images.split
     n_classes = len(class_names)
@@ -606,9 +662,10 @@ def run(cfg: Config) -> Outputs:
 
     head_info: dict[str, Any]
     if head_kind == "zeroshot":
-        head, head_info = zero_shot_head(cfg, model, class_names, data["dataset"])
+        head, head_info = (zero_shot_head(cfg, model, class_names, data["dataset"]) if adapted is None
+                           else adapted_head(cfg, adapted, class_names))
     else:
-        probe, head_info = _fit_probe(cfg, model, data, features, labels_all, probe_rows, same_split,
+        probe, head_info = _fit_probe(cfg, model, adapted, data, features, labels_all, probe_rows, same_split,
                                      class_names)
         head = probe.logits
 
@@ -655,8 +712,10 @@ def run(cfg: Config) -> Outputs:
         "class_names": class_names, "definitions": DEFINITIONS,
         "config": {"modes": list(cfg.modes), "ks": list(cfg.ks), "error_term": cfg.error_term, "n_seeds": cfg.n_seeds,
                    "random_seed": cfg.random_seed, "head": head_kind, "dataset": data, "model": model_name,
-                   "pretrained": model.pretrained, "dtype": cfg.dtype, "class_token_only": cfg.class_token_only},
+                   "pretrained": model.pretrained, "dtype": cfg.dtype, "class_token_only": cfg.class_token_only,
+                   "adapter": maple.adapter_identity(cfg.adapter) if cfg.adapter is not None else None},
         "provenance": {"sae_dir": str(cfg.sae_dir.resolve()), "sae_weights_sha256": weights_sha,
+                       "adapter_dir": str(cfg.adapter.resolve()) if cfg.adapter is not None else None,
                        "sae_config": sae.config.to_dict(), "stats_dir": str(cfg.stats_dir.resolve()),
                        "stats_provenance": stats.meta.get("provenance"),
                        "cache_dir": str(cfg.cache_dir.resolve()) if cfg.cache_dir else None,
@@ -704,8 +763,11 @@ def _sweep(cfg: Config, source: CacheSource | ImageSource, model: LoadedModel, s
             for g in range(0, len(variants), per_group):
                 group = list(range(g, min(g + per_group, len(variants))))
                 xs = [_splice_variant(sae, enc, variants[v], labels_B, top_CK, random_sets) for v in group]
-                feats = splice.finish_many(model.visual, xs, layer, max_rows=cfg.tail_rows,
-                                           class_token_only=cfg.class_token_only)
+                if batch.prompts_BXD is None:
+                    feats = splice.finish_many(model.visual, xs, layer, max_rows=cfg.tail_rows,
+                                               class_token_only=cfg.class_token_only)
+                else:  # the prompt tokens ride along unchanged: the SAE sees the base positions only
+                    feats = [source.adapted.finish(x, batch.prompts_BXD[s:s + chunk], layer) for x in xs]
                 for v, f in zip(group, feats):
                     logits = head(f).cpu()
                     pred = logits.argmax(1).numpy()
@@ -741,7 +803,8 @@ def _score_rows(logits: dict[int, torch.Tensor], labels: np.ndarray, rows: np.nd
     return correct, totals
 
 
-def _fit_probe(cfg: Config, model: LoadedModel, data: dict[str, Any], features: dict[int, torch.Tensor],
+def _fit_probe(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP | None, data: dict[str, Any],
+               features: dict[int, torch.Tensor],
                labels: np.ndarray, probe_rows: np.ndarray, same_split: bool,
                class_names: list[str]) -> tuple[LinearProbe, dict[str, Any]]:
     n_classes = len(class_names)
@@ -759,7 +822,7 @@ def _fit_probe(cfg: Config, model: LoadedModel, data: dict[str, Any], features: 
         if probe_set.class_names != class_names:
             raise UserError(f"probe split '{cfg.probe_split}' has other classes than the evaluation split; "
                             "pick a split of the same dataset")
-        src = ImageSource(probe_set, model, 0, cfg.workers)
+        src = _image_source(probe_set, model, adapted, 0, cfg.workers)
         xs, ys = [], []
         for batch, feats in src.plain_features(model, np.arange(src.n_rows), cfg.batch_size, cfg.tail_rows):
             xs.append(feats.float().cpu())

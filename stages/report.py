@@ -5,6 +5,11 @@ network) and the stats plots; each shown latent gets ``latents/latent_<id>.html`
 summary and its reference images, the patch heatmap drawn over each (PNG files in
 ``latents/img/``). Images are re-opened by their store id (``pipeline.heatmaps``); when
 that is impossible the page shows the heatmaps alone and says why.
+
+With a ground-truth folder (``pipeline groundtruth`` over the same codes) the index also
+shows each latent's best attribute value, AUROC, purity, IoU and pointing, a per-value
+table of dedicated latents and the ground-truth plot; every value's dedicated latent gets
+a page too.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import numpy as np
 
 from pipeline import latents as files
 from pipeline.errors import UserError
+from pipeline.groundtruth import PLOT_FILE as GT_PLOT
+from pipeline.groundtruth import GroundTruthResults
 from pipeline.heatmaps import ImageSource, ImageUnavailable, render_heatmap
 from pipeline.latents import LatentStats
 
@@ -44,12 +51,14 @@ class Config:
     min_references: int = 5  # low-entropy picks need this many references (a single one always has entropy 0)
     root: Path | None = None  # where the dataset's images are now (default: the root recorded in the store)
     image_px: int = 192  # width of each reference picture in pixels
+    groundtruth_dir: Path | None = None  # ground-truth folder (pipeline groundtruth) of the same codes, if any
 
     def __post_init__(self) -> None:
         for name in ("stats_dir", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.root is not None:
-            object.__setattr__(self, "root", Path(self.root))
+        for name in ("root", "groundtruth_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.n_latents < 0 or self.n_low_entropy < 0 or self.min_references < 1:
             raise UserError("--latents and --low-entropy must be >= 0, and min_references >= 1")
         if self.image_px < 16:
@@ -83,6 +92,24 @@ def choose_latents(table, n_frequent: int, n_low_entropy: int, min_references: i
     return chosen, extra
 
 
+def open_groundtruth(path: Path, stats: LatentStats) -> GroundTruthResults:
+    """The ground-truth folder, refused unless it was computed from the statistics' codes."""
+    truth = GroundTruthResults(path)
+    if truth.record["provenance"]["codes_config_sha256"] != stats.meta["provenance"]["codes_config_sha256"]:
+        raise UserError(f"{path} was computed from other codes than the statistics {stats.path}; "
+                        "rerun `pipeline groundtruth` with these statistics")
+    return truth
+
+
+def dedicated_latents(truth: GroundTruthResults) -> dict[int, str]:
+    """Each covered value's dedicated latent, with the values it is dedicated to ('shape=circle')."""
+    values = truth.values
+    names: dict[int, list[str]] = {}
+    for r in values[values["dedicated"]].itertuples():
+        names.setdefault(int(r.best_latent), []).append(f"{r.attribute}={r.value}")
+    return {j: ", ".join(v) for j, v in names.items()}
+
+
 def _prepare(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
@@ -99,7 +126,11 @@ def run(cfg: Config) -> Outputs:
     stats = LatentStats(cfg.stats_dir)
     table = stats.table
     frequent, low_entropy = choose_latents(table, cfg.n_latents, cfg.n_low_entropy, cfg.min_references)
-    shown = frequent + low_entropy
+    truth = open_groundtruth(cfg.groundtruth_dir, stats) if cfg.groundtruth_dir is not None else None
+    dedicated = dedicated_latents(truth) if truth is not None else {}
+    why = {**{j: "frequent" for j in frequent}, **{j: "low entropy" for j in low_entropy}}
+    why.update({j: f"dedicated to {names}" for j, names in dedicated.items() if j not in why})
+    shown = list(why)
     out = cfg.out_dir
     _prepare(out)
     source = ImageSource(stats.meta["image_source"], stats.class_names, root=cfg.root)
@@ -111,19 +142,24 @@ def run(cfg: Config) -> Outputs:
         if (stats.path / name).is_file():
             shutil.copyfile(stats.path / name, out / PLOTS_DIR / name)
             plots.append(name)
+    if truth is not None and (truth.path / GT_PLOT).is_file():
+        shutil.copyfile(truth.path / GT_PLOT, out / PLOTS_DIR / GT_PLOT)
+        plots.append(GT_PLOT)
+    truth_rows = truth.latents.set_index("latent", drop=False) if truth is not None else None
 
     cache: dict[str, np.ndarray | ImageUnavailable] = {}
     pages, n_pictures, n_without = [], 0, 0
     for pos, j in enumerate(shown):
         prev_j = shown[pos - 1] if pos > 0 else None
         next_j = shown[pos + 1] if pos + 1 < len(shown) else None
-        page, n_pic, n_missing = _latent_page(stats, j, source, cache, out, cfg.image_px, prev_j, next_j)
+        page, n_pic, n_missing = _latent_page(stats, j, source, cache, out, cfg.image_px, prev_j, next_j,
+                                              None if truth_rows is None else truth_rows.loc[j])
         pages.append(page)
         n_pictures += n_pic
         n_without += n_missing
     index = out / "index.html"
-    why = {**{j: "frequent" for j in frequent}, **{j: "low entropy" for j in low_entropy}}
-    index.write_text(_index_html(stats, table, why, plots, problem, cfg.min_references), encoding="utf-8")
+    index.write_text(_index_html(stats, table, why, plots, problem, cfg.min_references, truth, truth_rows),
+                     encoding="utf-8")
     return Outputs(report_dir=out, index_path=index, latent_pages=tuple(pages), n_pictures=n_pictures,
                    n_without_image=n_without, image_problem=problem, seconds=time.perf_counter() - started)
 
@@ -197,6 +233,15 @@ COLUMNS = (  # (column, header, type, format)
 )
 
 
+GT_COLUMNS = (  # ground-truth columns of the latent table, when a ground-truth folder is given
+    ("best", "best value", "text", "s"),
+    ("auroc", "AUROC", "num", ".3f"),
+    ("purity", "purity", "num", ".3f"),
+    ("iou", "IoU", "num", ".3f"),
+    ("pointing", "pointing", "num", ".3f"),
+)
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is np.nan or \
         str(value) in ("<NA>", "nan")
@@ -221,15 +266,18 @@ def _head(title: str) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n")
 
 
-def _definitions(stats: LatentStats) -> str:
-    defs = stats.meta.get("definitions", files.DEFINITIONS)
+def _definitions(stats: LatentStats, truth: GroundTruthResults | None = None) -> str:
+    defs = dict(stats.meta.get("definitions", files.DEFINITIONS))
+    if truth is not None:
+        defs.update({f"ground truth: {k}": v for k, v in truth.record["definitions"].items()})
     items = "".join(f"<dt>{html.escape(k.replace('_', ' '))}</dt><dd>{html.escape(v)}</dd>" for k, v in defs.items())
     return f'<h2>Definitions</h2><dl class="defs">{items}</dl>'
 
 
 def _index_html(stats: LatentStats, table, why: dict[int, str], plots: list[str], problem: str | None,
-                min_references: int) -> str:
-    """``why`` maps each shown latent, in display order, to the reason it is shown."""
+                min_references: int, truth: GroundTruthResults | None, truth_rows) -> str:
+    """``why`` maps each shown latent, in display order, to the reason it is shown; ``truth_rows`` is
+    the ground-truth latent table indexed by latent (None without ground truth)."""
     shown = list(why)
     s, meta = stats.summary, stats.meta
     prov = meta["provenance"]
@@ -250,26 +298,67 @@ def _index_html(stats: LatentStats, table, why: dict[int, str], plots: list[str]
         parts.append('<div class="plots">' + "".join(
             f'<a href="{PLOTS_DIR}/{p}"><img src="{PLOTS_DIR}/{p}" alt="{html.escape(p)}"></a>' for p in plots)
             + "</div>")
+    if truth is not None:
+        parts.append(_groundtruth_html(truth, set(shown)))
+    dedicated = ", then each attribute value's dedicated latent" if truth is not None else ""
     parts.append(f"<h2>Shown latents ({len(shown)})</h2>"
                  '<p class="muted">The most frequent alive latents, then the lowest-entropy ones (with at least '
-                 f'{min_references} references). '
+                 f'{min_references} references){dedicated}. '
                  "Click a column header to sort (again to reverse).</p>")
     if not shown:
         parts.append("<p>No latent is alive: nothing to show.</p>")
+    columns = COLUMNS + (GT_COLUMNS if truth is not None else ())
     head = "".join(f'<th data-type="{kind}" class="{kind}">{html.escape(label)}</th>'
-                   for _, label, kind, _ in COLUMNS) + '<th data-type="text" class="text">shown for</th>'
+                   for _, label, kind, _ in columns) + '<th data-type="text" class="text">shown for</th>'
     rows = []
     by_id = table.set_index("latent", drop=False)
     for j in shown:
-        r = by_id.loc[j]
+        r = by_id.loc[j].to_dict()
+        if truth_rows is not None:
+            g = truth_rows.loc[j]
+            r.update({col: g[col] for col in ("auroc", "purity", "iou", "pointing")},
+                     best=None if _missing(g["best_value"]) else f"{g['best_attribute']}={g['best_value']}")
         cells = [_cell(r[col], kind, fmt, f"{PAGES_DIR}/{_page_name(j)}" if col == "latent" else None)
-                 for col, _, kind, fmt in COLUMNS]
+                 for col, _, kind, fmt in columns]
         cells.append(_cell(why[j], "text", "s"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     parts.append(f'<table id="latents"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(rows)
                  + "\n</tbody></table>")
-    parts.append(_definitions(stats))
+    parts.append(_definitions(stats, truth))
     parts.append(f"<script>{SORT_JS}</script></body></html>\n")
+    return "\n".join(parts)
+
+
+def _groundtruth_html(truth: GroundTruthResults, shown: set[int]) -> str:
+    """The ground-truth summary: coverage, and one row per attribute value with its best latent."""
+    rec = truth.record
+    world = rec["provenance"]["world"]
+    iou, pointing = rec["mean_iou_dedicated"], rec["mean_pointing_dedicated"]
+    parts = ["<h2>Ground truth (synthetic world)</h2>",
+             f'<p>{rec["n_values_covered"]} of {rec["n_values"]} attribute values have a dedicated latent '
+             f'(AUROC &ge; {rec["config"]["auroc_threshold"]:g}); mean IoU of the dedicated object latents '
+             f'{_fmt(iou, ".3f")}, pointing {_fmt(pointing, ".3f")}. Image-level score: '
+             f'{html.escape(rec["config"]["score"])}; {rec["n_images"]} images of the world with seed '
+             f'{world["seed"]}, {world["image_size"]} px, task {html.escape(str(world["task"]))}.</p>']
+    head = "".join(f'<th class="{"text" if i < 2 else "num"}">{h}</th>' for i, h in enumerate(
+        ("attribute", "value", "images", "best latent", "AUROC", "dedicated", "purity", "prevalence", "IoU",
+         "pointing")))
+    rows = []
+    for _, r in truth.values.iterrows():
+        j = r["best_latent"]
+        latent = "&ndash;" if _missing(j) else (f'<a href="{PAGES_DIR}/{_page_name(int(j))}">{int(j)}</a>'
+                                                if int(j) in shown else str(int(j)))
+        cells = [f'<td class="text">{html.escape(str(r["attribute"]))}</td>',
+                 f'<td class="text">{html.escape(str(r["value"]))}</td>', f"<td>{int(r['n_images'])}</td>",
+                 f"<td>{latent}</td>", f"<td>{_fmt(r['auroc'], '.3f')}</td>",
+                 f"<td>{'yes' if r['dedicated'] else 'no'}</td>", f"<td>{_fmt(r['purity'], '.3f')}</td>",
+                 f"<td>{_fmt(r['prevalence'], '.3f')}</td>", f"<td>{_fmt(r['iou'], '.3f')}</td>",
+                 f"<td>{_fmt(r['pointing'], '.3f')}</td>"]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append(f'<table id="values"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(rows)
+                 + "\n</tbody></table>")
+    parts.append('<p class="muted">Background attributes (texture, background) get no IoU or pointing: the '
+                 "object mask says nothing about them.</p>")
     return "\n".join(parts)
 
 
@@ -278,7 +367,7 @@ def _fmt(value: Any, fmt: str = ".4g") -> str:
 
 
 def _latent_page(stats: LatentStats, j: int, source: ImageSource, cache: dict, out: Path, image_px: int,
-                 prev_j: int | None, next_j: int | None) -> tuple[Path, int, int]:
+                 prev_j: int | None, next_j: int | None, truth_row=None) -> tuple[Path, int, int]:
     r = stats.row(j)
     refs = stats.references(j)
     names = stats.class_names
@@ -340,6 +429,14 @@ def _latent_page(stats: LatentStats, j: int, source: ImageSource, cache: dict, o
                           f"({_fmt(r['top_class_share'], '.2f')} of the reference weight)"),
             ("reference classes", dist_html),
             (f"tokens with f &gt; {threshold}", f"{r['n_tokens_above_threshold']} in all; most in: {counts_html}")]
+    if truth_row is not None and not _missing(truth_row["best_value"]):
+        g = truth_row
+        where = (f"IoU {_fmt(g['iou'], '.3f')}, pointing {_fmt(g['pointing'], '.3f')} over {int(g['n_localised'])} "
+                 "images" if not _missing(g["iou"]) else "no IoU (a background attribute, or never localised)")
+        rows.append(("ground truth", f"best value {html.escape(str(g['best_attribute']))}="
+                                     f"{html.escape(str(g['best_value']))}: AUROC {_fmt(g['auroc'], '.3f')}, "
+                                     f"purity {_fmt(g['purity'], '.3f')} (prevalence {_fmt(g['prevalence'], '.3f')}); "
+                                     f"{where}"))
     parts = [_head(f"Latent {j}"), "<nav>" + "".join(nav) + "</nav>", f"<h1>Latent {j}</h1>",
              '<table class="summary">' + "".join(f'<tr><th class="text">{k}</th><td class="text">{v}</td></tr>'
                                                 for k, v in rows) + "</table>",

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -11,7 +17,7 @@ from hypothesis import strategies as st
 
 from cache import schema
 from cache.check import describe, verify
-from cache.store import ActivationStore, plan_layout
+from cache.store import ActivationStore, StoreLock, plan_layout
 from pipeline.cli import main
 from pipeline.errors import UserError
 
@@ -89,3 +95,35 @@ def test_store_of_another_format_version_is_refused(tiny_store):
 def test_not_a_store(tmp_path):
     with pytest.raises(UserError, match="not an activation store"):
         ActivationStore(tmp_path)
+
+
+_HOLD_THEN_FORK = """
+import os, sys, time
+from cache.store import StoreLock
+StoreLock(sys.argv[1]).__enter__()
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_killed_writers_lock(tmp_path):
+    """DataLoader workers are forked children; after a SIGKILLed writer, its rerun must get the lock."""
+    root = Path(__file__).resolve().parents[2]
+    writer = subprocess.Popen([sys.executable, "-c", _HOLD_THEN_FORK, str(tmp_path)], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(writer.stdout.readline())
+    try:
+        with pytest.raises(UserError, match=f"being written by another process \\(pid {writer.pid}\\)"):
+            StoreLock(tmp_path).__enter__()
+        writer.kill()
+        writer.wait()
+        os.kill(child, 0)  # the child is still alive ...
+        with StoreLock(tmp_path):  # ... and the lock is free
+            pass
+    finally:
+        writer.kill()
+        os.kill(child, signal.SIGKILL)

@@ -27,6 +27,9 @@ def _sh(*cmd: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+LAYERS = (1, 3)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A git + DVC repo holding this project's stage graph, with tiny parameters, reproduced once."""
@@ -37,9 +40,12 @@ def study(tmp_path_factory):
     for name in ("pipeline", "cache", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"].update(steps=6, batch_size=16, warmup_steps=1, eval_images=40)
     params["data"]["limit"] = 48
+    params["extract"]["layers"] = list(LAYERS)
     params["sae"].update(total_tokens=20_000, batch_images=16, warmup_steps=5)
     params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
+    params["adapt"].update(shots=1, epochs=2, test_limit=40)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _sh("git", "init", "-q", cwd=repo)
     _sh("dvc", "init", "-q", cwd=repo)
@@ -51,28 +57,63 @@ def study(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_valid_outputs(study):
     repo, log = study
-    for stage in ("extract", "train", "encode", "stats", "mask", "report"):
-        assert f"Running stage '{stage}'" in log
-    assert verify(repo / "work" / "acts").ok and verify(repo / "work" / "codes").ok
-    summary = json.loads((repo / "work" / "stats-summary.json").read_text())
-    assert summary["n_latents"] == 8 * 64
-    assert (repo / "work" / "report" / "index.html").stat().st_size > 1000
-    masking = json.loads((repo / "work" / "masking-metrics.json").read_text())
-    acc = masking["accuracy"]
-    assert 0 <= acc["clip"] <= 1 and set(acc["on"]) == set(acc["off"]) == {"1", "10", "all"}
-    metrics = json.loads((repo / "work" / "sae-metrics.json").read_text())
-    assert metrics["steps"] > 0 and 0 <= metrics["fvu"] < 10 and metrics["l0"] > 0
+    assert "Running stage 'pretrain'" in log
+    for stage in ("extract", "adapt"):
+        assert f"Running stage '{stage}@synthetic'" in log
+    work = repo / "work" / "synthetic"
+    assert verify(work / "acts").ok and verify(work / "adapted-acts").ok
+    pretrain = json.loads((repo / "work" / "pretrain-metrics.json").read_text())
+    assert pretrain["steps"] == 6 and 0 <= pretrain["accuracy"] <= 1
+    adapt = json.loads((work / "adapt-metrics.json").read_text())
+    assert 0 <= adapt["adapted_accuracy"] <= 1
+    for layer in LAYERS:
+        for stage in ("train", "encode", "stats", "mask", "groundtruth", "remap", "report"):
+            assert f"Running stage '{stage}@synthetic-{layer}'" in log
+        run = work / f"layer{layer}"
+        assert verify(run / "codes").ok and verify(run / "adapted" / "codes").ok
+        assert json.loads((run / "sae" / "config.json").read_text())["layer"] == layer
+        summary = json.loads((run / "stats-summary.json").read_text())
+        assert summary["n_latents"] == 8 * 128
+        assert (run / "report" / "index.html").stat().st_size > 1000
+        masking = json.loads((run / "masking-metrics.json").read_text())
+        acc = masking["accuracy"]
+        assert 0 <= acc["clip"] <= 1 and set(acc["on"]) == set(acc["off"]) == {"1", "10", "all"}
+        metrics = json.loads((run / "sae-metrics.json").read_text())
+        assert metrics["steps"] > 0 and 0 <= metrics["fvu"] < 10 and metrics["l0"] > 0
+        groundtruth = json.loads((run / "groundtruth-metrics.json").read_text())
+        assert 0 <= groundtruth["fraction_values_covered"] <= 1 and "definitions" not in groundtruth
+        remap = json.loads((run / "remap-metrics.json").read_text())
+        assert remap["thresholds"]["tau_high"] == 0.5
     shown = _sh("dvc", "metrics", "show", "--json", cwd=repo)
-    assert "fvu" in shown
+    assert "fvu" in shown and "fraction_values_covered" in shown and "high_high" in shown
+
+
+def test_one_params_list_fans_the_study_out_over_datasets_and_layers(study):
+    repo, _ = study
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["datasets"] = ["synthetic", "eurosat"]
+    other = repo / "other"
+    other.mkdir()
+    shutil.copy(repo / "dvc.yaml", other / "dvc.yaml")
+    (other / "params.yaml").write_text(yaml.safe_dump(params))
+    listed = _sh("dvc", "stage", "list", "--name-only", cwd=other).split()
+    for dataset in ("synthetic", "eurosat"):
+        assert {f"extract@{dataset}", f"adapt@{dataset}"} <= set(listed)
+        assert {f"{stage}@{dataset}-{layer}" for stage in ("train", "mask", "remap", "report")
+                for layer in LAYERS} <= set(listed)
+    assert "pretrain" in listed and len(listed) == 1 + 2 * 2 + 2 * len(LAYERS) * 7
 
 
 def test_sae_ablation_reuses_the_activation_cache(study):
     repo, _ = study
     _sh("git", "add", "-A", cwd=repo)
     _sh("git", "commit", "-qm", "reproduced", cwd=repo)
-    acts = repo / "work" / "acts"
+    acts = repo / "work" / "synthetic" / "acts"
     before, mtime = tree_digest(acts), (acts / "zarr.json").stat().st_mtime_ns
     log = _sh("dvc", "exp", "run", "-S", "sae.expansion=4", cwd=repo)
-    assert "Running stage 'extract'" not in log and "Running stage 'train'" in log
+    for skipped in ("pretrain", "extract@synthetic", "adapt@synthetic"):
+        assert f"Running stage '{skipped}'" not in log
+    assert "Running stage 'train@synthetic-3'" in log
     assert tree_digest(acts) == before and (acts / "zarr.json").stat().st_mtime_ns == mtime
-    assert json.loads((repo / "work" / "sae" / "config.json").read_text())["d_sae"] == 4 * 64
+    sae = repo / "work" / "synthetic" / "layer3" / "sae"
+    assert json.loads((sae / "config.json").read_text())["d_sae"] == 4 * 128

@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.heatmaps import ImageSource, ImageUnavailable, model_view, render_heatmap
 from pipeline.latents import LatentStats
 from pipeline.world import SyntheticWorld, WorldConfig
-from stages import report
+from stages import groundtruth, report
 from tests.helpers import make_image_folder
 from tests.stages.test_stats import build_stores, run_stats
 
@@ -49,6 +49,13 @@ def synthetic_stats(tmp_path_factory):
         preprocess={"size": [size, size], "resize_mode": "shortest", "interpolation": "bicubic"})
     run_stats(acts, codes, tmp / "stats", plots=True)
     return tmp / "stats"
+
+
+@pytest.fixture(scope="module")
+def synthetic_groundtruth(synthetic_stats, tmp_path_factory):
+    """Ground truth of those codes: latent 1 fires on yellow circles (class 3) only."""
+    out = tmp_path_factory.mktemp("report-groundtruth") / "gt"
+    return groundtruth.run(groundtruth.Config(stats_dir=synthetic_stats, out_dir=out)).out_dir
 
 
 def test_choose_latents(synthetic_stats):
@@ -85,6 +92,25 @@ def test_report_pages_show_re_rendered_images(synthetic_stats, tmp_path):
     pixels = np.asarray(first, float)
     assert np.abs(pixels[:16, :16] - expected[:16, :16]).max() <= 1
     assert np.abs(pixels[16:32, 16:32] - expected[16:32, 16:32]).mean() > 20
+
+
+def test_report_with_ground_truth_columns_and_value_table(synthetic_stats, synthetic_groundtruth, tmp_path):
+    out = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "r", n_latents=2, n_low_entropy=1,
+                                   image_px=32, groundtruth_dir=synthetic_groundtruth))
+    index = out.index_path.read_text()
+    heads = re.findall(r'<th data-type="\w+" class="\w+">([^<]+)</th>', index)
+    assert heads[-6:] == ["best value", "AUROC", "purity", "IoU", "pointing", "shown for"]
+    values = index.split('<table id="values">')[1].split("</table>")[0]
+    assert values.count("<tr>") == 1 + 23  # header + every attribute value
+    assert "plots/groundtruth.png" in index and (tmp_path / "r" / "plots" / "groundtruth.png").is_file()
+    row = re.search(r'<tr><td class="num" data-v="1">.*?</tr>', index).group(0)
+    # circles: 5 of 20 fire, no other image: AUROC (5*80 + 15*80/2) / (20*80); all its mass is on circles
+    assert 'data-v="shape=circle"' in row and 'data-v="0.625"' in row and 'data-v="1.0"' in row
+    page = (tmp_path / "r" / "latents" / "latent_000001.html").read_text()
+    assert "best value shape=circle: AUROC 0.625, purity 1.000 (prevalence 0.200)" in page
+    plain = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "plain", n_latents=2,
+                                     n_low_entropy=1, image_px=32))
+    assert "AUROC" not in plain.index_path.read_text()
 
 
 def test_image_source_folder_with_root_override(tmp_path):
@@ -146,12 +172,13 @@ def test_report_refusals(synthetic_stats, tmp_path):
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="needs chromium and its driver: apt-get install chromium chromium-driver")
-def test_report_in_headless_chromium(synthetic_stats, tmp_path):
+def test_report_in_headless_chromium(synthetic_stats, synthetic_groundtruth, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    out = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "r", n_latents=8, n_low_entropy=2))
+    out = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "r", n_latents=8, n_low_entropy=2,
+                                   groundtruth_dir=synthetic_groundtruth))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in BROWSER_FLAGS:
@@ -187,6 +214,12 @@ def test_report_in_headless_chromium(synthetic_stats, tmp_path):
         heads[class_col].click()
         classes = column(class_col)
         assert classes == sorted(classes) and heads[freq_col].get_attribute("aria-sort") is None
+        auroc_col = names.index("AUROC")
+        heads[auroc_col].click()
+        heads[auroc_col].click()
+        auroc = [float(v) for v in column(auroc_col) if v != ""]
+        assert auroc == sorted(auroc, reverse=True) and len(auroc) == 10
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#values tbody tr")) == 23
 
         link = driver.find_element(By.CSS_SELECTOR, "#latents tbody tr td a")
         target = link.text

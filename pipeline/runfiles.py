@@ -1,0 +1,113 @@
+"""Files of resumable training runs: atomic writes, the run folder's identity, the loss-curve plot.
+
+Shared by the stages that train (pretrain, adapt): a run killed at any moment must leave
+either the old or the new version of every file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"  # the run's identity, compared on every rerun
+TRAINER_NAME = "trainer_state.pt"  # what a resume reads
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then move it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """``record`` as indented JSON, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def plot_losses(path: Path, losses: Sequence[float], title: str, *, ylabel: str, window: int) -> None:
+    """Per-step losses and their running mean over ``window`` steps, as a PNG (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="per step")
+    window = max(1, min(window, len(losses)))
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for section in new:
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return f"{section}.{key} is {a.get(key)!r} there, {b.get(key)!r} now"
+        elif a != b:
+            return f"{section} is {a!r} there, {b!r} now"
+    return "identity differs"
+
+
+def prepare_run_folder(out_dir: Path, identity: dict[str, Any], overwrite: bool, *, kind: str,
+                       our_files: Sequence[str]) -> None:
+    """Resume, refuse or replace the run in ``out_dir``; config.json holds ``identity``.
+
+    The same identity resumes. Another identity is refused unless ``overwrite`` (then
+    ``our_files`` are deleted); so is a trainer state without config.json. Files that are
+    not ours are never touched: the folder is refused.
+    """
+    config_path = out_dir / CONFIG_NAME
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in our_files and not p.name.startswith("."))
+    if foreign:
+        raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
+    if config_path.is_file():
+        try:
+            old = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        old_identity = {k: old.get(k) for k in identity}
+        if old_identity == identity:
+            return
+        if not overwrite:
+            raise UserError(f"{out_dir} holds another {kind} run ({_first_difference(old_identity, identity)}); "
+                            "rerun with its options to resume, pass --overwrite to start over, or use another --out")
+        log.info("overwriting the run in %s", out_dir)
+    elif (out_dir / TRAINER_NAME).exists() and not overwrite:
+        raise UserError(f"{out_dir} has a {TRAINER_NAME} but no {CONFIG_NAME}; pass --overwrite to start over "
+                        "or use another --out")
+    for name in our_files:
+        (out_dir / name).unlink(missing_ok=True)
+    versions = {n: importlib.metadata.version(n) for n in ("torch", "open_clip_torch", "numpy")}
+    write_json(config_path, {**identity, "versions": versions})

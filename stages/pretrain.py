@@ -1,0 +1,381 @@
+"""Pretrain a small open_clip CLIP from scratch on image–caption pairs of the synthetic world.
+
+Training: the symmetric contrastive loss of CLIP (InfoNCE over the batch in both directions,
+with the learnable logit scale, open_clip's ``ClipLoss``) on fresh pairs every step.  Step
+``s`` uses the training split's images ``s·B … (s+1)·B − 1`` and their captions
+(``SyntheticWorld.partial_caption``: a random subset of the attributes, so short zero-shot
+prompts are in distribution), so the data position is the step and nothing is ever reused.
+Captions that happen to repeat inside a batch still count as negatives (standard CLIP).
+AdamW; the learning rate rises linearly over ``warmup_steps`` then follows a cosine to 0 at
+``steps``; weight decay applies to weight matrices only (not to gains, biases, embeddings
+or the logit scale); the logit scale is clamped to at most 100 as in CLIP.
+The training world always uses the ``shape_colour`` task (it only decides which attributes
+each index's label fixes; every attribute is uniform either way), so the evaluation task
+does not change the weights.
+
+Folder ``out_dir`` (format version 1), every file written atomically (temporary file, then
+``os.replace``):
+
+- ``config.json``: ``format_version``, ``world`` (the training ``WorldConfig.to_dict()``),
+  ``training`` (model, steps, batch_size, lr, warmup_steps, weight_decay, seed) — the run's
+  identity, compared on every rerun — and package versions (informative).
+- ``trainer_state.pt``: step, model and AdamW state, torch RNG state, per-step losses,
+  cumulative training seconds; self-contained, used to resume.
+- ``model.pt``: the model's state dict, an open_clip pretrained file:
+  ``pipeline.models.load_model('tiny-clip', 'out_dir/model.pt')``.
+- ``metrics.json``, ``loss.png``: written at the end (zero-shot accuracy on the test split,
+  final loss, loss curve).
+
+Rerunning the same config resumes from the last checkpoint (weights, optimizer, RNG and data
+position), bit-identical to an uninterrupted run on the same device and thread count; a
+finished run is not retrained.  Another config in the same folder is refused unless
+``overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cache.store import StoreLock
+from pipeline import runfiles, zeroshot
+from pipeline.errors import UserError
+from pipeline.models import file_sha256, load_model, resolve_device
+from pipeline.runfiles import atomic_write, plot_losses, write_json
+from pipeline.world import TASKS, SyntheticWorld, WorldConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = runfiles.CONFIG_NAME
+TRAINER_NAME = runfiles.TRAINER_NAME
+MODEL_NAME = "model.pt"
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "loss.png"
+TRAIN_TASK = "shape_colour"  # task of the training world (see the module docstring)
+WORLDS = ("synthetic",)
+LOG_EVERY = 10  # steps between progress-bar loss updates
+FINAL_LOSS_STEPS = 10  # final loss = mean loss of this many last steps
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) to 100
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """A pretraining run; fields marked 'identity' must match to resume a folder."""
+
+    out_dir: Path  # run folder: config.json, trainer_state.pt, model.pt, metrics.json, loss.png
+    world: str = "synthetic"  # identity: source of image–caption pairs (only 'synthetic' exists)
+    seed: int = 0  # identity: world seed (train and test images) and weight-init seed
+    model: str = "tiny-clip"  # identity: open_clip model name; image size is read from it
+    steps: int = 600  # identity: optimizer steps (batch_size fresh pairs each)
+    batch_size: int = 64  # identity: image–caption pairs per step (the contrastive batch)
+    lr: float = 2e-3  # identity: peak learning rate of AdamW
+    warmup_steps: int = 30  # identity: linear warm-up steps, then cosine decay to 0 at `steps`
+    weight_decay: float = 0.1  # identity: AdamW decoupled weight decay on weight matrices
+    task: str = "shape_colour"  # evaluation: classes of the zero-shot test (a key of pipeline.world.TASKS)
+    templates: str = "world"  # evaluation: prompt set, 'world' or 'openai' (pipeline.zeroshot.TEMPLATE_SETS)
+    eval_images: int = 1000  # evaluation: test-split images for zero-shot accuracy
+    checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved)
+    device: str = "auto"  # cpu, cuda[:N] or auto
+    threads: int | None = None  # torch CPU threads during the run; None keeps torch's setting
+    workers: int = 1  # processes rendering batches ahead of the training loop (0 = in the loop)
+    overwrite: bool = False  # replace a run folder that was written with another identity
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.world not in WORLDS:
+            raise UserError(f"unknown --world '{self.world}'; choose one of: {', '.join(WORLDS)}")
+        if self.model not in open_clip.list_models():
+            raise UserError(f"unknown model '{self.model}'; register its open_clip JSON config in "
+                            "pipeline/model_configs/ (e.g. tiny-clip)")
+        for name in ("seed", "steps", "batch_size", "warmup_steps", "eval_images", "checkpoint_every", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise UserError(f"{name} must be an integer (got {value!r})")
+            object.__setattr__(self, name, int(value))
+        if self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer (got {self.seed})")
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1 (got {self.steps})")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2: a contrastive batch needs negatives (got {self.batch_size})")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive (got {self.lr})")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise UserError(f"--warmup-steps must be in [0, steps) = [0, {self.steps}) (got {self.warmup_steps})")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be 0 or more (got {self.weight_decay})")
+        if self.task not in TASKS:
+            raise UserError(f"unknown --task '{self.task}'; choose one of: {', '.join(TASKS)}")
+        if self.templates not in zeroshot.TEMPLATE_SETS:
+            raise UserError(f"unknown --templates '{self.templates}'; choose one of: "
+                            f"{', '.join(zeroshot.TEMPLATE_SETS)}")
+        if self.eval_images < 1:
+            raise UserError(f"--eval-images must be at least 1 (got {self.eval_images})")
+        if self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
+        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
+            raise UserError(f"--threads must be at least 1 (got {self.threads})")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 or more (got {self.workers})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What a run wrote, for the CLI summary and DVC."""
+
+    out_dir: Path
+    model_path: Path  # open_clip pretrained file (state dict)
+    trainer_state_path: Path
+    config_path: Path
+    metrics_path: Path
+    plot_path: Path
+    steps: int  # steps of the finished run
+    start_step: int  # step this call started from (0 = fresh, steps = nothing left to train)
+    final_loss: float  # mean contrastive loss of the last FINAL_LOSS_STEPS steps
+    accuracy: float  # zero-shot top-1 accuracy on the test split, fraction in [0, 1]
+    n_classes: int
+    train_seconds: float  # training wall time summed over every call that trained this run
+    seconds: float  # wall time of this call
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+class PairBatches(Dataset):
+    """Item ``s`` is training step ``s``'s batch: ``(images_BCHW float32 normalised, tokens_BT int64)``.
+
+    Images ``s·B … (s+1)·B − 1`` of ``world`` and their tokenised captions (``world.partial_caption``).
+    Pixels are scaled to [0, 1] and normalised with the model's mean and std, which equals
+    the model's eval transform when the world renders at the model's input size (checked in
+    the tests).
+    """
+
+    def __init__(self, world: SyntheticWorld, batch_size: int, tokenizer: Callable,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        self.world, self.batch_size, self.tokenizer = world, batch_size, tokenizer
+        self.mean_C11 = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std_C11 = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.world) // self.batch_size
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = range(step * self.batch_size, (step + 1) * self.batch_size)
+        pixels_BHW3 = np.stack([self.world.render(i)[0] for i in indices])
+        images_BCHW = torch.from_numpy(pixels_BHW3).permute(0, 3, 1, 2).float().div_(255.0)
+        images_BCHW = (images_BCHW - self.mean_C11) / self.std_C11
+        tokens_BT = self.tokenizer([self.world.partial_caption(i) for i in indices])
+        return images_BCHW, tokens_BT
+
+
+def train_world(cfg: Config, image_size: int) -> WorldConfig:
+    """The training world's config (recorded in config.json)."""
+    return WorldConfig(seed=cfg.seed, image_size=image_size, task=TRAIN_TASK)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimisation
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then cosine to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices; none on gains, biases, embeddings, logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_embedding = "embedding" in name  # token, positional and class embeddings
+        (decay if param.ndim >= 2 and not is_embedding else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def contrastive_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, images_BCHW: torch.Tensor,
+                     tokens_BT: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE of one batch, with the model's learnable logit scale."""
+    image_BE = model.encode_image(images_BCHW, normalize=True)
+    text_BE = model.encode_text(tokens_BT, normalize=True)
+    return loss_fn(image_BE, text_BE, model.logit_scale.exp())
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def _identity(cfg: Config, world: WorldConfig) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "world": world.to_dict(),
+            "training": {"model": cfg.model, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                         "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay, "seed": cfg.seed}}
+
+
+def _save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     losses: list[float], train_seconds: float) -> None:
+    """trainer_state.pt first (resume reads only it), then the exported model.pt."""
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = {"format_version": FORMAT_VERSION, "step": step, "model": weights,
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "losses": list(losses), "train_seconds": train_seconds}
+    atomic_write(out_dir / TRAINER_NAME, lambda tmp: torch.save(state, tmp))
+    atomic_write(out_dir / MODEL_NAME, lambda tmp: torch.save(weights, tmp))
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_record(cfg: Config, image_size: int, model_path: Path) -> dict[str, Any]:
+    """What a zero-shot evaluation depends on (stored in metrics.json as 'eval')."""
+    world = WorldConfig(seed=cfg.seed, image_size=image_size, task=cfg.task)
+    return {"world": world.to_dict(), "split": "test", "n_images": cfg.eval_images,
+            "templates": cfg.templates, "checkpoint_sha256": file_sha256(model_path)}
+
+
+def evaluate(cfg: Config, model_path: Path, device: str) -> dict[str, Any]:
+    """Zero-shot accuracy of the checkpoint on ``cfg.eval_images`` test-split images."""
+    loaded = load_model(cfg.model, str(model_path), device=device)
+    world = WorldConfig(seed=cfg.seed, image_size=loaded.image_size, task=cfg.task)
+    images = SyntheticWorld(world, n_images=cfg.eval_images, split="test", transform=loaded.preprocess)
+    templates = zeroshot.TEMPLATE_SETS[cfg.templates]
+    accuracy = zeroshot.zero_shot_accuracy(loaded, images, images.class_names, templates, batch_size=256)
+    return {"accuracy": accuracy, "n_classes": images.n_classes, "chance": 1.0 / images.n_classes,
+            "eval": eval_record(cfg, loaded.image_size, model_path)}
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: Config) -> Outputs:
+    """Train (or finish training) the run in ``cfg.out_dir``, then evaluate it zero-shot."""
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        with StoreLock(cfg.out_dir):
+            return _run_locked(cfg, device, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
+    out_dir = cfg.out_dir
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = open_clip.create_model(cfg.model, pretrained=None)
+    model = model.to(device).train()
+    image_size = int(model.visual.image_size[0])
+    world = train_world(cfg, image_size)
+    identity = _identity(cfg, world)
+    runfiles.prepare_run_folder(out_dir, identity, cfg.overwrite, kind="pretraining",
+                                our_files=(TRAINER_NAME, MODEL_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME))
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    start_step, losses, train_seconds = 0, [], 0.0
+    rng_state = torch.get_rng_state()
+    trainer_path = out_dir / TRAINER_NAME
+    if trainer_path.is_file():
+        state = torch.load(trainer_path, map_location=device, weights_only=True)
+        if state.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{trainer_path} has format version {state.get('format_version')}, this code "
+                            f"writes {FORMAT_VERSION}; pass --overwrite to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, losses, train_seconds = int(state["step"]), list(state["losses"]), float(state["train_seconds"])
+        rng_state = state["torch_rng"].cpu()
+        log.info("resuming %s from step %d of %d", out_dir, start_step, cfg.steps)
+    torch.set_rng_state(rng_state)
+
+    if start_step < cfg.steps:
+        train_seconds = _train(cfg, model, optimizer, world, device, start_step, losses, train_seconds)
+    else:
+        log.info("%s: training already finished (%d steps)", out_dir, cfg.steps)
+    del model, optimizer
+
+    metrics_path = out_dir / METRICS_NAME
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    final_loss = float(np.mean(losses[-FINAL_LOSS_STEPS:]))
+    if start_step < cfg.steps or metrics.get("eval") != eval_record(cfg, image_size, out_dir / MODEL_NAME):
+        eval_started = time.perf_counter()
+        result = evaluate(cfg, out_dir / MODEL_NAME, device)
+        eval_seconds = time.perf_counter() - eval_started
+        metrics = {"accuracy": result["accuracy"], "n_classes": result["n_classes"], "chance": result["chance"],
+                   "final_loss": final_loss, "first_loss": losses[0], "steps": cfg.steps,
+                   "images_seen": cfg.steps * cfg.batch_size, "seconds": train_seconds + eval_seconds,
+                   "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                   "threads": torch.get_num_threads(), "device": device, "eval": result["eval"]}
+        write_json(metrics_path, metrics)
+        plot_losses(out_dir / PLOT_NAME, losses,
+                    f"{cfg.model} on the synthetic world: batch {cfg.batch_size}, lr {cfg.lr:g}, "
+                    f"zero-shot {100 * result['accuracy']:.1f}%", ylabel="contrastive loss", window=FINAL_LOSS_STEPS)
+    log.info("zero-shot accuracy %.1f%% on %d test images (%d classes, chance %.1f%%)",
+             100 * metrics["accuracy"], cfg.eval_images, metrics["n_classes"], 100 * metrics["chance"])
+    return Outputs(out_dir=out_dir, model_path=out_dir / MODEL_NAME, trainer_state_path=trainer_path,
+                   config_path=out_dir / CONFIG_NAME, metrics_path=metrics_path, plot_path=out_dir / PLOT_NAME,
+                   steps=cfg.steps, start_step=start_step, final_loss=final_loss,
+                   accuracy=float(metrics["accuracy"]), n_classes=int(metrics["n_classes"]),
+                   train_seconds=train_seconds, seconds=time.perf_counter() - started)
+
+
+def _train(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: WorldConfig,
+           device: str, start_step: int, losses: list[float], train_seconds: float) -> float:
+    """Steps ``start_step … cfg.steps − 1``; appends to ``losses``; returns cumulative seconds."""
+    mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+    pairs = PairBatches(SyntheticWorld(world, n_images=cfg.steps * cfg.batch_size, split="train"),
+                        cfg.batch_size, open_clip.get_tokenizer(cfg.model), mean, std)
+    loader = DataLoader(pairs, batch_size=None, sampler=range(start_step, cfg.steps),
+                        num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
+    loss_fn = open_clip.ClipLoss()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"pretrain {cfg.model}", unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
+    pending: list[torch.Tensor] = []  # detached losses not yet turned into floats
+    resumed = time.perf_counter()
+    step = start_step
+    for images_BCHW, tokens_BT in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = contrastive_loss(model, loss_fn, images_BCHW.to(device), tokens_BT.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        pending.append(loss.detach())
+        step += 1
+        bar.update(1)
+        if step % LOG_EVERY == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+            if not math.isfinite(losses[-1]):
+                raise UserError(f"the contrastive loss became {losses[-1]} at step {step}; lower --lr "
+                                "(the last checkpoint is kept)")
+            bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.3f}", lr=f"{lr_at(step - 1, cfg):.2g}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            elapsed = train_seconds + time.perf_counter() - resumed
+            _save_checkpoint(cfg.out_dir, model, optimizer, step, losses, elapsed)
+            log.debug("checkpoint at step %d", step)
+    bar.close()
+    return train_seconds + time.perf_counter() - resumed
+
+
+__all__ = ["Config", "Outputs", "run", "PairBatches", "lr_at", "contrastive_loss", "evaluate", "eval_record", "train_world"]

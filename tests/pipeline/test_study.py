@@ -1,0 +1,50 @@
+"""`pipeline run-stage`: which instance of the study a call names, and what it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline import study
+from pipeline.cli import main
+from tests.helpers import assert_one_line_error
+
+PARAMS = "data:\n  datasets: [synthetic]\nextract:\n  layers: [1, 3]\n"
+
+
+def _run_stage(tmp_path: Path, params: str, *args: str) -> tuple[int, str]:
+    path = tmp_path / "params.yaml"
+    path.write_text(params)
+    result = CliRunner().invoke(main, ["run-stage", *args, "--params", str(path)])
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("train",), "stage 'train' needs --dataset"),
+    (("train", "--dataset", "eurosat", "--layer", "3"), "dataset 'eurosat' is not in data.datasets (synthetic)"),
+    (("train", "--dataset", "synthetic", "--layer", "2"), "layer 2 is not in extract.layers (1, 3)"),
+    (("stats", "--dataset", "synthetic"), "this stage needs --layer"),
+])
+def test_a_stage_instance_must_be_one_of_the_study(tmp_path, args, needle):
+    assert_one_line_error(*_run_stage(tmp_path, PARAMS, *args), needle)
+
+
+def test_unknown_keys_are_refused_by_name(tmp_path):
+    code, output = _run_stage(tmp_path, PARAMS + "remap:\n  tau_hi: 0.5\n", "remap", "--dataset", "synthetic",
+                              "--layer", "3")
+    assert_one_line_error(code, output, "unknown key 'tau_hi' in section 'remap'")
+
+
+def test_each_instance_has_its_own_folders():
+    a, b = study.Paths("synthetic", 1), study.Paths("eurosat", 1)
+    assert a.acts == Path("work/synthetic/acts") and a.sae == Path("work/synthetic/layer1/sae")
+    assert b.adapted == Path("work/eurosat/layer1/adapted") and b.adapted_acts == Path("work/eurosat/adapted-acts")
+    assert len({a.sae, b.sae, study.Paths("synthetic", 3).sae}) == 3
+
+
+def test_dvc_metrics_copies_keep_the_numbers_only():
+    record = {"accuracy": 0.5, "n": 3, "ok": True, "name": "x", "ks": [1, 2],
+              "eval": {"world": {"seed": 0, "task": "shape"}, "split": "test"}, "none": None}
+    assert study._numbers(record) == {"accuracy": 0.5, "n": 3, "eval": {"world": {"seed": 0}}}

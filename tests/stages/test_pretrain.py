@@ -1,0 +1,234 @@
+"""Pretraining a tiny CLIP on the synthetic world: learning, resume, refusals, checkpoint loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.models import load_model
+from pipeline.world import SyntheticWorld, WorldConfig
+from stages import pretrain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A short run that learns something: seed 0 reached 0.195 zero-shot (loss 4.2 -> 2.25).
+SHORT_RUN = dict(steps=60, batch_size=64, warmup_steps=5, eval_images=200)
+SHORT_RUN_MIN_ACCURACY = 0.12  # zero-shot, 20 classes (chance 0.05)
+
+
+def make_pretrain_config(out_dir: Path, **overrides) -> pretrain.Config:
+    """A fast config: CPU, 2 threads, no progress bar; override anything."""
+    base = dict(out_dir=out_dir, device="cpu", threads=2, progress=False, checkpoint_every=1000)
+    base.update(overrides)
+    return pretrain.Config(**base)
+
+
+def _tiny(out_dir: Path, **overrides) -> pretrain.Config:
+    """A few steps of a small batch: for file-format, resume and refusal tests."""
+    base = dict(steps=6, batch_size=16, warmup_steps=2, eval_images=20, workers=0)
+    base.update(overrides)
+    return make_pretrain_config(out_dir, **base)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> pretrain.Outputs:
+    return pretrain.run(make_pretrain_config(tmp_path_factory.mktemp("short") / "run", **SHORT_RUN))
+
+
+def test_short_run_lowers_the_loss_and_beats_chance(short_run):
+    state = torch.load(short_run.trainer_state_path, weights_only=True)
+    losses = state["losses"]
+    assert state["step"] == len(losses) == SHORT_RUN["steps"]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+    assert short_run.final_loss == pytest.approx(np.mean(losses[-10:]))
+    assert short_run.n_classes == 20
+    assert short_run.accuracy >= SHORT_RUN_MIN_ACCURACY
+
+
+def test_run_folder_contents(short_run):
+    out = short_run.out_dir
+    assert {p.name for p in out.iterdir()} >= {"config.json", "trainer_state.pt", "model.pt", "metrics.json",
+                                              "loss.png"}
+    assert not list(out.glob("*.tmp"))
+    config = json.loads(short_run.config_path.read_text())
+    assert config["format_version"] == pretrain.FORMAT_VERSION
+    assert config["world"] == WorldConfig(seed=0, image_size=32, task="shape_colour").to_dict()
+    assert config["training"]["batch_size"] == 64 and config["training"]["model"] == "tiny-clip"
+    metrics = json.loads(short_run.metrics_path.read_text())
+    assert metrics["accuracy"] == short_run.accuracy and metrics["steps"] == 60
+    assert metrics["eval"]["split"] == "test" and metrics["eval"]["n_images"] == 200
+    assert metrics["seconds"] >= metrics["train_seconds"] > 0
+    assert short_run.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_loads_by_name_and_gives_the_trained_features(short_run):
+    state = torch.load(short_run.trainer_state_path, weights_only=True)
+    in_memory = open_clip.create_model("tiny-clip")
+    in_memory.load_state_dict(state["model"])
+    in_memory.eval()
+    loaded = load_model("tiny-clip", str(short_run.model_path))
+    assert loaded.checkpoint_sha256 is not None
+    world = SyntheticWorld(WorldConfig(seed=5), n_images=8, split="test", transform=loaded.preprocess)
+    images = torch.stack([world[i][0] for i in range(8)])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model.encode_image(images), in_memory.encode_image(images))
+        tokens = open_clip.get_tokenizer("tiny-clip")(["a photo of a red circle."])
+        assert torch.equal(loaded.model.encode_text(tokens), in_memory.encode_text(tokens))
+
+
+def test_rerun_of_a_finished_run_does_not_train_again(short_run):
+    cfg = make_pretrain_config(short_run.out_dir, **SHORT_RUN)
+    before = short_run.model_path.stat().st_mtime_ns
+    again = pretrain.run(cfg)
+    assert again.start_step == again.steps == 60
+    assert again.accuracy == short_run.accuracy
+    assert short_run.model_path.stat().st_mtime_ns == before
+
+
+def test_training_batches_match_the_eval_transform_and_are_deterministic():
+    model = load_model("tiny-clip", "none")
+    world = SyntheticWorld(WorldConfig(seed=1), n_images=64, split="train")
+    mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+    pairs = pretrain.PairBatches(world, 16, open_clip.get_tokenizer("tiny-clip"), mean, std)
+    images_BCHW, tokens_BT = pairs[2]
+    reference = torch.stack([model.preprocess(world[i][0]) for i in range(32, 48)])
+    torch.testing.assert_close(images_BCHW, reference, rtol=0, atol=1e-6)
+    assert tokens_BT.shape == (16, 32) and tokens_BT.dtype == torch.int64
+    assert torch.equal(pairs[2][1], tokens_BT) and len(pairs) == 4
+    assert torch.equal(tokens_BT, open_clip.get_tokenizer("tiny-clip")([world.partial_caption(i) for i in range(32, 48)]))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = _tiny(Path("unused"), steps=100, warmup_steps=10, lr=1e-3)
+    lrs = [pretrain.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert 0 < lrs[-1] < 1e-5
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole = pretrain.run(_tiny(tmp_path / "whole", checkpoint_every=2, workers=1))
+    real_lr_at = pretrain.lr_at
+
+    def crash_at_step_5(step, cfg):
+        if step == 5:
+            raise _Killed
+        return real_lr_at(step, cfg)
+
+    cfg = _tiny(tmp_path / "crashed", checkpoint_every=2)
+    monkeypatch.setattr(pretrain, "lr_at", crash_at_step_5)
+    with pytest.raises(_Killed):
+        pretrain.run(cfg)
+    monkeypatch.setattr(pretrain, "lr_at", real_lr_at)
+    assert torch.load(tmp_path / "crashed" / "trainer_state.pt", weights_only=True)["step"] == 4
+    assert not (tmp_path / "crashed" / "metrics.json").exists()
+    resumed = pretrain.run(cfg)
+    assert resumed.start_step == 4 and whole.start_step == 0
+    a, b = _weights(whole.model_path), _weights(resumed.model_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _weights(whole.trainer_state_path), _weights(resumed.trainer_state_path)
+    assert sa["losses"] == sb["losses"]
+    assert all(torch.equal(x, y) for x, y in zip(sa["optimizer"]["state"][0].values(),
+                                                  sb["optimizer"]["state"][0].values()))
+    assert resumed.accuracy == whole.accuracy
+
+
+def test_another_config_in_the_same_folder_is_refused(tmp_path):
+    first = pretrain.run(_tiny(tmp_path / "run", steps=3))
+    with pytest.raises(UserError, match=r"holds another pretraining run \(training.lr is 0.002 there, 0.001 now\)"):
+        pretrain.run(_tiny(tmp_path / "run", steps=3, lr=1e-3))
+    with pytest.raises(UserError, match="world.seed"):
+        pretrain.run(_tiny(tmp_path / "run", steps=3, seed=1))
+    assert json.loads(first.config_path.read_text())["training"]["lr"] == 0.002
+    # evaluation-only options are not part of the identity: a new evaluation, no retraining
+    other_eval = pretrain.run(_tiny(tmp_path / "run", steps=3, eval_images=10, templates="openai"))
+    assert other_eval.start_step == 3
+    assert json.loads(first.metrics_path.read_text())["eval"]["templates"] == "openai"
+    replaced = pretrain.run(_tiny(tmp_path / "run", steps=3, lr=1e-3, overwrite=True))
+    assert replaced.start_step == 0
+    assert json.loads(replaced.config_path.read_text())["training"]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"batch_size": 1}, "--batch-size must be at least 2"),
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"warmup_steps": 6}, "--warmup-steps must be in [0, steps)"),
+    ({"world": "imagenet"}, "unknown --world 'imagenet'"),
+    ({"model": "tiny-clipp"}, "unknown model 'tiny-clipp'"),
+    ({"task": "nope"}, "unknown --task 'nope'"),
+    ({"templates": "mine"}, "unknown --templates 'mine'"),
+])
+def test_bad_config_values_are_user_errors(tmp_path, overrides, needle):
+    with pytest.raises(UserError) as err:
+        _tiny(tmp_path, **overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_defaults_match_the_stage_config():
+    command = main.commands["pretrain"]
+    fields = {f.name: f for f in dataclasses.fields(pretrain.Config)}
+    ctx = click.Context(command)
+    for param in command.params:
+        if param.name in fields and fields[param.name].default is not dataclasses.MISSING:
+            assert param.get_default(ctx) == fields[param.name].default, param.name
+
+
+def test_cli_refusal_is_one_line(tmp_path):
+    args = ["pretrain", "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "16", "--warmup-steps", "1",
+            "--eval-images", "10", "--device", "cpu", "--workers", "0", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "zero-shot accuracy" in result.output and "model.pt" in result.output
+    result = CliRunner().invoke(main, args[:-1] + ["--lr", "0.01", "--no-progress"])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--overwrite" in errors[0]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.cli", "pretrain", "--world", "synthetic", "--out", str(out),
+           "--steps", "40", "--batch-size", "32", "--warmup-steps", "2", "--checkpoint-every", "4",
+           "--eval-images", "40", "--device", "cpu", "--threads", "2", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    state_path = out / "trainer_state.pt"
+    while not state_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state_path, weights_only=True)["step"]
+    assert 0 < killed_at < 40 and not (out / "metrics.json").exists()
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed_at = [line for line in rerun.stderr.splitlines() if "resuming" in line]
+    assert len(resumed_at) == 1 and f"from step {killed_at} of 40" in resumed_at[0], rerun.stderr
+    assert torch.load(state_path, weights_only=True)["step"] == 40
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 40
+    assert "trained 40 steps" in rerun.stdout
