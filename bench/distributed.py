@@ -19,8 +19,9 @@ from pathlib import Path
 
 from _util import peak_rss_mb
 
-# This file's folder is first on sys.path and its name shadows the dask.distributed package.
-sys.path.remove(str(Path(__file__).resolve().parent))
+# This file's folder is first on sys.path and its name would shadow the dask.distributed
+# package: move it last (worker processes inherit this sys.path and still find _util).
+sys.path.append(sys.path.pop(sys.path.index(str(Path(__file__).resolve().parent))))
 
 from stages import extract  # noqa: E402
 
