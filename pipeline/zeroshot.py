@@ -212,3 +212,29 @@ def zero_shot_accuracy(model: LoadedModel, dataset: Dataset, class_names: Sequen
         predicted_B = zero_shot_logits(features_BE, W_CE).argmax(dim=-1).cpu()
         n_correct += (predicted_B == labels_B).sum()
     return int(n_correct) / len(dataset)
+
+
+def warn_if_world_differs(pretrained: str, dataset: str, seed: int, image_size: int) -> bool:
+    """Warn when zero-shot on the synthetic world uses a model pretrained on another world.
+
+    A checkpoint of ``pipeline pretrain`` sits beside the config.json that records its world;
+    a different seed, image size, renderer or held-out list means the prompts may name
+    concepts the model never saw. Returns whether it warned.
+    """
+    config_path = Path(pretrained).parent / "config.json"
+    if dataset != "synthetic" or not Path(pretrained).is_file() or not config_path.is_file():
+        return False
+    from pipeline.world import WorldConfig
+
+    try:
+        trained = dict(json.loads(config_path.read_text())["world"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return False
+    ours = WorldConfig(seed=seed, image_size=image_size).to_dict()
+    differ = [k for k in sorted(set(trained) | set(ours)) if k != "task" and trained.get(k) != ours.get(k)]
+    if differ:
+        log.warning("zero-shot on a synthetic world that differs from the one %s was pretrained on (%s); "
+                    "its prompts may name concepts it never saw: extract with the pretraining world's settings",
+                    pretrained, ", ".join(f"{k} {trained.get(k)!r} there, {ours.get(k)!r} here" for k in differ))
+    return bool(differ)
+

@@ -449,6 +449,7 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
 
     ``names`` are the class names as the prompts say them (both zero-shot heads use them).
     """
+    zeroshot.warn_if_world_differs(model.pretrained, cfg.dataset, cfg.seed, model.image_size)
     W_CE = zeroshot.cached_text_classifier(model, names, zeroshot.TEMPLATE_SETS[cfg.template_set])
     adapted_CE = adapted.encode_text(names, normalize=True).float()
     shot_feats, shot_labels = _base_features(model, _Images(train.dataset, shot_rows), cfg.eval_batch_size,

@@ -662,6 +662,7 @@ def run(cfg: Config) -> Outputs:
 
     head_info: dict[str, Any]
     if head_kind == "zeroshot":
+        zeroshot.warn_if_world_differs(model.pretrained, data["dataset"], data["seed"], model.image_size)
         head, head_info = (zero_shot_head(cfg, model, class_names, data["dataset"]) if adapted is None
                            else adapted_head(cfg, adapted, class_names))
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -169,3 +171,21 @@ def test_dataset_template_sets():
 
     assert TEMPLATE_SETS["eurosat"] == ("a centered satellite photo of {}.",)
     assert all("{}" in t for templates in DATASET_TEMPLATES.values() for t in templates)
+
+
+def test_zero_shot_on_another_world_than_the_pretraining_one_warns(tmp_path, caplog):
+    run = tmp_path / "tiny-clip"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")
+    held_out = WorldConfig(seed=0, image_size=32, held_out=(("texture", "checker"),))
+    (run / "config.json").write_text(json.dumps({"world": held_out.to_dict()}))
+    with caplog.at_level(logging.WARNING, logger="pipeline.zeroshot"):
+        assert zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 0, 32)
+    warning = [r.getMessage() for r in caplog.records]
+    assert len(warning) == 1 and "held_out [['texture', 'checker']] there, [] here" in warning[0]
+    caplog.clear()
+    (run / "config.json").write_text(json.dumps({"world": WorldConfig(seed=0, image_size=32, task="shape").to_dict()}))
+    assert not zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 0, 32)  # the task does not matter
+    assert zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 1, 32)  # another seed does
+    assert not zeroshot.warn_if_world_differs(str(run / "model.pt"), "eurosat", 1, 32)
+    assert not zeroshot.warn_if_world_differs("openai", "synthetic", 1, 32)
