@@ -86,11 +86,14 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+NOT_METRICS = ("definitions", "provenance", "config", "per_class", "checks")  # stay in the stage's own file
+
+
 def _numbers(record: Any) -> Any:
     """The numbers of a JSON record, nesting kept: what `dvc metrics show` should tabulate
-    (definitions, provenance and lists stay in the stage's own file)."""
+    (definitions, provenance, settings, per-class detail and lists stay in the stage's own file)."""
     if isinstance(record, dict):
-        kept = {k: _numbers(v) for k, v in record.items()}
+        kept = {k: _numbers(v) for k, v in record.items() if k not in NOT_METRICS}
         return {k: v for k, v in kept.items() if v is not None and v != {}}
     if isinstance(record, (int, float)) and not isinstance(record, bool):
         return record
@@ -141,7 +144,7 @@ def train(params: dict[str, Any], paths: Paths) -> str:
     sae = section(params, "sae", _fields(stage.Config, "cache_dir", "out_dir", "overwrite", "progress", "layer"))
     out = stage.run(stage.Config(cache_dir=paths.acts, out_dir=paths.sae, layer=paths.layer, overwrite=True,
                                  progress=False, **sae))
-    _copy(out.metrics_path, paths.run / "sae-metrics.json")
+    _copy_metrics(out.metrics_path, paths.run / "sae-metrics.json")
     _copy(out.sae_dir / "history.json", paths.run / "sae-history.json")
     return f"train: {out.steps} steps, FVU {out.metrics['fvu']:.4f}, L0 {out.metrics['l0']:.1f} -> {out.sae_dir}"
 
@@ -160,7 +163,7 @@ def stats(params: dict[str, Any], paths: Paths) -> str:
 
     st = section(params, "stats", ("top_k", "threshold", "scheduler", "n_workers"))
     out = stage.run(stage.Config(codes_dir=paths.codes, cache_dir=paths.acts, out_dir=paths.stats, **st))
-    _copy(out.summary_path, paths.run / "stats-summary.json")
+    _copy_metrics(out.summary_path, paths.run / "stats-summary.json")
     return f"stats: {out.n_latents} latents, {out.n_dead} dead -> {out.stats_dir}"
 
 
@@ -174,7 +177,7 @@ def mask(params: dict[str, Any], paths: Paths) -> str:
 
     out = stage.run(stage.Config(cache_dir=paths.acts, sae_dir=paths.sae, stats_dir=paths.stats,
                                  out_dir=paths.masking, progress=False, **_model(params), **_mask_settings(params)))
-    _copy(out.results_path, paths.run / "masking-metrics.json")
+    _copy_metrics(out.results_path, paths.run / "masking-metrics.json")
     _copy(out.plot_path, paths.run / "masking-accuracy_vs_k.png")
     return f"mask: plain CLIP {out.clip_accuracy:.4f}, SAE all on {out.sae_all_on_accuracy:.4f} -> {out.out_dir}"
 

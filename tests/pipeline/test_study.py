@@ -46,5 +46,6 @@ def test_each_instance_has_its_own_folders():
 
 def test_dvc_metrics_copies_keep_the_numbers_only():
     record = {"accuracy": 0.5, "n": 3, "ok": True, "name": "x", "ks": [1, 2],
-              "eval": {"world": {"seed": 0, "task": "shape"}, "split": "test"}, "none": None}
+              "eval": {"world": {"seed": 0, "task": "shape"}, "split": "test"}, "none": None,
+              "provenance": {"layer": 3}, "config": {"k": 1}, "per_class": {"cat": {"high_high": 1.0}}}
     assert study._numbers(record) == {"accuracy": 0.5, "n": 3, "eval": {"world": {"seed": 0}}}
