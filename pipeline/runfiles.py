@@ -68,6 +68,36 @@ def plot_losses(path: Path, losses: Sequence[float], title: str, *, ylabel: str,
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def refuse_foreign_files(out_dir: Path, our_files: Sequence[str], *, ignore_hidden: bool = False) -> None:
+    """A stage's output folder may hold only the stage's own files: anything else is refused, never touched.
+
+    ``ignore_hidden`` lets a run folder keep its lock file and temporary files of atomic writes.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; choose a folder for --out")
+    if out_dir.exists():
+        foreign = sorted(p.name for p in out_dir.iterdir()
+                         if p.name not in our_files and not (ignore_hidden and p.name.startswith(".")))
+        if foreign:
+            raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
+
+
+def run_locked(out_dir: Path, threads: int | None, work: Callable[[], Any]) -> Any:
+    """``work()`` holding ``out_dir``'s writer lock, with ``threads`` torch CPU threads (restored after)."""
+    import torch
+
+    from cache.store import StoreLock
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        with StoreLock(out_dir):
+            return work()
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     for section in new:
         a, b = old.get(section), new.get(section)
@@ -89,9 +119,7 @@ def prepare_run_folder(out_dir: Path, identity: dict[str, Any], overwrite: bool,
     not ours are never touched: the folder is refused.
     """
     config_path = out_dir / CONFIG_NAME
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in our_files and not p.name.startswith("."))
-    if foreign:
-        raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
+    refuse_foreign_files(out_dir, our_files, ignore_hidden=True)
     if config_path.is_file():
         try:
             old = json.loads(config_path.read_text())

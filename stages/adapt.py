@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache.store import StoreLock
 from pipeline import maple, runfiles, zeroshot
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
 from pipeline.errors import UserError
@@ -265,14 +264,7 @@ def run(cfg: Config) -> Outputs:
     """Train (or finish training, or load) the prompts in ``cfg.out_dir``, then evaluate base vs adapted."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    previous_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        with StoreLock(cfg.out_dir):
-            return _run_locked(cfg, device, started)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return runfiles.run_locked(cfg.out_dir, cfg.threads, lambda: _run_locked(cfg, device, started))
 
 
 def _open_data(cfg: Config, model: LoadedModel) -> tuple[ImageSet, np.ndarray, ImageSet]:

@@ -26,6 +26,7 @@ from cache import schema
 from cache.codes import CodeStore
 from cache.store import ActivationStore
 from pipeline import groundtruth as gt
+from pipeline import runfiles
 from pipeline.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 from pipeline.world import SyntheticWorld, object_coverage
@@ -85,12 +86,7 @@ OUR_FILES = (gt.GROUNDTRUTH_FILE, gt.LATENTS_FILE, gt.VALUES_FILE, gt.PLOT_FILE)
 
 
 def _prepare_out_dir(out_dir: Path, *, check_only: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; choose a folder for --out")
-    if out_dir.exists():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUR_FILES)
-        if foreign:
-            raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
+    runfiles.refuse_foreign_files(out_dir, OUR_FILES)
     if not check_only:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in OUR_FILES:  # groundtruth.json first: the folder is incomplete until it is rewritten

@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from cache import schema
 from cache.store import ActivationStore
-from pipeline import maple, splice, zeroshot
+from pipeline import maple, runfiles, splice, zeroshot
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.errors import UserError
 from pipeline.latents import LatentStats, json_safe
@@ -606,7 +606,7 @@ def run(cfg: Config) -> Outputs:
     check_stats(stats, sae, weights_sha, layer, cfg.sae_dir)
     d_sae = sae.config.d_sae
     check_ks(cfg.ks, d_sae)
-    _check_out_dir(cfg.out_dir)
+    runfiles.refuse_foreign_files(cfg.out_dir, OUR_FILES)
 
     store = _open_store(cfg, layer, model_name, pretrained) if cfg.cache_dir is not None else None
     data = _resolve_data(cfg, store)
@@ -879,15 +879,6 @@ def _write_per_class(path: Path, variants: list[Variant], correct_VC: np.ndarray
                 n = int(totals_C[c])
                 acc = "" if n == 0 else f"{correct_C[c] / n:.6g}"
                 w.writerow([key, family, mode, k, seed, err, c, name, n, int(correct_C[c]), acc])
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; choose a folder for --out")
-    if out_dir.exists():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUR_FILES)
-        if foreign:
-            raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
 
 
 def _plot(path: Path, cfg: Config, acc: dict[str, Any], d_sae: int, chance: float, *, title: str) -> Path:

@@ -49,7 +49,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache.store import StoreLock
 from pipeline import runfiles, zeroshot
 from pipeline.errors import UserError
 from pipeline.models import file_sha256, load_model, resolve_device
@@ -268,14 +267,7 @@ def run(cfg: Config) -> Outputs:
     """Train (or finish training) the run in ``cfg.out_dir``, then evaluate it zero-shot."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    previous_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        with StoreLock(cfg.out_dir):
-            return _run_locked(cfg, device, started)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return runfiles.run_locked(cfg.out_dir, cfg.threads, lambda: _run_locked(cfg, device, started))
 
 
 def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
