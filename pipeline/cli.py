@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -41,6 +42,16 @@ class _Group(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+
+
+def _world_options(command: Callable) -> Callable:
+    """--task and --allow-held-out: the synthetic world's classes (extract, adapt)."""
+    command = click.option("--allow-held-out", is_flag=True,
+                           help="Synthetic dataset only: allow values the model's pretraining held out (its "
+                                "config.json says which), e.g. for a concept-addition test.")(command)
+    return click.option("--task", "synthetic_task", default="shape_colour", show_default=True,
+                        help="Synthetic dataset only: which attributes make the classes (shape_colour, shape, "
+                             "colour, size, texture, background).")(command)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -87,6 +98,7 @@ def main(verbose: bool) -> None:
 @click.option("--adapter", type=click.Path(path_type=Path),
               help="MaPLe adapter folder (pipeline adapt --out): store the adapted model's activations "
                    "(the base model's token positions; the vision prompt tokens are dropped).")
+@_world_options
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def extract(no_progress: bool, cluster: str | None, scheduler: str | None, **options: object) -> None:
     """Stream patch-token activations of chosen blocks into a resumable Zarr store.
@@ -439,6 +451,33 @@ def remap(no_plots: bool, **options: object) -> None:
     click.echo(f"-> {out.results_path}, {out.table_path}" + (f", {out.plot_path}" if out.plot_path else ""))
 
 
+@main.command("concept-addition")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Experiment folder to create or resume (pretrain/, <task>/, concept.json, concept.md, concept.png).")
+@click.option("--params", default="params.yaml", show_default=True, type=click.Path(path_type=Path),
+              help="Study settings (sections pretrain, data, extract, sae, encode, stats, adapt, remap).")
+@click.option("--held-out", multiple=True, default=("texture=checker",), show_default=True, metavar="ATTR=VALUE",
+              help="Attribute value pretraining never shows (repeatable).")
+@click.option("--task", default="texture", show_default=True,
+              help="Downstream task whose classes need a held-out value.")
+@click.option("--control", default="background", show_default=True,
+              help="Downstream task built from seen values only.")
+@click.option("--layer", type=int, help="Block whose SAE is compared (default: the first of extract.layers).")
+def concept_addition(**options: object) -> None:
+    """Can adaptation add a concept pretraining never showed? Pretrain a tiny CLIP without the
+    held-out value, then adapt it to a task that needs that value and to a control task, and
+    compare their remap tables: new concepts show as low->high latents of the held-out class.
+
+    Rerunning the same command resumes; finished steps are skipped.
+    """
+    from stages import concept as stage
+
+    out = stage.run(stage.Config(**options))
+    for line in out.table_lines:
+        click.echo(line)
+    click.echo(f"-> {out.results_path}, {out.table_path}, {out.plot_path} ({out.seconds:.0f} s)")
+
+
 @main.command("run-stage")
 @click.argument("name", type=click.Choice(["pretrain", "extract", "adapt", "train", "encode", "stats", "mask",
                                            "groundtruth", "remap", "report"]))
@@ -491,6 +530,8 @@ def import_(class_names: str, **options: object) -> None:
 @click.option("--warmup-steps", default=30, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay on weight matrices.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the world's images and of the initial weights.")
+@click.option("--held-out", multiple=True, metavar="ATTR=VALUE",
+              help="Never show this attribute value in pretraining (repeatable), e.g. texture=checker.")
 @click.option("--task", default="shape_colour", show_default=True, help="Classes of the zero-shot evaluation.")
 @click.option("--templates", default="world", show_default=True, type=click.Choice(["world", "openai"]),
               help="Prompt templates of the zero-shot evaluation.")
@@ -533,8 +574,6 @@ def pretrain(no_progress: bool, **options: object) -> None:
 @click.option("--train-split", default="train", show_default=True, help="Split the few-shot images come from.")
 @click.option("--test-split", default="test", show_default=True, help="Split the accuracies are measured on.")
 @click.option("--test-limit", type=int, help="Seeded subset of the test split (default: all of it).")
-@click.option("--task", "synthetic_task", default="shape_colour", show_default=True,
-              help="Synthetic dataset only: which attributes make the classes.")
 @click.option("--n-ctx", default=2, show_default=True, help="Learnable context tokens per prompted layer.")
 @click.option("--depth", default=9, show_default=True, help="Prompted layers of each tower (layer 0 included).")
 @click.option("--ctx-init", default="a photo of a", show_default=True,
@@ -557,6 +596,7 @@ def pretrain(no_progress: bool, **options: object) -> None:
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting).")
 @click.option("--workers", default=0, show_default=True, help="Image-decoding processes (0 = main process).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter folder written with other settings.")
+@_world_options
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def adapt(ctx_init: str, no_progress: bool, **options: object) -> None:
     """Adapt a frozen CLIP with MaPLe prompts trained few-shot; report base vs adapted accuracy.

@@ -33,6 +33,7 @@ class ImageSet:
     name: str
     split: str
     root: str | None
+    world: dict[str, Any] | None = None  # synthetic only: WorldConfig.to_dict() plus allow_held_out
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -208,14 +209,27 @@ def few_shot_indices(labels_N: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def synthetic_options(world: dict[str, Any] | None) -> dict[str, Any]:
+    """``open_dataset`` keywords that rebuild the synthetic world a store records (``ImageSet.world``)."""
+    if not world:
+        return {}
+    return {"synthetic_task": world.get("task", "shape_colour"), "held_out": [tuple(p) for p in world.get("held_out", ())],
+            "allow_held_out": bool(world.get("allow_held_out", False))}
+
+
 def default_split(name: str) -> str:
     return "train" if name == "synthetic" else SOURCES[name].default_split if name in SOURCES else "all"
 
 
 def open_dataset(name: str, *, root: str | Path | None, split: str | None, transform: Callable | None,
                  limit: int | None = None, seed: int = 0, image_size: int = 224,
-                 synthetic_task: str = "shape_colour") -> ImageSet:
-    """Open a dataset by name; bad names, roots and splits raise UserError with the fix."""
+                 synthetic_task: str = "shape_colour", held_out: Sequence = (),
+                 allow_held_out: bool = False) -> ImageSet:
+    """Open a dataset by name; bad names, roots and splits raise UserError with the fix.
+
+    ``synthetic_task``, ``held_out`` and ``allow_held_out`` shape the synthetic world only:
+    its classes, the values its pretraining never showed, and whether images may show them.
+    """
     if name not in DATASET_NAMES:
         raise UserError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")
     split = split or default_split(name)
@@ -224,10 +238,12 @@ def open_dataset(name: str, *, root: str | Path | None, split: str | None, trans
     if name == "synthetic":
         from pipeline.world import SyntheticWorld, WorldConfig
 
-        world = SyntheticWorld(WorldConfig(seed=seed, image_size=image_size, task=synthetic_task),
-                               n_images=limit or SYNTHETIC_DEFAULT_IMAGES, split=split, transform=transform)
+        config = WorldConfig(seed=seed, image_size=image_size, task=synthetic_task, held_out=tuple(held_out))
+        world = SyntheticWorld(config, n_images=limit or SYNTHETIC_DEFAULT_IMAGES, split=split, transform=transform,
+                               allow_held_out=allow_held_out)
+        record = {**config.to_dict(), "allow_held_out": bool(allow_held_out)}
         return ImageSet(world, list(world.class_names), [world.image_id(i) for i in range(len(world))],
-                        name, split, None)
+                        name, split, None, record)
     source = SOURCES[name]
     if root is None:
         raise UserError(f"dataset '{name}' needs --root: {source.how_to_get}")

@@ -121,6 +121,7 @@ class StoreWorld:
     config: WorldConfig
     split: str
     index_N: np.ndarray  # int64 world index of each store row
+    allow_held_out: bool = False  # the images may show the world's held-out values
 
 
 def store_world(dataset: dict[str, Any], preprocess: dict[str, Any], class_names: Sequence[str],
@@ -139,18 +140,31 @@ def store_world(dataset: dict[str, Any], preprocess: dict[str, Any], class_names
         raise UserError(f"{where} does not record its image size (preprocess.size); re-extract it")
     image_size = int(size if isinstance(size, (int, float)) else size[0])
     seed = int(dataset.get("seed") or 0)
+    split = str(dataset.get("split"))
+    recorded = dataset.get("world")
+    if recorded:  # stores record their world; older ones are rebuilt from seed, size and class names
+        recorded = dict(recorded)
+        allow = bool(recorded.pop("allow_held_out", False))
+        config = WorldConfig.from_dict(recorded)
+        if list(SyntheticWorld(config, n_images=1, allow_held_out=allow).class_names) != list(class_names):
+            raise UserError(f"{where}'s class names differ from those of the world it records; re-extract it")
+        return StoreWorld(config, split, _world_indices(image_ids, split, where), allow)
     task = next((t for t in TASKS if list(SyntheticWorld(WorldConfig(seed=seed, image_size=image_size, task=t),
                                                          n_images=1).class_names) == list(class_names)), None)
     if task is None:
         raise UserError(f"{where}'s class names are those of no synthetic world task; re-extract it")
-    split = str(dataset.get("split"))
+    return StoreWorld(WorldConfig(seed=seed, image_size=image_size, task=task), split,
+                      _world_indices(image_ids, split, where))
+
+
+def _world_indices(image_ids: Sequence[str], split: str, where: str) -> np.ndarray:
     index = []
     for image_id in image_ids:
         parts = str(image_id).split("/")
         if len(parts) != 3 or parts[0] != "synthetic" or parts[1] != split or not parts[2].isdigit():
             raise UserError(f"{where} holds image id '{image_id}', not synthetic/{split}/<index>; re-extract it")
         index.append(int(parts[2]))
-    return StoreWorld(WorldConfig(seed=seed, image_size=image_size, task=task), split, np.asarray(index, np.int64))
+    return np.asarray(index, np.int64)
 
 
 def check_world(given: dict[str, Any], actual: WorldConfig) -> None:

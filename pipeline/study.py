@@ -35,9 +35,8 @@ from pipeline.errors import UserError
 from pipeline.params import section
 
 WORK = Path("work")
-PRETRAIN_DIR = WORK / "pretrain"
 WORLD_DATASET = "synthetic"  # the only dataset with ground truth
-DATA_KEYS = ("datasets", "roots", "split", "limit", "seed")
+DATA_KEYS = ("datasets", "roots", "split", "limit", "seed", "task", "allow_held_out")
 EXTRACT_KEYS = ("layers", "batch_size", "device", "dtype", "workers", "scheduler", "n_workers")
 
 
@@ -47,10 +46,15 @@ class Paths:
 
     dataset: str
     layer: int | None = None
+    work: Path = WORK  # root of every output (pipeline concept-addition runs studies under its own folder)
+
+    @property
+    def pretrain(self) -> Path:
+        return self.work / "pretrain"
 
     @property
     def data(self) -> Path:
-        return WORK / self.dataset
+        return self.work / self.dataset
 
     @property
     def acts(self) -> Path:
@@ -111,20 +115,24 @@ def _model(params: dict[str, Any]) -> dict[str, str]:
 
 
 def _data(params: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The extract/adapt settings of one dataset: its root from ``data.roots``, the shared rest."""
+    """The extract/adapt settings of one dataset: its root from ``data.roots``, the shared rest
+    (``task`` and ``allow_held_out`` shape the synthetic world only)."""
     data = section(params, "data", DATA_KEYS)
     roots = data.get("roots") or {}
+    world = ({"synthetic_task": data.get("task") or "shape_colour", "allow_held_out": bool(data.get("allow_held_out"))}
+             if dataset == WORLD_DATASET else {})
     return {"dataset": dataset, "root": roots.get(dataset), "split": data.get("split"), "limit": data.get("limit"),
-            "seed": int(data.get("seed", 0))}
+            "seed": int(data.get("seed", 0)), **world}
 
 
 def pretrain(params: dict[str, Any], paths: Paths | None) -> str:
     from stages import pretrain as stage
 
+    work = paths.work if paths is not None else WORK
     p = section(params, "pretrain", _fields(stage.Config, "out_dir", "overwrite", "progress", "world"))
-    out = stage.run(stage.Config(out_dir=PRETRAIN_DIR, overwrite=True, progress=False, **p))
-    _copy_metrics(out.metrics_path, WORK / "pretrain-metrics.json")
-    _copy(out.plot_path, WORK / "pretrain-loss.png")
+    out = stage.run(stage.Config(out_dir=work / "pretrain", overwrite=True, progress=False, **p))
+    _copy_metrics(out.metrics_path, work / "pretrain-metrics.json")
+    _copy(out.plot_path, work / "pretrain-loss.png")
     return (f"pretrain: {out.steps} steps, loss {out.final_loss:.3f}, zero-shot {100 * out.accuracy:.1f}% "
             f"on {out.n_classes} classes -> {out.model_path}")
 
@@ -210,10 +218,12 @@ def adapt(params: dict[str, Any], paths: Paths) -> str:
     from stages import extract as extract_stage
 
     a = section(params, "adapt", _fields(stage.Config, "dataset", "out_dir", "root", "model", "pretrained", "seed",
-                                         "overwrite", "progress", "weights", "class_prompts"))
+                                         "overwrite", "progress", "weights", "class_prompts", "synthetic_task",
+                                         "allow_held_out"))
     data = _data(params, paths.dataset)
+    world = {k: data[k] for k in ("synthetic_task", "allow_held_out") if k in data}
     out = stage.run(stage.Config(dataset=paths.dataset, root=data["root"], seed=data["seed"], out_dir=paths.adapter,
-                                 overwrite=True, progress=False, **_model(params), **a))
+                                 overwrite=True, progress=False, **_model(params), **world, **a))
     _copy_metrics(out.metrics_path, paths.data / "adapt-metrics.json")
     ext = section(params, "extract", EXTRACT_KEYS)
     store = extract_stage.run(extract_stage.Config(**data, **_model(params), out_dir=paths.adapted_acts,
@@ -222,8 +232,9 @@ def adapt(params: dict[str, Any], paths: Paths) -> str:
             f"{out.n_test_images} test images; adapted store -> {store.store_dir}")
 
 
-def remap(params: dict[str, Any], paths: Paths) -> str:
-    """The adapted model through the base model's SAE: codes, statistics, masking, then the remap table."""
+def remap(params: dict[str, Any], paths: Paths, masking: bool = True) -> str:
+    """The adapted model through the base model's SAE: codes, statistics, masking (unless ``masking``
+    is False; then the base model's masking is not read either), then the remap table."""
     from stages import encode as encode_stage
     from stages import mask as mask_stage
     from stages import remap as stage
@@ -237,13 +248,15 @@ def remap(params: dict[str, Any], paths: Paths) -> str:
     st = section(params, "stats", ("top_k", "threshold", "scheduler", "n_workers"))
     stats_stage.run(stats_stage.Config(codes_dir=adapted / "codes", cache_dir=paths.adapted_acts,
                                        out_dir=adapted / "stats", plots=False, **st))
-    m = _mask_settings(params)
-    m.pop("head", None), m.pop("templates", None)  # the adapted model is read out by its own prompts
-    mask_stage.run(mask_stage.Config(cache_dir=paths.adapted_acts, sae_dir=paths.sae, stats_dir=paths.stats,
-                                     out_dir=adapted / "masking", adapter=paths.adapter, progress=False,
-                                     **_model(params), **m))
+    if masking:
+        m = _mask_settings(params)
+        m.pop("head", None), m.pop("templates", None)  # the adapted model is read out by its own prompts
+        mask_stage.run(mask_stage.Config(cache_dir=paths.adapted_acts, sae_dir=paths.sae, stats_dir=paths.stats,
+                                         out_dir=adapted / "masking", adapter=paths.adapter, progress=False,
+                                         **_model(params), **m))
     out = stage.run(stage.Config(base_dir=paths.stats, adapted_dir=adapted / "stats", out_dir=adapted / "remap",
-                                 base_masking=paths.masking, adapted_masking=adapted / "masking", **rm))
+                                 base_masking=paths.masking if masking else None,
+                                 adapted_masking=adapted / "masking" if masking else None, **rm))
     _copy_metrics(out.results_path, paths.run / "remap-metrics.json")
     _copy(out.plot_path, paths.run / "remap.png")
     return f"remap: {out.n_classes} classes, {out.d_sae} latents -> {out.out_dir}"

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 import operator
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,6 +171,38 @@ class WorldConfig:
         if "held_out" in record:
             record["held_out"] = tuple(tuple(pair) for pair in record["held_out"])
         return cls(**record)
+
+
+def parse_held_out(items) -> tuple[tuple[str, str], ...]:
+    """``held_out`` pairs from 'attribute=value' strings or (attribute, value) pairs, validated."""
+    pairs = []
+    for item in items or ():
+        if isinstance(item, str):
+            attribute, sep, value = item.partition("=")
+            if not sep:
+                raise UserError(f"held-out value '{item}' must read attribute=value, e.g. texture=checker")
+            item = (attribute.strip(), value.strip())
+        pairs.append(tuple(item) if isinstance(item, (list, tuple)) else item)
+    return WorldConfig(held_out=tuple(pairs)).held_out
+
+
+def pretraining_world(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The world record (``WorldConfig.to_dict()``) a ``pipeline pretrain`` checkpoint was trained
+    on, read from the config.json beside it; None for any other weights."""
+    config_path = Path(checkpoint).parent / "config.json"
+    if not Path(checkpoint).is_file() or not config_path.is_file():
+        return None
+    try:
+        world = json.loads(config_path.read_text())["world"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return dict(world) if isinstance(world, dict) else None
+
+
+def held_out_of(checkpoint: str | Path) -> tuple[tuple[str, str], ...]:
+    """The (attribute, value) pairs a pretrained checkpoint never saw (empty for other weights)."""
+    world = pretraining_world(checkpoint)
+    return tuple(tuple(pair) for pair in (world or {}).get("held_out", ()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,9 +493,10 @@ class SyntheticWorld:
             for name in task_attributes:
                 blocked = [value for value in ATTRIBUTES[name] if (name, value) in held]
                 if blocked:
-                    raise UserError(f"task '{config.task}' has classes with held-out {name} "
-                                    f"'{blocked[0]}'; pick another task, drop it from held_out, or pass "
-                                    f"allow_held_out=True")
+                    raise UserError(f"task '{config.task}' has classes with {name} '{blocked[0]}', which is held "
+                                    f"out of this world (a model pretrained on it never saw it); pass "
+                                    f"--allow-held-out to use it on purpose (a concept-addition test), or "
+                                    f"pick another --task")
         self._allowed = {name: tuple(value for value in values
                                      if self.allow_held_out or (name, value) not in held)
                          for name, values in ATTRIBUTES.items()}

@@ -218,20 +218,18 @@ def warn_if_world_differs(pretrained: str, dataset: str, seed: int, image_size: 
     """Warn when zero-shot on the synthetic world uses a model pretrained on another world.
 
     A checkpoint of ``pipeline pretrain`` sits beside the config.json that records its world;
-    a different seed, image size, renderer or held-out list means the prompts may name
-    concepts the model never saw. Returns whether it warned.
+    a different seed, image size or renderer means the prompts may name concepts the model
+    never saw. (Held-out values follow the model's world: datasets take them from it.)
+    Returns whether it warned.
     """
-    config_path = Path(pretrained).parent / "config.json"
-    if dataset != "synthetic" or not Path(pretrained).is_file() or not config_path.is_file():
-        return False
-    from pipeline.world import WorldConfig
+    from pipeline.world import WorldConfig, pretraining_world
 
-    try:
-        trained = dict(json.loads(config_path.read_text())["world"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    trained = pretraining_world(pretrained) if dataset == "synthetic" else None
+    if trained is None:
         return False
     ours = WorldConfig(seed=seed, image_size=image_size).to_dict()
-    differ = [k for k in sorted(set(trained) | set(ours)) if k != "task" and trained.get(k) != ours.get(k)]
+    differ = [k for k in sorted(set(trained) | set(ours))
+              if k not in ("task", "held_out") and trained.get(k) != ours.get(k)]
     if differ:
         log.warning("zero-shot on a synthetic world that differs from the one %s was pretrained on (%s); "
                     "its prompts may name concepts it never saw: extract with the pretraining world's settings",

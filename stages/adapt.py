@@ -61,7 +61,7 @@ from pipeline.errors import UserError
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
 from pipeline.runfiles import atomic_write, plot_losses, write_json
-from pipeline.world import TASKS
+from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Config:
     seed: int = 0  # identity: few-shot draw, prompt init, batch order (and random init with --pretrained none)
     train_split: str = "train"  # identity: split the few-shot images are drawn from
     synthetic_task: str = "shape_colour"  # identity: classes of the synthetic world (a key of pipeline.world.TASKS)
+    allow_held_out: bool = False  # identity: synthetic images may show values the model's pretraining held out
     n_ctx: int = 2  # identity: learnable context tokens per prompted layer
     depth: int = 9  # identity: prompted layers of each tower (at most the towers' depth)
     ctx_init: str | None = "a photo of a"  # identity: prompt prefix whose first n_ctx tokens initialise the context
@@ -244,8 +245,8 @@ def _identity(cfg: Config, model: LoadedModel, train: ImageSet, shot_rows: np.nd
     ids = [train.image_ids[r] for r in shot_rows.tolist()]
     data = {"dataset": train.name, "root": train.root, "split": train.split, "shots": cfg.shots, "seed": cfg.seed,
             "n_images": len(ids), "image_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
-    if train.name == "synthetic":
-        data["task"] = cfg.synthetic_task
+    if train.world is not None:
+        data["world"] = train.world
     if cfg.weights is not None:
         training = {"source": "weights", "weights_sha256": file_sha256(_weights_file(cfg))}
     else:
@@ -269,7 +270,8 @@ def run(cfg: Config) -> Outputs:
 
 def _open_data(cfg: Config, model: LoadedModel) -> tuple[ImageSet, np.ndarray, ImageSet]:
     kwargs = dict(root=cfg.root, transform=model.preprocess, seed=cfg.seed, image_size=model.image_size,
-                  synthetic_task=cfg.synthetic_task)
+                  synthetic_task=cfg.synthetic_task, held_out=held_out_of(cfg.pretrained),
+                  allow_held_out=cfg.allow_held_out)
     train = open_dataset(cfg.dataset, split=cfg.train_split, **kwargs)
     shot_rows = few_shot_indices(dataset_labels(train.dataset), cfg.shots, cfg.seed)
     test = open_dataset(cfg.dataset, split=cfg.test_split, limit=cfg.test_limit, **kwargs)
@@ -447,7 +449,8 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
     shot_feats, shot_labels = _base_features(model, _Images(train.dataset, shot_rows), cfg.eval_batch_size,
                                              cfg.workers)
     probe = fit_linear_probe(shot_feats, shot_labels, len(names))
-    correct = {"base": 0, "probe": 0, "adapted": 0}
+    correct_KC = torch.zeros(3, len(names), dtype=torch.int64)  # base, probe, adapted x true class
+    seen_C = torch.zeros(len(names), dtype=torch.int64)
     all_rows = np.arange(len(test))
     bar = tqdm(total=len(test), desc="evaluate", unit="img", disable=not cfg.progress, dynamic_ncols=True)
     for images_BCHW, labels_B in DataLoader(_Images(test.dataset, all_rows), batch_size=cfg.eval_batch_size,
@@ -456,18 +459,25 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
         adapted_BE = adapted.encode_image(images_BCHW).float()
         predictions = {"base": zeroshot.zero_shot_logits(base_BE, W_CE), "probe": probe.logits(base_BE.cpu()),
                        "adapted": F.normalize(adapted_BE, dim=-1) @ adapted_CE.T}
-        for key, logits_BC in predictions.items():
-            correct[key] += int((logits_BC.argmax(-1).cpu() == labels_B).sum())
+        for k, logits_BC in enumerate(predictions.values()):
+            hit_B = (logits_BC.argmax(-1).cpu() == labels_B).long()
+            correct_KC[k].index_add_(0, labels_B, hit_B)
+        seen_C += torch.bincount(labels_B, minlength=len(names))
         bar.update(len(labels_B))
     bar.close()
     n = len(test)
+    correct = dict(zip(("base", "probe", "adapted"), correct_KC.sum(1).tolist()))
+    per_class = {name: {key: (int(correct_KC[k, c]) / int(seen_C[c]) if seen_C[c] else None)
+                        for k, key in enumerate(("base", "probe", "adapted"))} | {"n_images": int(seen_C[c])}
+                 for c, name in enumerate(test.class_names)}
     return {"base_accuracy": correct["base"] / n, "probe_accuracy": correct["probe"] / n,
             "adapted_accuracy": correct["adapted"] / n, "n_test_images": n, "n_classes": len(names),
-            "chance": 1.0 / len(names),
+            "chance": 1.0 / len(names), "per_class": per_class,
             "definitions": {"base_accuracy": f"base model zero-shot, templates '{cfg.template_set}'",
                             "probe_accuracy": "linear probe (pipeline.probe) on the base model's embeddings of the "
                                               "few-shot training images",
-                            "adapted_accuracy": "MaPLe-adapted model, its learned prompt per class"}}
+                            "adapted_accuracy": "MaPLe-adapted model, its learned prompt per class",
+                            "per_class": "accuracy of each head on the test images of one true class"}}
 
 
 __all__ = ["Config", "Outputs", "run", "evaluate", "lr_at", "batches_from", "steps_per_epoch"]

@@ -33,6 +33,7 @@ from pipeline import maple
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.errors import UserError
 from pipeline.models import LoadedModel, load_model
+from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Config:
     images_per_chunk: int | None = None  # content: rows per Zarr chunk (default ~3 MB)
     images_per_shard: int | None = None  # content: rows per shard file (default ~64 MB)
     adapter: Path | None = None  # content: MaPLe adapter folder (pipeline adapt --out): store the adapted model
+    synthetic_task: str = "shape_colour"  # content, synthetic only: which attributes make the classes (pipeline.world.TASKS)
+    allow_held_out: bool = False  # content, synthetic only: let images show values the model's pretraining held out
     scheduler: str | None = None  # None: this process; "local": a LocalCluster; or a Dask scheduler address
     n_workers: int = 2  # worker processes of a local cluster
     progress: bool = True  # show a progress bar
@@ -73,6 +76,11 @@ class Config:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.workers < 0:
             raise UserError(f"--workers must be 0 or more (got {self.workers})")
+        if self.synthetic_task not in TASKS:
+            raise UserError(f"unknown --task '{self.synthetic_task}'; choose one of: {', '.join(TASKS)}")
+        if self.dataset != "synthetic" and (self.synthetic_task != "shape_colour" or self.allow_held_out):
+            raise UserError("--task and --allow-held-out choose classes of the synthetic world; "
+                            f"dataset '{self.dataset}' has its own classes, leave them out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +143,7 @@ def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: in
         "layers": list(cfg.layers), "dtype": cfg.dtype,
         "images_per_chunk": chunk, "images_per_shard": shard,
         "preprocess": model.preprocess_cfg(),
+        **({"world": images.world} if images.world is not None else {}),
         **adapter,
     }
 
@@ -160,7 +169,8 @@ def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
         schema.ATTR_TOKEN_LAYOUT: model.token_layout(),
         schema.ATTR_PREPROCESS: model.preprocess_cfg(),
         schema.ATTR_DATASET: {"name": images.name, "split": images.split, "root": images.root,
-                              "limit": cfg.limit, "seed": cfg.seed},
+                              "limit": cfg.limit, "seed": cfg.seed,
+                              **({"world": images.world} if images.world is not None else {})},
         schema.ATTR_VERSIONS: _versions(),
     }
     return StoreSpec(layers=cfg.layers, n_tokens=model.n_tokens, d_model=model.width,
@@ -219,7 +229,8 @@ def _open(cfg: Config) -> tuple[LoadedModel, ImageSet, Tap]:
     model.check_layers(cfg.layers)
     tap = maple.load_adapter(cfg.adapter, model).tap if cfg.adapter is not None else model.tap
     images = open_dataset(cfg.dataset, root=cfg.root, split=cfg.split, transform=model.preprocess,
-                          limit=cfg.limit, seed=cfg.seed, image_size=model.image_size)
+                          limit=cfg.limit, seed=cfg.seed, image_size=model.image_size, synthetic_task=cfg.synthetic_task,
+                          held_out=held_out_of(cfg.pretrained), allow_held_out=cfg.allow_held_out)
     return model, images, tap
 
 

@@ -134,7 +134,8 @@ def run(cfg: Config) -> Outputs:
     if not len(rows):
         raise UserError(f"{store.path} holds no valid images; re-extract it")
     log.info("ground truth of %d latents over %d images of %s", codes.d_sae, len(rows), world.config)
-    synthetic = SyntheticWorld(world.config, n_images=int(world.index_N.max()) + 1, split=world.split)
+    synthetic = SyntheticWorld(world.config, n_images=int(world.index_N.max()) + 1, split=world.split,
+                               allow_held_out=world.allow_held_out)
     object_NP = np.zeros((store.n_images, grid_hw[0] * grid_hw[1]), bool)
     values = []
     for row in rows:

@@ -61,7 +61,7 @@ from tqdm import tqdm
 from cache import schema
 from cache.store import ActivationStore
 from pipeline import maple, runfiles, splice, zeroshot
-from pipeline.datasets import ImageSet, open_dataset
+from pipeline.datasets import ImageSet, open_dataset, synthetic_options
 from pipeline.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 from pipeline.models import DTYPES, LoadedModel, file_sha256, load_model, resolve_device
@@ -563,6 +563,7 @@ def _resolve_data(cfg: Config, store: ActivationStore | None) -> dict[str, Any]:
                             "out to use the store's, or pass the store extracted from this data")
     if fields["seed"] is None:
         fields["seed"] = 0
+    fields["world"] = ds.get("world")  # the synthetic world's task and held-out values, as extracted
     return fields
 
 
@@ -630,7 +631,8 @@ def run(cfg: Config) -> Outputs:
         class_names = store.class_names
     else:  # an adapted store names the images; the tap is recomputed with the prompt tokens it lacks
         images = open_dataset(data["dataset"], root=data["root"], split=data["split"], transform=model.preprocess,
-                              limit=data["limit"], seed=data["seed"], image_size=model.image_size)
+                              limit=data["limit"], seed=data["seed"], image_size=model.image_size,
+                              **synthetic_options(data.get("world")))
         check_classes(images.class_names, stats, f"dataset '{images.name}' split '{images.split}'")
         source = _image_source(images, model, adapted, layer, cfg.workers)
         class_names = images.class_names
@@ -819,7 +821,7 @@ def _fit_probe(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP | Non
             raise UserError("--probe-split needs --dataset and --root to read the probe's images")
         probe_set = open_dataset(data["dataset"], root=data["root"], split=cfg.probe_split,
                                  transform=model.preprocess, limit=cfg.probe_images, seed=data["seed"],
-                                 image_size=model.image_size)
+                                 image_size=model.image_size, **synthetic_options(data.get("world")))
         if probe_set.class_names != class_names:
             raise UserError(f"probe split '{cfg.probe_split}' has other classes than the evaluation split; "
                             "pick a split of the same dataset")

@@ -9,9 +9,10 @@ Captions that happen to repeat inside a batch still count as negatives (standard
 AdamW; the learning rate rises linearly over ``warmup_steps`` then follows a cosine to 0 at
 ``steps``; weight decay applies to weight matrices only (not to gains, biases, embeddings
 or the logit scale); the logit scale is clamped to at most 100 as in CLIP.
-The training world always uses the ``shape_colour`` task (it only decides which attributes
-each index's label fixes; every attribute is uniform either way), so the evaluation task
-does not change the weights.
+``held_out`` values (e.g. texture=checker) never appear in a training image or caption: the
+ground for a concept-addition test downstream.  The training world uses the ``shape_colour``
+task (it only decides which attributes each index's label fixes; every attribute is uniform
+either way), so the evaluation task does not change the weights.
 
 Folder ``out_dir`` (format version 1), every file written atomically (temporary file, then
 ``os.replace``):
@@ -53,7 +54,7 @@ from pipeline import runfiles, zeroshot
 from pipeline.errors import UserError
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.runfiles import atomic_write, plot_losses, write_json
-from pipeline.world import TASKS, SyntheticWorld, WorldConfig
+from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Config:
     lr: float = 2e-3  # identity: peak learning rate of AdamW
     warmup_steps: int = 30  # identity: linear warm-up steps, then cosine decay to 0 at `steps`
     weight_decay: float = 0.1  # identity: AdamW decoupled weight decay on weight matrices
+    held_out: tuple[tuple[str, str], ...] = ()  # identity: (attribute, value) pairs never shown (or 'attr=value')
     task: str = "shape_colour"  # evaluation: classes of the zero-shot test (a key of pipeline.world.TASKS)
     templates: str = "world"  # evaluation: prompt set, 'world' or 'openai' (pipeline.zeroshot.TEMPLATE_SETS)
     eval_images: int = 1000  # evaluation: test-split images for zero-shot accuracy
@@ -117,8 +119,13 @@ class Config:
             raise UserError(f"--warmup-steps must be in [0, steps) = [0, {self.steps}) (got {self.warmup_steps})")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be 0 or more (got {self.weight_decay})")
+        object.__setattr__(self, "held_out", parse_held_out(self.held_out))
         if self.task not in TASKS:
             raise UserError(f"unknown --task '{self.task}'; choose one of: {', '.join(TASKS)}")
+        unseen = [f"{a}={v}" for a, v in self.held_out if a in TASKS[self.task]]
+        if unseen:
+            raise UserError(f"--task {self.task} has classes with held-out {unseen[0]}, which pretraining never "
+                            "shows, so zero-shot on it measures nothing; evaluate another --task")
         if self.templates not in zeroshot.TEMPLATE_SETS:
             raise UserError(f"unknown --templates '{self.templates}'; choose one of: "
                             f"{', '.join(zeroshot.TEMPLATE_SETS)}")
@@ -183,8 +190,13 @@ class PairBatches(Dataset):
 
 
 def train_world(cfg: Config, image_size: int) -> WorldConfig:
-    """The training world's config (recorded in config.json)."""
-    return WorldConfig(seed=cfg.seed, image_size=image_size, task=TRAIN_TASK)
+    """The training world's config (recorded in config.json): task ``shape_colour`` unless a
+    held-out value is a shape or colour, then the first task whose classes avoid held-out attributes."""
+    touched = {attribute for attribute, _ in cfg.held_out}
+    task = next((t for t in (TRAIN_TASK, *TASKS) if not touched & set(TASKS[t])), None)
+    if task is None:
+        raise UserError("held_out touches every attribute; keep at least one attribute whole")
+    return WorldConfig(seed=cfg.seed, image_size=image_size, task=task, held_out=cfg.held_out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,7 +255,7 @@ def _save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.opt
 
 def eval_record(cfg: Config, image_size: int, model_path: Path) -> dict[str, Any]:
     """What a zero-shot evaluation depends on (stored in metrics.json as 'eval')."""
-    world = WorldConfig(seed=cfg.seed, image_size=image_size, task=cfg.task)
+    world = WorldConfig(seed=cfg.seed, image_size=image_size, task=cfg.task, held_out=cfg.held_out)
     return {"world": world.to_dict(), "split": "test", "n_images": cfg.eval_images,
             "templates": cfg.templates, "checkpoint_sha256": file_sha256(model_path)}
 
@@ -251,7 +263,7 @@ def eval_record(cfg: Config, image_size: int, model_path: Path) -> dict[str, Any
 def evaluate(cfg: Config, model_path: Path, device: str) -> dict[str, Any]:
     """Zero-shot accuracy of the checkpoint on ``cfg.eval_images`` test-split images."""
     loaded = load_model(cfg.model, str(model_path), device=device)
-    world = WorldConfig(seed=cfg.seed, image_size=loaded.image_size, task=cfg.task)
+    world = WorldConfig(seed=cfg.seed, image_size=loaded.image_size, task=cfg.task, held_out=cfg.held_out)
     images = SyntheticWorld(world, n_images=cfg.eval_images, split="test", transform=loaded.preprocess)
     templates = zeroshot.TEMPLATE_SETS[cfg.templates]
     accuracy = zeroshot.zero_shot_accuracy(loaded, images, images.class_names, templates, batch_size=256)

@@ -144,6 +144,20 @@ def test_store_world_and_world_checks():
                        ["synthetic/train/0"], "store")
 
 
+def test_store_world_reads_the_recorded_world_with_its_held_out_values():
+    config = WorldConfig(seed=2, image_size=32, task="texture", held_out=(("texture", "checker"),))
+    world = SyntheticWorld(config, n_images=8, split="test", allow_held_out=True)
+    record = {"name": "synthetic", "split": "test", "seed": 2,
+              "world": {**config.to_dict(), "allow_held_out": True}}
+    found = gt.store_world(record, {"size": 32}, world.class_names, [world.image_id(i) for i in range(8)], "store")
+    assert found.config == config and found.allow_held_out and found.index_N.tolist() == list(range(8))
+    rebuilt = SyntheticWorld(found.config, n_images=8, split="test", allow_held_out=found.allow_held_out)
+    assert [rebuilt.scene(i) for i in range(8)] == [world.scene(i) for i in range(8)]
+    assert any(world.scene(i)["texture"] == "checker" for i in range(8))
+    with pytest.raises(UserError, match="class names differ from those of the world it records"):
+        gt.store_world(record, {"size": 32}, ["red circle"], [world.image_id(0)], "store")
+
+
 def test_unknown_attribute_is_refused_by_name():
     assert gt.check_attributes(["size", "shape"]) == ("shape", "size")
     with pytest.raises(UserError, match="unknown attribute 'hue'; choose from: shape, colour"):

@@ -177,13 +177,16 @@ def test_zero_shot_on_another_world_than_the_pretraining_one_warns(tmp_path, cap
     run = tmp_path / "tiny-clip"
     run.mkdir()
     (run / "model.pt").write_bytes(b"")
-    held_out = WorldConfig(seed=0, image_size=32, held_out=(("texture", "checker"),))
-    (run / "config.json").write_text(json.dumps({"world": held_out.to_dict()}))
+    (run / "config.json").write_text(json.dumps({"world": WorldConfig(seed=0, image_size=64).to_dict()}))
     with caplog.at_level(logging.WARNING, logger="pipeline.zeroshot"):
         assert zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 0, 32)
     warning = [r.getMessage() for r in caplog.records]
-    assert len(warning) == 1 and "held_out [['texture', 'checker']] there, [] here" in warning[0]
+    assert len(warning) == 1 and "image_size 64 there, 32 here" in warning[0]
     caplog.clear()
+    # held-out values follow the model (datasets read them from its config.json): no warning
+    held_out = WorldConfig(seed=0, image_size=32, held_out=(("texture", "checker"),))
+    (run / "config.json").write_text(json.dumps({"world": held_out.to_dict()}))
+    assert not zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 0, 32)
     (run / "config.json").write_text(json.dumps({"world": WorldConfig(seed=0, image_size=32, task="shape").to_dict()}))
     assert not zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 0, 32)  # the task does not matter
     assert zeroshot.warn_if_world_differs(str(run / "model.pt"), "synthetic", 1, 32)  # another seed does

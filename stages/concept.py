@@ -1,0 +1,245 @@
+"""Concept addition: does adaptation give a model a concept its pretraining never showed?
+
+The paper (SCIENCE.md, adaptation analysis) finds that adaptation mostly remaps concepts the
+base model already has, and leaves open whether it can add new ones.  Real data cannot
+separate the two, because nobody knows which concepts a web-pretrained CLIP has seen.  The
+synthetic world can:
+
+1. pretrain a tiny CLIP on a world with ``held_out`` values (default texture=checker): no
+   training image shows them and no caption names them;
+2. run the study on two downstream tasks of the synthetic dataset, each with its own SAE
+   trained on the base model's activations: the *held-out* task (default ``texture``; its
+   classes include the held-out value, images may show it) and the *control* task (default
+   ``background``; only seen values);
+3. adapt the model to each task (MaPLe, few-shot) and build the remap table of each
+   (stages/remap.py: which latents are high for a class in the base and in the adapted model).
+
+If adaptation adds the missing concept, the held-out class gains latents that were low for it
+in the base model (low->high) while the control's classes do not.  Output folder:
+
+    pretrain/                    the tiny CLIP with the held-out world (pipeline pretrain)
+    <task>/synthetic/...         the study of each task (layout of pipeline/study.py, layer<L>/...)
+    concept.json                 both remap summaries, accuracies and the comparison (below)
+    concept.md, concept.png      the comparison as a table and as bars
+
+Every step is a stage run with its own resume and refusal rules, so rerunning the command
+after an interruption continues where it stopped; finished steps are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import study
+from pipeline.errors import UserError
+from pipeline.latents import json_safe
+from pipeline.params import load_params
+from pipeline.plots import plt
+from pipeline.runfiles import atomic_write, write_json
+from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
+from stages.remap import GROUP_LABELS, GROUPS
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "concept.json"
+TABLE_FILE = "concept.md"
+PLOT_FILE = "concept.png"
+ROLES = ("held_out", "control")
+DEFINITIONS = {
+    "held_out_classes": "classes of the held-out task whose defining value was held out of pretraining",
+    "low_high": "latents low for the class in the base model and high in the adapted one (stages/remap.py), "
+                "per class: count and fraction of the class's relevant latents",
+    "comparison": "mean low->high fraction over the held-out classes vs over every class of the control task "
+                  "(and over the held-out task's seen classes)",
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """One concept-addition experiment; the study settings come from a params file."""
+
+    out_dir: Path  # experiment folder (layout in the module docstring)
+    params: Path = Path("params.yaml")  # study settings: pretrain, data, extract, sae, encode, stats, adapt, remap
+    held_out: tuple[tuple[str, str], ...] = (("texture", "checker"),)  # values pretraining never shows
+    task: str = "texture"  # downstream task whose classes need a held-out value
+    control: str = "background"  # downstream task built from seen values only
+    layer: int | None = None  # block whose SAE is compared; None: the first of extract.layers
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "params", Path(self.params))
+        object.__setattr__(self, "held_out", parse_held_out(self.held_out))
+        if not self.held_out:
+            raise UserError("--held-out needs at least one attribute value, e.g. texture=checker")
+        for option, task in (("--task", self.task), ("--control", self.control)):
+            if task not in TASKS:
+                raise UserError(f"unknown {option} '{task}'; choose one of: {', '.join(TASKS)}")
+        held_attributes = {attribute for attribute, _ in self.held_out}
+        if not held_attributes & set(TASKS[self.task]):
+            raise UserError(f"--task {self.task} has no class that needs a held-out value "
+                            f"({', '.join(f'{a}={v}' for a, v in self.held_out)}); pick the task of that attribute")
+        if held_attributes & set(TASKS[self.control]):
+            raise UserError(f"--control {self.control} has classes with a held-out value; the control must be "
+                            "built from seen values only, e.g. background")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    out_dir: Path
+    results_path: Path
+    table_path: Path
+    plot_path: Path
+    table_lines: tuple[str, ...]
+    held_out_low_high: float | None  # mean low->high fraction of the held-out classes
+    control_low_high: float | None  # mean low->high fraction of the control's classes
+    seconds: float
+
+
+def held_out_classes(task: str, held_out: tuple[tuple[str, str], ...]) -> list[str]:
+    """Class names of ``task`` whose attribute values include a held-out one."""
+    world = SyntheticWorld(WorldConfig(task=task, held_out=held_out), n_images=1, allow_held_out=True)
+    held = set(held_out)
+    return [name for name, values in zip(world.class_names, world.class_attributes)
+            if any((attribute, value) in held for attribute, value in values.items())]
+
+
+def _study_params(cfg: Config, out_dir: Path, task: str) -> dict[str, Any]:
+    """The params file's settings with this experiment's world, task and model."""
+    params = {name: dict(section or {}) for name, section in load_params(cfg.params).items()}
+    params["pretrain"]["held_out"] = [list(pair) for pair in cfg.held_out]
+    params["data"].update(datasets=[study.WORLD_DATASET], task=task,
+                          allow_held_out=any(a in TASKS[task] for a, _ in cfg.held_out))
+    params["model"] = {"name": params["pretrain"].get("model", "tiny-clip"),
+                       "pretrained": str(out_dir / "pretrain" / "model.pt")}
+    return params
+
+
+def _layer(cfg: Config, params: dict[str, Any]) -> int:
+    layers = params.get("extract", {}).get("layers") or []
+    if cfg.layer is not None:
+        return cfg.layer
+    if not layers:
+        raise UserError(f"{cfg.params} lists no extract.layers; pass --layer")
+    return int(layers[0])
+
+
+def run(cfg: Config) -> Outputs:
+    started = time.perf_counter()
+    base_params = _study_params(cfg, cfg.out_dir, cfg.task)
+    layer = _layer(cfg, base_params)
+    log.info("%s", study.pretrain(base_params, study.Paths("", work=cfg.out_dir)))
+    results: dict[str, Any] = {}
+    for role, task in zip(ROLES, (cfg.task, cfg.control)):
+        params = _study_params(cfg, cfg.out_dir, task)
+        paths = study.Paths(study.WORLD_DATASET, layer, work=cfg.out_dir / task)
+        for step in (study.extract, study.train, study.encode, study.stats, study.adapt):
+            log.info("%s %s", task, step(params, paths))
+        log.info("%s %s", task, study.remap(params, paths, masking=False))
+        results[role] = _side(task, paths, cfg.held_out)
+    record = {"held_out": [list(pair) for pair in cfg.held_out], "layer": layer,
+              "tasks": {role: results[role]["task"] for role in ROLES}, **_compare(results),
+              "sides": results, "definitions": DEFINITIONS}
+    lines = _table(record)
+    write_json(cfg.out_dir / RESULTS_FILE, json_safe(record))
+    atomic_write(cfg.out_dir / TABLE_FILE, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    _plot(cfg.out_dir / PLOT_FILE, record)
+    return Outputs(out_dir=cfg.out_dir, results_path=cfg.out_dir / RESULTS_FILE,
+                   table_path=cfg.out_dir / TABLE_FILE, plot_path=cfg.out_dir / PLOT_FILE, table_lines=tuple(lines),
+                   held_out_low_high=record["held_out_low_high"], control_low_high=record["control_low_high"],
+                   seconds=time.perf_counter() - started)
+
+
+def _side(task: str, paths: study.Paths, held_out: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """One task's remap summary, per-class low->high and adaptation accuracies."""
+    remap = json.loads((paths.adapted / "remap" / "remap.json").read_text())
+    adapt = json.loads((paths.adapter / "metrics.json").read_text())
+    accuracy = adapt.get("per_class") or {}
+    per_class = {name: {"relevant": row["relevant"], "low_high": row["low_high"],
+                        "n_low_high": (round(row["low_high"] * row["relevant"])
+                                       if row["low_high"] is not None else 0),
+                        "base_accuracy": (accuracy.get(name) or {}).get("base"),
+                        "adapted_accuracy": (accuracy.get(name) or {}).get("adapted")}
+                 for name, row in remap["per_class"].items()}
+    return {"task": task, "held_out_classes": held_out_classes(task, held_out), "overall": remap["overall"],
+            "per_class": per_class,
+            "accuracy": {k: adapt.get(k) for k in ("base_accuracy", "probe_accuracy", "adapted_accuracy")},
+            "remap": str(paths.adapted / "remap" / "remap.json"), "adapter": str(paths.adapter)}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _compare(results: dict[str, Any]) -> dict[str, Any]:
+    held, control = results["held_out"], results["control"]
+    new = held["held_out_classes"]
+    return {
+        "held_out_low_high": _mean([held["per_class"][c]["low_high"] for c in new]),
+        "seen_low_high": _mean([row["low_high"] for c, row in held["per_class"].items() if c not in new]),
+        "control_low_high": _mean([row["low_high"] for row in control["per_class"].values()]),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(record: dict[str, Any]) -> list[str]:
+    held = ", ".join(f"{a}={v}" for a, v in record["held_out"])
+    lines = [f"concept addition at layer {record['layer']}: pretraining never showed {held}",
+             f"low->high (mean fraction of a class's relevant latents): held-out classes "
+             f"{_pct(record['held_out_low_high'])}, the task's seen classes {_pct(record['seen_low_high'])}, "
+             f"control classes {_pct(record['control_low_high'])}", "",
+             "| task | class | relevant | low->high | base zero-shot | adapted |", "|---|---|---|---|---|---|"]
+    for role in ROLES:
+        side = record["sides"][role]
+        for name, row in side["per_class"].items():
+            mark = " (held out)" if name in side["held_out_classes"] else ""
+            lines.append(f"| {side['task']} | {name}{mark} | {row['relevant']} | {row['n_low_high']} "
+                         f"({_pct(row['low_high'])}) | {_pct(row['base_accuracy'])} | {_pct(row['adapted_accuracy'])} |")
+        acc = side["accuracy"]
+        lines.append(f"| {side['task']} | all classes | | | {_pct(acc['base_accuracy'])} | "
+                     f"{_pct(acc['adapted_accuracy'])} |")
+    return lines
+
+
+def _plot(path: Path, record: dict[str, Any]) -> None:
+    """Group shares of each task, and low->high per class (held-out classes highlighted)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+    width = 0.38
+    for k, role in enumerate(ROLES):
+        overall = record["sides"][role]["overall"]
+        shares = [overall.get(g) or 0.0 for g in GROUPS]
+        left.bar(np.arange(len(GROUPS)) + (k - 0.5) * width, shares, width,
+                 label=f"{record['sides'][role]['task']} ({role.replace('_', '-')})")
+    left.set_xticks(np.arange(len(GROUPS)), [GROUP_LABELS[g] for g in GROUPS])
+    left.set_ylabel("share of relevant latents (pooled)")
+    left.legend(fontsize=8)
+    names, values, colours = [], [], []
+    for role in ROLES:
+        side = record["sides"][role]
+        for name, row in side["per_class"].items():
+            names.append(f"{side['task']}: {name}")
+            values.append(row["low_high"] or 0.0)
+            colours.append("tab:red" if name in side["held_out_classes"] else
+                           ("tab:blue" if role == "held_out" else "tab:grey"))
+    right.bar(np.arange(len(names)), values, color=colours)
+    right.set_xticks(np.arange(len(names)), names, rotation=60, ha="right", fontsize=7)
+    right.set_ylabel("low->high fraction of the class")
+    right.set_title("red: class of a held-out value; blue: seen classes of that task; grey: control", fontsize=9)
+    fig.suptitle(f"Concept addition, layer {record['layer']}: held out "
+                 + ", ".join(f"{a}={v}" for a, v in record["held_out"]))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+__all__ = ["Config", "Outputs", "run", "held_out_classes"]
