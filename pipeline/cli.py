@@ -524,7 +524,7 @@ def import_(class_names: str, **options: object) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Run folder to create or resume (model.pt, trainer_state.pt, config.json, metrics.json, loss.png).")
 @click.option("--model", default="tiny-clip", show_default=True, help="open_clip model name (a registered config).")
-@click.option("--steps", default=600, show_default=True, help="Optimizer steps; each sees --batch-size fresh pairs.")
+@click.option("--steps", default=2000, show_default=True, help="Optimizer steps; each sees --batch-size fresh pairs.")
 @click.option("--batch-size", default=64, show_default=True, help="Image-caption pairs per contrastive batch.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak AdamW learning rate (warm-up, then cosine to 0).")
 @click.option("--warmup-steps", default=30, show_default=True, help="Linear warm-up steps.")

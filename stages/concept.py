@@ -111,10 +111,11 @@ def held_out_classes(task: str, held_out: tuple[tuple[str, str], ...]) -> list[s
 
 
 def _study_params(cfg: Config, out_dir: Path, task: str) -> dict[str, Any]:
-    """The params file's settings with this experiment's world, task and model."""
+    """The params file's settings with this experiment's world, task, model and layer."""
     params = {name: dict(section or {}) for name, section in load_params(cfg.params).items()}
-    params["pretrain"]["held_out"] = [list(pair) for pair in cfg.held_out]
-    params["data"].update(datasets=[study.WORLD_DATASET], task=task,
+    params.setdefault("extract", {})["layers"] = [_layer(cfg, params)]
+    params.setdefault("pretrain", {})["held_out"] = [list(pair) for pair in cfg.held_out]
+    params.setdefault("data", {}).update(datasets=[study.WORLD_DATASET], task=task,
                           allow_held_out=any(a in TASKS[task] for a, _ in cfg.held_out))
     params["model"] = {"name": params["pretrain"].get("model", "tiny-clip"),
                        "pretrained": str(out_dir / "pretrain" / "model.pt")}
@@ -133,7 +134,7 @@ def _layer(cfg: Config, params: dict[str, Any]) -> int:
 def run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     base_params = _study_params(cfg, cfg.out_dir, cfg.task)
-    layer = _layer(cfg, base_params)
+    layer = base_params["extract"]["layers"][0]
     log.info("%s", study.pretrain(base_params, study.Paths("", work=cfg.out_dir)))
     results: dict[str, Any] = {}
     for role, task in zip(ROLES, (cfg.task, cfg.control)):

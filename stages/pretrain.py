@@ -79,7 +79,7 @@ class Config:
     world: str = "synthetic"  # identity: source of image–caption pairs (only 'synthetic' exists)
     seed: int = 0  # identity: world seed (train and test images) and weight-init seed
     model: str = "tiny-clip"  # identity: open_clip model name; image size is read from it
-    steps: int = 600  # identity: optimizer steps (batch_size fresh pairs each)
+    steps: int = 2000  # identity: optimizer steps (batch_size fresh pairs each)
     batch_size: int = 64  # identity: image–caption pairs per step (the contrastive batch)
     lr: float = 2e-3  # identity: peak learning rate of AdamW
     warmup_steps: int = 30  # identity: linear warm-up steps, then cosine decay to 0 at `steps`
