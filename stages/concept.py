@@ -135,14 +135,16 @@ def run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     base_params = _study_params(cfg, cfg.out_dir, cfg.task)
     layer = base_params["extract"]["layers"][0]
+    log.info("pretrain: the tiny CLIP without %s ...", ", ".join(f"{a}={v}" for a, v in cfg.held_out))
     log.info("%s", study.pretrain(base_params, study.Paths("", work=cfg.out_dir)))
     results: dict[str, Any] = {}
     for role, task in zip(ROLES, (cfg.task, cfg.control)):
         params = _study_params(cfg, cfg.out_dir, task)
         paths = study.Paths(study.WORLD_DATASET, layer, work=cfg.out_dir / task)
-        for step in (study.extract, study.train, study.encode, study.stats, study.adapt):
-            log.info("%s %s", task, step(params, paths))
-        log.info("%s %s", task, study.remap(params, paths, masking=False))
+        for step in (study.extract, study.train, study.encode, study.stats, study.adapt, study.remap):
+            log.info("%s task (%s), %s ...", task, role.replace("_", "-"), step.__name__)
+            kwargs = {"masking": False} if step is study.remap else {}
+            log.info("%s task: %s", task, step(params, paths, **kwargs))
         results[role] = _side(task, paths, cfg.held_out)
     record = {"held_out": [list(pair) for pair in cfg.held_out], "layer": layer,
               "tasks": {role: results[role]["task"] for role in ROLES}, **_compare(results),

@@ -101,11 +101,10 @@ _HOLD_THEN_FORK = """
 import os, sys, time
 from cache.store import StoreLock
 StoreLock(sys.argv[1]).__enter__()
-child = os.fork()
-if child == 0:
+if os.fork() == 0:  # the child reports once fork() returned in it, i.e. after the at-fork handlers ran
+    print(os.getpid(), flush=True)
     time.sleep(60)
     os._exit(0)
-print(child, flush=True)
 time.sleep(60)
 """
 
