@@ -530,7 +530,7 @@ def import_(class_names: str, **options: object) -> None:
 @click.option("--warmup-steps", default=30, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay on weight matrices.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the world's images and of the initial weights.")
-@click.option("--held-out", multiple=True, metavar="ATTR=VALUE",
+@click.option("--held-out", multiple=True, default=(), metavar="ATTR=VALUE",
               help="Never show this attribute value in pretraining (repeatable), e.g. texture=checker.")
 @click.option("--task", default="shape_colour", show_default=True, help="Classes of the zero-shot evaluation.")
 @click.option("--templates", default="world", show_default=True, type=click.Choice(["world", "openai"]),
