@@ -1,4 +1,8 @@
-"""The one exception type for problems the user can fix."""
+"""The one exception type for problems the user can fix, and the config checks that raise it."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class UserError(Exception):
@@ -6,3 +10,21 @@ class UserError(Exception):
 
     The CLI prints it as ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+def require_integers(config: Any, *names: str) -> None:
+    """Store each named field of a frozen dataclass as a plain int; bools and non-integers are refused
+    (a YAML or JSON setting such as 2.5 or "3" must not pass silently)."""
+    import numpy as np
+
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UserError(f"{name} must be an integer (got {value!r})")
+        object.__setattr__(config, name, int(value))
+
+
+def require_threads(threads: Any) -> None:
+    """``--threads``: None (torch's own setting) or at least 1."""
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise UserError(f"--threads must be at least 1 (got {threads})")

@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
@@ -51,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_integers
 from pipeline.models import LoadedModel, file_sha256
 from pipeline.runfiles import atomic_write
 
@@ -73,11 +72,7 @@ class MapleConfig:
     ctx_init: str | None = "a photo of a"  # text prefix; its first n_ctx tokens initialise ctx (None: "X X", random)
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise UserError(f"{name} must be an integer (got {value!r})")
-            object.__setattr__(self, name, int(value))
+        require_integers(self, "n_ctx", "depth")
         if self.n_ctx < 0:
             raise UserError(f"--n-ctx must be 0 or more (got {self.n_ctx})")
         if self.depth < 1:

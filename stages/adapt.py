@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from pipeline import maple, runfiles, zeroshot
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_integers, require_threads
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
 from pipeline.runfiles import atomic_write, plot_losses, write_json
@@ -121,12 +121,8 @@ class Config:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if self.dataset not in DATASET_NAMES:
             raise UserError(f"unknown dataset '{self.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
-        for name in ("shots", "seed", "epochs", "batch_size", "warmup_epochs", "eval_batch_size",
-                     "checkpoint_every", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise UserError(f"{name} must be an integer (got {value!r})")
-            object.__setattr__(self, name, int(value))
+        require_integers(self, "shots", "seed", "epochs", "batch_size", "warmup_epochs", "eval_batch_size",
+                         "checkpoint_every", "workers")
         if self.shots < 1:
             raise UserError(f"--shots must be at least 1 (got {self.shots})")
         if self.seed < 0:
@@ -151,8 +147,7 @@ class Config:
             raise UserError(f"--test-limit must be at least 1 (got {self.test_limit})")
         if self.checkpoint_every < 1:
             raise UserError(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
-        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
-            raise UserError(f"--threads must be at least 1 (got {self.threads})")
+        require_threads(self.threads)
         if self.workers < 0:
             raise UserError(f"--workers must be 0 or more (got {self.workers})")
         if self.n_ctx < 1:

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import runfiles, zeroshot
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_integers, require_threads
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.runfiles import atomic_write, plot_losses, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
@@ -102,11 +102,8 @@ class Config:
         if self.model not in open_clip.list_models():
             raise UserError(f"unknown model '{self.model}'; register its open_clip JSON config in "
                             "pipeline/model_configs/ (e.g. tiny-clip)")
-        for name in ("seed", "steps", "batch_size", "warmup_steps", "eval_images", "checkpoint_every", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise UserError(f"{name} must be an integer (got {value!r})")
-            object.__setattr__(self, name, int(value))
+        require_integers(self, "seed", "steps", "batch_size", "warmup_steps", "eval_images", "checkpoint_every",
+                         "workers")
         if self.seed < 0:
             raise UserError(f"--seed must be a non-negative integer (got {self.seed})")
         if self.steps < 1:
@@ -133,8 +130,7 @@ class Config:
             raise UserError(f"--eval-images must be at least 1 (got {self.eval_images})")
         if self.checkpoint_every < 1:
             raise UserError(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
-        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
-            raise UserError(f"--threads must be at least 1 (got {self.threads})")
+        require_threads(self.threads)
         if self.workers < 0:
             raise UserError(f"--workers must be 0 or more (got {self.workers})")
 
