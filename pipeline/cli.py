@@ -54,6 +54,16 @@ def _world_options(command: Callable) -> Callable:
                              "colour, size, texture, background).")(command)
 
 
+def _training_options(command: Callable) -> Callable:
+    """--checkpoint-every, --device and --threads of the resumable training commands (pretrain, adapt)."""
+    command = click.option("--threads", type=int, default=None,
+                           help="torch CPU threads (default: torch's own setting).")(command)
+    command = click.option("--device", default="auto", show_default=True,
+                           help="cpu, cuda, cuda:N, or auto (GPU when present).")(command)
+    return click.option("--checkpoint-every", default=50, show_default=True,
+                        help="Steps between checkpoints.")(command)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
@@ -536,9 +546,7 @@ def import_(class_names: str, **options: object) -> None:
 @click.option("--templates", default="world", show_default=True, type=click.Choice(["world", "openai"]),
               help="Prompt templates of the zero-shot evaluation.")
 @click.option("--eval-images", default=1000, show_default=True, help="Test-split images for zero-shot accuracy.")
-@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (GPU when present).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting).")
+@_training_options
 @click.option("--workers", default=1, show_default=True, help="Processes rendering batches ahead (0 = in the loop).")
 @click.option("--overwrite", is_flag=True, help="Replace a run folder trained with other settings.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -591,9 +599,7 @@ def pretrain(no_progress: bool, **options: object) -> None:
 @click.option("--templates", default="auto", show_default=True,
               help="Base zero-shot prompts: auto (the dataset's own, else openai), openai, world, or a dataset name.")
 @click.option("--eval-batch-size", default=64, show_default=True, help="Images per forward when evaluating.")
-@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (GPU when present).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting).")
+@_training_options
 @click.option("--workers", default=0, show_default=True, help="Image-decoding processes (0 = main process).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter folder written with other settings.")
 @_world_options
