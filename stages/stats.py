@@ -32,6 +32,7 @@ from cache import schema
 from cache.codes import CodeStore, ShardCodes
 from cache.store import ActivationStore
 from pipeline import latents as files
+from pipeline import runfiles
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -418,23 +419,18 @@ def _latent_table(part: Partial, labels: dict[str, np.ndarray], class_names: lis
     return pa.table({name: cols[name] for name in files.LATENT_COLUMNS})
 
 
+OUR_FILES = (files.LATENTS_FILE, files.REFERENCES_DIR, files.CLASS_COUNTS_FILE, files.CLASS_NAMES_FILE,
+             files.SUMMARY_FILE, files.META_FILE, files.PLOT_SCATTER, files.PLOT_HISTOGRAMS, files.PLOT_CLASS_TOP)
+
+
 def _prepare_out_dir(out_dir: Path, *, check_only: bool = False) -> None:
     """Create ``out_dir``, or clear earlier statistics from it; refuse a folder holding anything else."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; choose a folder for --out")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        ours = {files.LATENTS_FILE, files.REFERENCES_DIR, files.CLASS_COUNTS_FILE, files.CLASS_NAMES_FILE,
-                files.SUMMARY_FILE, files.META_FILE, files.PLOT_SCATTER, files.PLOT_HISTOGRAMS,
-                files.PLOT_CLASS_TOP}
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
-        if foreign:
-            raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
-        if check_only:
-            return
-        (out_dir / files.META_FILE).unlink(missing_ok=True)  # incomplete until meta.json is rewritten
-        shutil.rmtree(out_dir / files.REFERENCES_DIR, ignore_errors=True)
-    if not check_only:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    runfiles.refuse_foreign_files(out_dir, OUR_FILES)
+    if check_only:
+        return
+    (out_dir / files.META_FILE).unlink(missing_ok=True)  # incomplete until meta.json is rewritten
+    shutil.rmtree(out_dir / files.REFERENCES_DIR, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def open_inputs(cfg: Config) -> tuple[CodeStore, ActivationStore]:
