@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +54,18 @@ def assert_one_line_error(code: int, output: str, *needles: str) -> None:
     assert len(lines) == 1, output
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def sigkill_when(cmd: Sequence[str], ready: Callable[[], bool], *, env: dict[str, str], cwd: Path | None = None,
+                 timeout: float = 120.0) -> None:
+    """Run ``cmd`` and SIGKILL it once ``ready()`` holds (or at ``timeout``); fails if it ended by itself first."""
+    with tempfile.TemporaryFile() as output:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            output.seek(0)
+            raise AssertionError(f"{cmd[3:5]} ended before the kill:\n{output.read().decode(errors='replace')}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

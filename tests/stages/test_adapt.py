@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.models import load_model
 from pipeline.sae import SAEConfig, build, save_sae
 from stages import adapt, encode, extract, mask, pretrain, stats
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,14 +157,8 @@ def test_sigkill_mid_run_then_rerun_resumes_bit_identically(tmp_path):
            "--test-limit", "16", "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", "--no-progress"]
     cmd = [str(c) for c in cmd]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state_path = out / adapt.TRAINER_NAME
-    deadline = time.monotonic() + 120
-    while not state_path.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, proc.communicate()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(cmd, state_path.exists, env=env, cwd=ROOT)
     killed_at = torch.load(state_path, weights_only=True)["step"]
     assert 0 < killed_at < whole.steps and not (out / adapt.PROMPTS_NAME).exists()
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from click.testing import CliRunner
 
 from cache import schema
 from cache.store import StoreLock
-from tests.helpers import TINY, assert_one_line_error, make_extract_config, tree_digest
+from tests.helpers import TINY, assert_one_line_error, make_extract_config, sigkill_when, tree_digest
 from pipeline.cli import main
 from pipeline.models import load_model
 from stages import extract
@@ -119,12 +117,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path):
     reference = tmp_path / "reference"
     subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, env=env)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while _done_count(killed) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when([*args, "--out", str(killed)], lambda: _done_count(killed) >= 3, env=env)
     n_done = _done_count(killed)
     assert 3 <= n_done < 30, f"kill landed after {n_done} of 30 shards; the test needs a mid-run kill"
     check = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(killed)], capture_output=True, text=True)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -23,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.models import load_model
 from pipeline.world import SyntheticWorld, WorldConfig
 from stages import pretrain
+from tests.helpers import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,14 +214,8 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
            "--steps", "40", "--batch-size", "32", "--warmup-steps", "2", "--checkpoint-every", "4",
            "--eval-images", "40", "--device", "cpu", "--threads", "2", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
     state_path = out / "trainer_state.pt"
-    while not state_path.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(cmd, state_path.exists, env=env, cwd=ROOT, timeout=300)
     killed_at = torch.load(state_path, weights_only=True)["step"]
     assert 0 < killed_at < 40 and not (out / "metrics.json").exists()
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.sae import load_sae
 from stages import encode, importer
 from stages.train import Config
-from tests.helpers import make_extract_config
+from tests.helpers import make_extract_config, sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,16 +109,9 @@ def test_sigkill_during_training_then_rerun_resumes(planted, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread each, immune to a busy core
     ref = subprocess.run([*args, "--out", str(tmp_path / "ref")], capture_output=True, text=True, env=env)
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen([*args, "--out", str(tmp_path / "cut")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
     ckpt = tmp_path / "cut" / "checkpoint" / "trainer.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["n_steps"] >= 300:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when([*args, "--out", str(tmp_path / "cut")],
+                 lambda: ckpt.exists() and torch.load(ckpt, weights_only=True)["n_steps"] >= 300, env=env, timeout=300)
     step = torch.load(ckpt, weights_only=True)["n_steps"]
     assert 300 <= step < 1200, f"the kill landed at step {step}; the test needs a mid-run kill"
     rerun = subprocess.run([*args, "--out", str(tmp_path / "cut")], capture_output=True, text=True, env=env)
