@@ -128,11 +128,11 @@ def _data(params: dict[str, Any], dataset: str) -> dict[str, Any]:
 def pretrain(params: dict[str, Any], paths: Paths | None) -> str:
     from stages import pretrain as stage
 
-    work = paths.work if paths is not None else WORK
+    paths = paths or Paths("")
     p = section(params, "pretrain", _fields(stage.Config, "out_dir", "overwrite", "progress", "world"))
-    out = stage.run(stage.Config(out_dir=work / "pretrain", overwrite=True, progress=False, **p))
-    _copy_metrics(out.metrics_path, work / "pretrain-metrics.json")
-    _copy(out.plot_path, work / "pretrain-loss.png")
+    out = stage.run(stage.Config(out_dir=paths.pretrain, overwrite=True, progress=False, **p))
+    _copy_metrics(out.metrics_path, paths.work / "pretrain-metrics.json")
+    _copy(out.plot_path, paths.work / "pretrain-loss.png")
     return (f"pretrain: {out.steps} steps, loss {out.final_loss:.3f}, zero-shot {100 * out.accuracy:.1f}% "
             f"on {out.n_classes} classes -> {out.model_path}")
 

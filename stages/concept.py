@@ -110,15 +110,15 @@ def held_out_classes(task: str, held_out: tuple[tuple[str, str], ...]) -> list[s
             if any((attribute, value) in held for attribute, value in values.items())]
 
 
-def _study_params(cfg: Config, out_dir: Path, task: str) -> dict[str, Any]:
-    """The params file's settings with this experiment's world, task, model and layer."""
-    params = {name: dict(section or {}) for name, section in load_params(cfg.params).items()}
+def _study_params(cfg: Config, loaded: dict[str, Any], task: str) -> dict[str, Any]:
+    """The params file's settings (``loaded``) with this experiment's world, task, model and layer."""
+    params = {name: dict(section or {}) for name, section in loaded.items()}
     params.setdefault("extract", {})["layers"] = [_layer(cfg, params)]
     params.setdefault("pretrain", {})["held_out"] = [list(pair) for pair in cfg.held_out]
     params.setdefault("data", {}).update(datasets=[study.WORLD_DATASET], task=task,
-                          allow_held_out=any(a in TASKS[task] for a, _ in cfg.held_out))
+                                         allow_held_out=any(a in TASKS[task] for a, _ in cfg.held_out))
     params["model"] = {"name": params["pretrain"].get("model", "tiny-clip"),
-                       "pretrained": str(out_dir / "pretrain" / "model.pt")}
+                       "pretrained": str(study.Paths("", work=cfg.out_dir).pretrain / "model.pt")}
     return params
 
 
@@ -133,13 +133,14 @@ def _layer(cfg: Config, params: dict[str, Any]) -> int:
 
 def run(cfg: Config) -> Outputs:
     started = time.perf_counter()
-    base_params = _study_params(cfg, cfg.out_dir, cfg.task)
+    loaded = load_params(cfg.params)
+    base_params = _study_params(cfg, loaded, cfg.task)
     layer = base_params["extract"]["layers"][0]
     log.info("pretrain: the tiny CLIP without %s ...", ", ".join(f"{a}={v}" for a, v in cfg.held_out))
     log.info("%s", study.pretrain(base_params, study.Paths("", work=cfg.out_dir)))
     results: dict[str, Any] = {}
     for role, task in zip(ROLES, (cfg.task, cfg.control)):
-        params = _study_params(cfg, cfg.out_dir, task)
+        params = _study_params(cfg, loaded, task)
         paths = study.Paths(study.WORLD_DATASET, layer, work=cfg.out_dir / task)
         for step in (study.extract, study.train, study.encode, study.stats, study.adapt, study.remap):
             log.info("%s task (%s), %s ...", task, role.replace("_", "-"), step.__name__)
