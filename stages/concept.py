@@ -44,7 +44,7 @@ from pipeline.params import load_params
 from pipeline.plots import plt
 from pipeline.runfiles import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
-from stages.remap import GROUP_LABELS, GROUPS
+from stages.remap import GROUP_LABELS, GROUPS, percent
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ DEFINITIONS = {
     "comparison": "mean low->high fraction over the held-out classes vs over every class of the control task "
                   "(and over the held-out task's seen classes)",
 }
+
+
+def _show(held_out) -> str:
+    """Held-out pairs as the command line writes them: 'texture=checker, shape=ring'."""
+    return ", ".join(f"{a}={v}" for a, v in held_out)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,7 +141,7 @@ def run(cfg: Config) -> Outputs:
     loaded = load_params(cfg.params)
     base_params = _study_params(cfg, loaded, cfg.task)
     layer = base_params["extract"]["layers"][0]
-    log.info("pretrain: the tiny CLIP without %s ...", ", ".join(f"{a}={v}" for a, v in cfg.held_out))
+    log.info("pretrain: the tiny CLIP without %s ...", _show(cfg.held_out))
     log.info("%s", study.pretrain(base_params, study.Paths("", work=cfg.out_dir)))
     results: dict[str, Any] = {}
     for role, task in zip(ROLES, (cfg.task, cfg.control)):
@@ -192,26 +197,24 @@ def _compare(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
 
 def _table(record: dict[str, Any]) -> list[str]:
-    held = ", ".join(f"{a}={v}" for a, v in record["held_out"])
+    held = _show(record["held_out"])
     lines = [f"concept addition at layer {record['layer']}: pretraining never showed {held}",
              f"low->high (mean fraction of a class's relevant latents): held-out classes "
-             f"{_pct(record['held_out_low_high'])}, the task's seen classes {_pct(record['seen_low_high'])}, "
-             f"control classes {_pct(record['control_low_high'])}", "",
+             f"{percent(record['held_out_low_high'])}, the task's seen classes {percent(record['seen_low_high'])}, "
+             f"control classes {percent(record['control_low_high'])}", "",
              "| task | class | relevant | low->high | base zero-shot | adapted |", "|---|---|---|---|---|---|"]
     for role in ROLES:
         side = record["sides"][role]
         for name, row in side["per_class"].items():
             mark = " (held out)" if name in side["held_out_classes"] else ""
             lines.append(f"| {side['task']} | {name}{mark} | {row['relevant']} | {row['n_low_high']} "
-                         f"({_pct(row['low_high'])}) | {_pct(row['base_accuracy'])} | {_pct(row['adapted_accuracy'])} |")
+                         f"({percent(row['low_high'])}) | {percent(row['base_accuracy'])} | "
+                         f"{percent(row['adapted_accuracy'])} |")
         acc = side["accuracy"]
-        lines.append(f"| {side['task']} | all classes | | | {_pct(acc['base_accuracy'])} | "
-                     f"{_pct(acc['adapted_accuracy'])} |")
+        lines.append(f"| {side['task']} | all classes | | | {percent(acc['base_accuracy'])} | "
+                     f"{percent(acc['adapted_accuracy'])} |")
     return lines
 
 
@@ -240,7 +243,7 @@ def _plot(path: Path, record: dict[str, Any]) -> None:
     right.set_ylabel("low->high fraction of the class")
     right.set_title("red: class of a held-out value; blue: seen classes of that task; grey: control", fontsize=9)
     fig.suptitle(f"Concept addition, layer {record['layer']}: held out "
-                 + ", ".join(f"{a}={v}" for a, v in record["held_out"]))
+                 + _show(record["held_out"]))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -314,7 +314,8 @@ def run(cfg: Config) -> Outputs:
                    n_classes=len(class_names), d_sae=base.d_sae, seconds=time.perf_counter() - started)
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A fraction as '12.3%'; 'n/a' when undefined."""
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
@@ -332,9 +333,9 @@ def table_lines(class_names: list[str], s: dict[str, Any], thresholds: dict[str,
     for c, name in enumerate(class_names):
         n_b = int(images_base[c]) if c < len(images_base) else 0
         n_a = int(images_adapted[c]) if c < len(images_adapted) else 0
-        cells = [f"{_pct(s['fraction_C'][g][c])} ({int(s['n_C'][g][c])})" for g in GROUPS]
+        cells = [f"{percent(s['fraction_C'][g][c])} ({int(s['n_C'][g][c])})" for g in GROUPS]
         lines.append(f"| {name} | {n_b}/{n_a} | {int(s['relevant_C'][c])} | " + " | ".join(cells) + " |")
-    pooled = [f"{_pct(s['overall'][g])} ({int(s['n_C'][g].sum())})" for g in GROUPS]
+    pooled = [f"{percent(s['overall'][g])} ({int(s['n_C'][g].sum())})" for g in GROUPS]
     lines.append(f"| **all classes** | {int(np.sum(images_base))}/{int(np.sum(images_adapted))} | "
                  f"{s['n_relevant']} | " + " | ".join(pooled) + " |")
     per = s["latents_per_class"]
