@@ -132,8 +132,12 @@ def test_concept_addition_runs_both_studies_and_compares_their_remap_tables(tmp_
     assert record["control_low_high"] == pytest.approx(np.mean(control) if control else None)
     for role in ("held_out", "control"):
         assert record["sides"][role]["overall"] == remaps[role]["overall"]
-        per_class = json.loads((Path(record["sides"][role]["adapter"]) / "metrics.json").read_text())["per_class"]
+        metrics = json.loads((Path(record["sides"][role]["adapter"]) / "metrics.json").read_text())
+        per_class = metrics["per_class"]
         assert sum(row["n_images"] for row in per_class.values()) == 40
+        for head in ("base", "probe", "adapted"):  # per-class accuracies add up to the overall one
+            hits = sum(row[head] * row["n_images"] for row in per_class.values() if row["n_images"])
+            assert hits / 40 == pytest.approx(metrics[f"{head}_accuracy"])
     assert (out / "concept.png").stat().st_size > 0 and (out / "concept.md").read_text().count("|") > 20
 
     # a rerun resumes: nothing is retrained, the comparison is the same
