@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.errors import UserError
 
@@ -23,6 +24,22 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"  # the run's identity, compared on every rerun
 TRAINER_NAME = "trainer_state.pt"  # what a resume reads
+
+
+def load_trainer_state(out_dir: Path, format_version: int, device: str) -> dict[str, Any] | None:
+    """The run's ``trainer_state.pt`` on ``device``, or None when there is none yet.
+
+    A state written by another format version is refused: resuming from it would silently
+    mix two versions of the training code.
+    """
+    path = out_dir / TRAINER_NAME
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("format_version") != format_version:
+        raise UserError(f"{path} has format version {state.get('format_version')}, this code writes "
+                        f"{format_version}; pass --overwrite to start over")
+    return state
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -303,12 +303,8 @@ def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
         n_train = len(shot_rows)
         total = cfg.epochs * steps_per_epoch(cfg, n_train)
         train_seconds = 0.0
-        trainer_path = out_dir / TRAINER_NAME
-        if trainer_path.is_file():
-            state = torch.load(trainer_path, map_location=device, weights_only=True)
-            if state.get("format_version") != FORMAT_VERSION:
-                raise UserError(f"{trainer_path} has format version {state.get('format_version')}, this code "
-                                f"writes {FORMAT_VERSION}; pass --overwrite to start over")
+        state = runfiles.load_trainer_state(out_dir, FORMAT_VERSION, device)
+        if state is not None:
             prompts.load_state_dict(state["prompts"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, losses, train_seconds = int(state["step"]), list(state["losses"]), float(state["train_seconds"])
