@@ -534,10 +534,13 @@ def import_(class_names: str, **options: object) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Run folder to create or resume (model.pt, trainer_state.pt, config.json, metrics.json, loss.png).")
 @click.option("--model", default="tiny-clip", show_default=True, help="open_clip model name (a registered config).")
-@click.option("--steps", default=2000, show_default=True, help="Optimizer steps; each sees --batch-size fresh pairs.")
+@click.option("--steps", default=1500, show_default=True, help="Optimizer steps; each sees --batch-size fresh pairs.")
 @click.option("--batch-size", default=64, show_default=True, help="Image-caption pairs per contrastive batch.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak AdamW learning rate (warm-up, then cosine to 0).")
 @click.option("--warmup-steps", default=30, show_default=True, help="Linear warm-up steps.")
+@click.option("--positives", default="attributes", show_default=True, type=click.Choice(["attributes", "caption"]),
+              help="Matches in the contrastive loss: every caption true of the image (attributes) or only its own "
+                   "caption (caption, standard CLIP).")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW weight decay on weight matrices.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the world's images and of the initial weights.")
 @click.option("--held-out", multiple=True, default=(), metavar="ATTR=VALUE",

@@ -252,9 +252,9 @@ def caption_for(scene: dict[str, Any]) -> str:
     return f"a photo of a {_phrase({name: scene[name] for name in ATTRIBUTES})}"
 
 
-def partial_caption_for(scene: dict[str, Any], rng: np.random.Generator) -> str:
-    """Caption naming the object (colour and shape) and a random subset of the other
-    attribute values (each kept with probability 1/2), e.g. 'a photo of a red circle' or
+def partial_caption_values(scene: dict[str, Any], rng: np.random.Generator) -> dict[str, str]:
+    """The attribute values a pretraining caption names: the object (colour and shape)
+    always, each other value with probability 1/2; e.g. 'a photo of a red circle' or
     'a photo of a small blue ring on a background with dots'.
 
     Like alt-text, a caption always names its main subject and only sometimes the details.
@@ -262,8 +262,7 @@ def partial_caption_for(scene: dict[str, Any], rng: np.random.Generator) -> str:
     distribution; with full captions only, such prompts fall far from every caption the
     text tower saw and zero-shot accuracy stays low.
     """
-    keep = {name: name in OBJECT_ATTRIBUTES or rng.random() < 0.5 for name in ATTRIBUTES}
-    return f"a photo of a {_phrase({name: scene[name] for name in ATTRIBUTES if keep[name]})}"
+    return {name: scene[name] for name in ATTRIBUTES if name in OBJECT_ATTRIBUTES or rng.random() < 0.5}
 
 
 # ---------------------------------------------------------------------------------------
@@ -535,12 +534,16 @@ class SyntheticWorld:
         """Caption of image i naming all its attribute values."""
         return caption_for(self.scene(i))
 
-    def partial_caption(self, i) -> str:
-        """Caption of image i naming a random subset of its attribute values (``partial_caption_for``),
+    def partial_caption_values(self, i) -> dict[str, str]:
+        """The attribute values image i's partial caption names (``partial_caption_values``),
         drawn from a stream of its own so images and full captions stay unchanged."""
         i = self._index(i)
         rng = np.random.default_rng([_RNG_SALT, self.config.seed, self._split_id, i, 1])
-        return partial_caption_for(self.scene(i), rng)
+        return partial_caption_values(self.scene(i), rng)
+
+    def partial_caption(self, i) -> str:
+        """Caption of image i naming a random subset of its attribute values (``partial_caption_values``)."""
+        return f"a photo of a {_phrase(self.partial_caption_values(i))}"
 
     def render(self, i) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 (H, W, 3) image, bool (H, W) object mask) of image i."""

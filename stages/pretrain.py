@@ -1,11 +1,16 @@
 """Pretrain a small open_clip CLIP from scratch on image–caption pairs of the synthetic world.
 
 Training: the symmetric contrastive loss of CLIP (InfoNCE over the batch in both directions,
-with the learnable logit scale, open_clip's ``ClipLoss``) on fresh pairs every step.  Step
-``s`` uses the training split's images ``s·B … (s+1)·B − 1`` and their captions
-(``SyntheticWorld.partial_caption``: a random subset of the attributes, so short zero-shot
-prompts are in distribution), so the data position is the step and nothing is ever reused.
-Captions that happen to repeat inside a batch still count as negatives (standard CLIP).
+with the learnable logit scale) on fresh pairs every step.  Step ``s`` uses the training
+split's images ``s·B … (s+1)·B − 1`` and their captions (``SyntheticWorld.partial_caption``:
+a random subset of the attributes, so short zero-shot prompts are in distribution), so the
+data position is the step and nothing is ever reused.  ``positives`` decides what counts as
+a match: ``caption`` is standard CLIP (only an image's own caption; equal to open_clip's
+``ClipLoss``), ``attributes`` (the default) counts every caption in the batch that is true of
+the image (every value it names is the image's), with the target spread evenly over them.
+The world knows which captions are true of which images; standard CLIP must treat "a photo
+of a red circle" as a negative for every other red circle in the batch, and learns shape
+more slowly for it (measured: README, "The synthetic world and the tiny CLIP").
 AdamW; the learning rate rises linearly over ``warmup_steps`` then follows a cosine to 0 at
 ``steps``; weight decay applies to weight matrices only (not to gains, biases, embeddings
 or the logit scale); the logit scale is clamped to at most 100 as in CLIP.
@@ -18,7 +23,7 @@ Folder ``out_dir`` (format version 1), every file written atomically (temporary 
 ``os.replace``):
 
 - ``config.json``: ``format_version``, ``world`` (the training ``WorldConfig.to_dict()``),
-  ``training`` (model, steps, batch_size, lr, warmup_steps, weight_decay, seed) — the run's
+  ``training`` (model, steps, batch_size, lr, warmup_steps, positives, weight_decay, seed) — the run's
   identity, compared on every rerun — and package versions (informative).
 - ``trainer_state.pt``: step, model and AdamW state, torch RNG state, per-step losses,
   cumulative training seconds; self-contained, used to resume.
@@ -69,6 +74,7 @@ WORLDS = ("synthetic",)
 LOG_EVERY = 10  # steps between progress-bar loss updates
 FINAL_LOSS_STEPS = 10  # final loss = mean loss of this many last steps
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) to 100
+POSITIVES = ("attributes", "caption")  # what counts as a match in the contrastive loss (module docstring)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,10 +85,11 @@ class Config:
     world: str = "synthetic"  # identity: source of image–caption pairs (only 'synthetic' exists)
     seed: int = 0  # identity: world seed (train and test images) and weight-init seed
     model: str = "tiny-clip"  # identity: open_clip model name; image size is read from it
-    steps: int = 2000  # identity: optimizer steps (batch_size fresh pairs each)
+    steps: int = 1500  # identity: optimizer steps (batch_size fresh pairs each)
     batch_size: int = 64  # identity: image–caption pairs per step (the contrastive batch)
     lr: float = 2e-3  # identity: peak learning rate of AdamW
     warmup_steps: int = 30  # identity: linear warm-up steps, then cosine decay to 0 at `steps`
+    positives: str = "attributes"  # identity: a caption matches its own image only ('caption') or every image it is true of
     weight_decay: float = 0.1  # identity: AdamW decoupled weight decay on weight matrices
     held_out: tuple[tuple[str, str], ...] = ()  # identity: (attribute, value) pairs never shown (or 'attr=value')
     task: str = "shape_colour"  # evaluation: classes of the zero-shot test (a key of pipeline.world.TASKS)
@@ -110,6 +117,8 @@ class Config:
             raise UserError(f"--steps must be at least 1 (got {self.steps})")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2: a contrastive batch needs negatives (got {self.batch_size})")
+        if self.positives not in POSITIVES:
+            raise UserError(f"unknown --positives '{self.positives}'; choose one of: {', '.join(POSITIVES)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.warmup_steps < self.steps:
@@ -159,7 +168,8 @@ class Outputs:
 
 
 class PairBatches(Dataset):
-    """Item ``s`` is training step ``s``'s batch: ``(images_BCHW float32 normalised, tokens_BT int64)``.
+    """Item ``s`` is training step ``s``'s batch: ``(images_BCHW float32 normalised, tokens_BT int64,
+    true_BB bool)``, ``true_BB[i, j]`` = caption j is true of image i (its diagonal is all true).
 
     Images ``s·B … (s+1)·B − 1`` of ``world`` and their tokenised captions (``world.partial_caption``).
     Pixels are scaled to [0, 1] and normalised with the model's mean and std, which equals
@@ -176,13 +186,17 @@ class PairBatches(Dataset):
     def __len__(self) -> int:
         return len(self.world) // self.batch_size
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         indices = range(step * self.batch_size, (step + 1) * self.batch_size)
         pixels_BHW3 = np.stack([self.world.render(i)[0] for i in indices])
         images_BCHW = torch.from_numpy(pixels_BHW3).permute(0, 3, 1, 2).float().div_(255.0)
         images_BCHW = (images_BCHW - self.mean_C11) / self.std_C11
         tokens_BT = self.tokenizer([self.world.partial_caption(i) for i in indices])
-        return images_BCHW, tokens_BT
+        scenes = [self.world.scene(i) for i in indices]
+        named = [self.world.partial_caption_values(i) for i in indices]
+        true_BB = torch.tensor([[all(scene[a] == v for a, v in values.items()) for values in named]
+                                for scene in scenes])
+        return images_BCHW, tokens_BT, true_BB
 
 
 def train_world(cfg: Config, image_size: int) -> WorldConfig:
@@ -216,12 +230,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def contrastive_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, images_BCHW: torch.Tensor,
-                     tokens_BT: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE of one batch, with the model's learnable logit scale."""
+def contrastive_loss(model: torch.nn.Module, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
+                     positive_BB: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE of one batch with the model's learnable logit scale; image i's
+    target is spread evenly over the captions j with ``positive_BB[i, j]``, caption j's over
+    those images (with the identity it is CLIP's own loss)."""
     image_BE = model.encode_image(images_BCHW, normalize=True)
     text_BE = model.encode_text(tokens_BT, normalize=True)
-    return loss_fn(image_BE, text_BE, model.logit_scale.exp())
+    logits_BB = model.logit_scale.exp() * image_BE @ text_BE.T
+    target_BB = positive_BB.float()
+    image_loss = -(target_BB / target_BB.sum(1, keepdim=True) * logits_BB.log_softmax(1)).sum(1).mean()
+    text_loss = -(target_BB.T / target_BB.T.sum(1, keepdim=True) * logits_BB.T.log_softmax(1)).sum(1).mean()
+    return (image_loss + text_loss) / 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +251,8 @@ def contrastive_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, images_BC
 def _identity(cfg: Config, world: WorldConfig) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "world": world.to_dict(),
             "training": {"model": cfg.model, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                         "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay, "seed": cfg.seed}}
+                         "warmup_steps": cfg.warmup_steps, "positives": cfg.positives,
+                         "weight_decay": cfg.weight_decay, "seed": cfg.seed}}
 
 
 def _save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -290,7 +311,8 @@ def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
     runfiles.prepare_run_folder(out_dir, identity, cfg.overwrite, kind="pretraining",
                                 our_files=(TRAINER_NAME, MODEL_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME))
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)  # one kernel for the whole update: steps 10 % faster on 2 CPU cores
     start_step, losses, train_seconds = 0, [], 0.0
     rng_state = torch.get_rng_state()
     trainer_path = out_dir / TRAINER_NAME
@@ -342,16 +364,16 @@ def _train(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                         cfg.batch_size, open_clip.get_tokenizer(cfg.model), mean, std)
     loader = DataLoader(pairs, batch_size=None, sampler=range(start_step, cfg.steps),
                         num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
-    loss_fn = open_clip.ClipLoss()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"pretrain {cfg.model}", unit="step",
                disable=not cfg.progress, dynamic_ncols=True)
     pending: list[torch.Tensor] = []  # detached losses not yet turned into floats
     resumed = time.perf_counter()
     step = start_step
-    for images_BCHW, tokens_BT in loader:
+    for images_BCHW, tokens_BT, true_BB in loader:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = contrastive_loss(model, loss_fn, images_BCHW.to(device), tokens_BT.to(device))
+        positive_BB = true_BB if cfg.positives == "attributes" else torch.eye(len(true_BB), dtype=torch.bool)
+        loss = contrastive_loss(model, images_BCHW.to(device), tokens_BT.to(device), positive_BB.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

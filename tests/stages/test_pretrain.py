@@ -104,12 +104,73 @@ def test_training_batches_match_the_eval_transform_and_are_deterministic():
     world = SyntheticWorld(WorldConfig(seed=1), n_images=64, split="train")
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
     pairs = pretrain.PairBatches(world, 16, open_clip.get_tokenizer("tiny-clip"), mean, std)
-    images_BCHW, tokens_BT = pairs[2]
+    images_BCHW, tokens_BT, true_BB = pairs[2]
     reference = torch.stack([model.preprocess(world[i][0]) for i in range(32, 48)])
     torch.testing.assert_close(images_BCHW, reference, rtol=0, atol=1e-6)
     assert tokens_BT.shape == (16, 32) and tokens_BT.dtype == torch.int64
-    assert torch.equal(pairs[2][1], tokens_BT) and len(pairs) == 4
+    assert torch.equal(pairs[2][1], tokens_BT) and torch.equal(pairs[2][2], true_BB) and len(pairs) == 4
     assert torch.equal(tokens_BT, open_clip.get_tokenizer("tiny-clip")([world.partial_caption(i) for i in range(32, 48)]))
+
+
+def test_a_caption_is_true_of_the_images_that_show_everything_it_names():
+    world = SyntheticWorld(WorldConfig(seed=2), n_images=256, split="train")
+    pairs = pretrain.PairBatches(world, 256, open_clip.get_tokenizer("tiny-clip"), (0.5,) * 3, (0.5,) * 3)
+    true_BB = pairs[0][2]
+    scenes = [world.scene(i) for i in range(256)]
+    captions = [world.partial_caption(i) for i in range(256)]
+    assert true_BB.dtype == torch.bool and true_BB.diagonal().all()
+    short = [j for j, c in enumerate(captions) if c == f"a photo of a {scenes[j]['colour']} {scenes[j]['shape']}"]
+    sized = [j for j, c in enumerate(captions) if c.startswith(f"a photo of a {scenes[j]['size']} ")]
+    assert len(short) > 10 and len(sized) > 10
+    checked = {"short": 0, "object differs": 0, "size differs": 0}
+    for i, scene in enumerate(scenes):
+        for j in range(256):
+            same_object = (scenes[j]["shape"], scenes[j]["colour"]) == (scene["shape"], scene["colour"])
+            if not same_object:  # every caption names the object's colour and shape
+                assert not true_BB[i, j]
+                checked["object differs"] += 1
+            elif j in short:  # 'a photo of a red circle' is true of every red circle
+                assert true_BB[i, j]
+                checked["short"] += 1
+            elif j in sized and scenes[j]["size"] != scene["size"]:
+                assert not true_BB[i, j]
+                checked["size differs"] += 1
+    assert min(checked.values()) > 20, checked
+
+
+class _Embeddings(torch.nn.Module):
+    """Stands in for a CLIP whose embeddings are given."""
+
+    def __init__(self, image_BE, text_BE, logit_scale):
+        super().__init__()
+        self.image_BE, self.text_BE, self.logit_scale = image_BE, text_BE, torch.tensor(logit_scale)
+
+    def encode_image(self, _, normalize):
+        return torch.nn.functional.normalize(self.image_BE, dim=-1)
+
+    def encode_text(self, _, normalize):
+        return torch.nn.functional.normalize(self.text_BE, dim=-1)
+
+
+def test_contrastive_loss_is_clips_with_own_captions_and_spreads_the_target_over_positives():
+    gen = torch.Generator().manual_seed(0)
+    image_BE, text_BE = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    model = _Embeddings(image_BE, text_BE, 2.5)
+    own = pretrain.contrastive_loss(model, None, None, torch.eye(6, dtype=torch.bool))
+    clip = open_clip.ClipLoss()(model.encode_image(None, True), model.encode_text(None, True), model.logit_scale.exp())
+    torch.testing.assert_close(own, clip, rtol=1e-6, atol=1e-6)
+
+    positive_BB = torch.eye(6, dtype=torch.bool)
+    positive_BB[0, 1] = positive_BB[1, 0] = positive_BB[2, 1] = True  # captions 0, 1 true of images 0, 1; caption 1 of 2
+    logits_BB = model.logit_scale.exp() * model.encode_image(None, True) @ model.encode_text(None, True).T
+    image_log_BB, text_log_BB = logits_BB.log_softmax(1), logits_BB.T.log_softmax(1)
+    image_terms = [-(image_log_BB[0, 0] + image_log_BB[0, 1]) / 2, -(image_log_BB[1, 0] + image_log_BB[1, 1]) / 2,
+                   -(image_log_BB[2, 1] + image_log_BB[2, 2]) / 2] + [-image_log_BB[k, k] for k in (3, 4, 5)]
+    text_terms = [-(text_log_BB[0, 0] + text_log_BB[0, 1]) / 2, -(text_log_BB[1, 0] + text_log_BB[1, 1]
+                                                                  + text_log_BB[1, 2]) / 3,
+                  -text_log_BB[2, 2]] + [-text_log_BB[k, k] for k in (3, 4, 5)]
+    expected = (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+    torch.testing.assert_close(pretrain.contrastive_loss(model, None, None, positive_BB), expected)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -179,6 +240,7 @@ def test_another_config_in_the_same_folder_is_refused(tmp_path):
     ({"model": "tiny-clipp"}, "unknown model 'tiny-clipp'"),
     ({"task": "nope"}, "unknown --task 'nope'"),
     ({"templates": "mine"}, "unknown --templates 'mine'"),
+    ({"positives": "all"}, "unknown --positives 'all'"),
 ])
 def test_bad_config_values_are_user_errors(tmp_path, overrides, needle):
     with pytest.raises(UserError) as err:
