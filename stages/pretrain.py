@@ -346,7 +346,8 @@ def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
         write_json(metrics_path, metrics)
         plot_losses(out_dir / PLOT_NAME, losses,
                     f"{cfg.model} on the synthetic world: batch {cfg.batch_size}, lr {cfg.lr:g}, "
-                    f"zero-shot {100 * result['accuracy']:.1f}%", ylabel="contrastive loss", window=FINAL_LOSS_STEPS)
+                    f"positives: {cfg.positives}, zero-shot {100 * result['accuracy']:.1f}%",
+                    ylabel="contrastive loss", window=FINAL_LOSS_STEPS)
     log.info("zero-shot accuracy %.1f%% on %d test images (%d classes, chance %.1f%%)",
              100 * metrics["accuracy"], cfg.eval_images, metrics["n_classes"], 100 * metrics["chance"])
     return Outputs(out_dir=out_dir, model_path=out_dir / MODEL_NAME, trainer_state_path=trainer_path,
