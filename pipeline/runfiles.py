@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.errors import UserError
 
@@ -32,6 +31,8 @@ def load_trainer_state(out_dir: Path, format_version: int, device: str) -> dict[
     A state written by another format version is refused: resuming from it would silently
     mix two versions of the training code.
     """
+    import torch  # here, not at the top: stats (and each of its Dask workers) imports this module without torch
+
     path = out_dir / TRAINER_NAME
     if not path.is_file():
         return None
