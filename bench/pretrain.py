@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     settings = section(load_params(ROOT / "params.yaml"), "pretrain",
-                       {"model", "steps", "batch_size", "lr", "warmup_steps", "positives", "seed", "held_out", "eval_images", "device"})
+                       {"model", "steps", "batch_size", "lr", "warmup_steps", "positives", "seed", "held_out",
+                        "eval_images", "device"})
     settings.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None})
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     try:

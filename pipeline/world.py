@@ -243,13 +243,13 @@ def _phrase(values: dict[str, str]) -> str:
     return thing or ground or "object"
 
 
-def caption_for(scene: dict[str, Any]) -> str:
-    """Caption naming every attribute value of a scene.
+def caption_for(values: dict[str, Any]) -> str:
+    """Caption naming the attribute values in ``values`` (a scene: all of them; other keys are ignored).
 
     E.g. 'a photo of a small red circle on a grey background with stripes'; plain
     backgrounds read 'on a plain grey background', checker ones 'with a checker pattern'.
     """
-    return f"a photo of a {_phrase({name: scene[name] for name in ATTRIBUTES})}"
+    return f"a photo of a {_phrase({name: values[name] for name in ATTRIBUTES if name in values})}"
 
 
 def partial_caption_values(scene: dict[str, Any], rng: np.random.Generator) -> dict[str, str]:
@@ -543,7 +543,7 @@ class SyntheticWorld:
 
     def partial_caption(self, i) -> str:
         """Caption of image i naming a random subset of its attribute values (``partial_caption_values``)."""
-        return f"a photo of a {_phrase(self.partial_caption_values(i))}"
+        return caption_for(self.partial_caption_values(i))
 
     def render(self, i) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 (H, W, 3) image, bool (H, W) object mask) of image i."""

@@ -59,7 +59,7 @@ from pipeline import runfiles, zeroshot
 from pipeline.errors import UserError, require_integers, require_threads
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.runfiles import atomic_write, plot_losses, write_json
-from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
+from pipeline.world import TASKS, SyntheticWorld, WorldConfig, caption_for, parse_held_out
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,9 @@ class PairBatches(Dataset):
         pixels_BHW3 = np.stack([self.world.render(i)[0] for i in indices])
         images_BCHW = torch.from_numpy(pixels_BHW3).permute(0, 3, 1, 2).float().div_(255.0)
         images_BCHW = (images_BCHW - self.mean_C11) / self.std_C11
-        tokens_BT = self.tokenizer([self.world.partial_caption(i) for i in indices])
+        named = [self.world.partial_caption_values(i) for i in indices]  # what each caption says
+        tokens_BT = self.tokenizer([caption_for(values) for values in named])
         scenes = [self.world.scene(i) for i in indices]
-        named = [self.world.partial_caption_values(i) for i in indices]
         true_BB = torch.tensor([[all(scene[a] == v for a, v in values.items()) for values in named]
                                 for scene in scenes])
         return images_BCHW, tokens_BT, true_BB
