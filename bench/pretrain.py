@@ -17,7 +17,7 @@ from pathlib import Path
 
 from _util import peak_rss_mb
 
-from pipeline.params import load_params, section
+from app.params import load_params, section
 from stages import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from zarr.codecs import ZstdCodec
 
 from cache import schema
 from cache.store import _clear_dir, _is_kind
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 
 def shard_group(k: int) -> str:

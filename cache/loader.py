@@ -21,7 +21,7 @@ import torch
 
 from cache.shardfile import read_rows
 from cache.store import ActivationStore
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 TOKEN_KINDS = ("all", "patches", "cls")
 

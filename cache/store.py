@@ -24,7 +24,7 @@ from zarr.codecs import ZstdCodec
 
 from cache import schema
 from cache.shardfile import write_rows
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger(__name__)
 

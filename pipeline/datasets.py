@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.world import ATTRIBUTES, TASKS, SyntheticWorld, WorldConfig
 
 GROUNDTRUTH_FORMAT_VERSION = 1

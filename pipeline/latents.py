@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 STATS_FORMAT_VERSION = 1
 

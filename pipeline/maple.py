@@ -50,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.errors import UserError, require_integers
+from cache.errors import UserError, require_integers
 from pipeline.models import LoadedModel, file_sha256
 from pipeline.runfiles import atomic_write
 

@@ -18,7 +18,7 @@ from typing import Any
 import open_clip
 import torch
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger(__name__)
 

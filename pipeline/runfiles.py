@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae import SAE
 
 MODES = ("on", "off")

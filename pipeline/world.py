@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 RENDER_VERSION = 1
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import DTYPES, LoadedModel  # importing registers pipeline/model_configs
 
 log = logging.getLogger(__name__)

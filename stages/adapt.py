@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from pipeline import maple, runfiles, zeroshot
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
-from pipeline.errors import UserError, require_integers, require_threads
+from cache.errors import UserError, require_integers, require_threads
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
 from pipeline.runfiles import atomic_write, plot_losses, write_json

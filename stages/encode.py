@@ -21,7 +21,7 @@ from cache import schema
 from cache.codes import CodeStore, ShardCodes
 from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import file_sha256, resolve_device
 from pipeline.sae import SAE, Codes, load_sae
 

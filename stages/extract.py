@@ -31,7 +31,7 @@ from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume,
 from cache.writer import BackgroundWriter
 from pipeline import maple
 from pipeline.datasets import ImageSet, open_dataset
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import LoadedModel, load_model
 from pipeline.world import TASKS, held_out_of
 

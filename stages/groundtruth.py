@@ -27,7 +27,7 @@ from cache.codes import CodeStore
 from cache.store import ActivationStore
 from pipeline import groundtruth as gt
 from pipeline import runfiles
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 from pipeline.world import SyntheticWorld, object_coverage
 

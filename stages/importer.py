@@ -18,7 +18,7 @@ import numpy as np
 
 from cache import schema
 from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger(__name__)
 

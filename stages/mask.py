@@ -62,7 +62,7 @@ from cache import schema
 from cache.store import ActivationStore
 from pipeline import maple, runfiles, splice, zeroshot
 from pipeline.datasets import ImageSet, open_dataset, synthetic_options
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 from pipeline.models import DTYPES, LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import LinearProbe, ProbeConfig, fit_linear_probe

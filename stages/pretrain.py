@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import runfiles, zeroshot
-from pipeline.errors import UserError, require_integers, require_threads
+from cache.errors import UserError, require_integers, require_threads
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.runfiles import atomic_write, plot_losses, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, caption_for, parse_held_out

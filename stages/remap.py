@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import latents as files
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.groundtruth import PLOT_FILE as GT_PLOT
 from pipeline.groundtruth import GroundTruthResults
 from pipeline.heatmaps import ImageSource, ImageUnavailable, render_heatmap

@@ -33,7 +33,7 @@ from cache.codes import CodeStore, ShardCodes
 from cache.store import ActivationStore
 from pipeline import latents as files
 from pipeline import runfiles
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger(__name__)
 

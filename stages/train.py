@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cache.loader import LoaderConfig, TokenLoader, token_indices
 from cache.store import ActivationStore, config_sha256
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import resolve_device
 from pipeline.plots import plot_curves
 from pipeline.sae import (

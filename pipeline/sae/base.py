@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

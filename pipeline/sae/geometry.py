@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae.base import SAE
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae.base import SAE, SAEConfig, build
 from pipeline.sae.trainer import Trainer, TrainConfig
 

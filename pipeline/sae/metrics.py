@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae.base import SAE, Codes
 from pipeline.sae.losses import TOKEN_NORM_EPS
 

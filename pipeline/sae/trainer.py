@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae import losses
 from pipeline.sae.base import SAE, check_int, check_number
 from pipeline.sae.geometry import init_b_dec_, normalize_decoder_, remove_parallel_grad_

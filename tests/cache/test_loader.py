@@ -8,7 +8,7 @@ import torch
 
 from cache.loader import LoaderConfig, TokenLoader, split_rows
 from cache.store import ActivationStore
-from pipeline.errors import UserError
+from cache.errors import UserError
 from stages import importer
 
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from cache import schema
 from cache.check import describe, verify
 from cache.store import ActivationStore, StoreLock, plan_layout
-from pipeline.cli import main
-from pipeline.errors import UserError
+from app.cli import main
+from cache.errors import UserError
 
 
 @given(bytes_per_image=st.integers(100, 5_000_000), n_images=st.integers(1, 2_000_000))

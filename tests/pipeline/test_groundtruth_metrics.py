@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import groundtruth as gt
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.world import SyntheticWorld, WorldConfig, object_coverage
 from tests.stages.test_stats import csr_of
 

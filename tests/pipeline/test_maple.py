@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import maple, zeroshot
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import runfiles
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 
 def test_trainer_state_absent_current_and_foreign(tmp_path):

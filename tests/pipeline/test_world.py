@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline import world as W
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.world import (ATTRIBUTES, OBJECT_RGB, TASKS, SyntheticWorld, WorldConfig, caption_for,
                             object_coverage, render_scene, scene_colours)
 

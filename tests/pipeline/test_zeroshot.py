@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import zeroshot
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import load_model
 from pipeline.world import SyntheticWorld, WorldConfig
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from cache.store import ActivationStore
 from pipeline import maple
-from pipeline.cli import main
+from app.cli import main
 from pipeline.datasets import open_dataset
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.models import load_model
 from pipeline.sae import SAEConfig, build, save_sae
 from stages import adapt, encode, extract, mask, pretrain, stats
@@ -151,7 +151,7 @@ def test_sigkill_mid_run_then_rerun_resumes_bit_identically(tmp_path):
     epochs = 10
     whole = adapt.run(_random(tmp_path / "whole", epochs=epochs, threads=1))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline.cli", "adapt", "--dataset", "synthetic", "--task", "colour",
+    cmd = [sys.executable, "-m", "app.cli", "adapt", "--dataset", "synthetic", "--task", "colour",
            "--model", "tiny-clip", "--pretrained", "none", "--out", out, "--shots", "4", "--n-ctx", "2",
            "--depth", "2", "--epochs", epochs, "--batch-size", "4", "--lr", "0.01", "--warmup-epochs", "1",
            "--test-limit", "16", "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", "--no-progress"]

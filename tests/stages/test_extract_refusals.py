@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cache import schema
 from cache.store import StoreLock
 from tests.helpers import TINY, assert_one_line_error, make_extract_config, sigkill_when, tree_digest
-from pipeline.cli import main
+from app.cli import main
 from pipeline.models import load_model
 from stages import extract
 
@@ -111,7 +111,7 @@ def _done_count(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(tmp_path):
-    args = [sys.executable, "-m", "pipeline.cli", "extract", *_with(TINY_ARGS, limit="600", batch_size="1")]
+    args = [sys.executable, "-m", "app.cli", "extract", *_with(TINY_ARGS, limit="600", batch_size="1")]
     args[args.index("--shard-images") + 1] = "20"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread each, immune to a busy core
     reference = tmp_path / "reference"
@@ -120,16 +120,16 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path):
     sigkill_when([*args, "--out", str(killed)], lambda: _done_count(killed) >= 3, env=env)
     n_done = _done_count(killed)
     assert 3 <= n_done < 30, f"kill landed after {n_done} of 30 shards; the test needs a mid-run kill"
-    check = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(killed)], capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "app.cli", "verify", str(killed)], capture_output=True, text=True)
     assert check.returncode == 1 and "INCOMPLETE" in check.stdout
     subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True, env=env)
     assert tree_digest(killed) == tree_digest(reference)
-    check = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(killed)], capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "app.cli", "verify", str(killed)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
 
 
 def test_config_loader_rejects_bad_numbers(tmp_path):
-    from pipeline.errors import UserError
+    from cache.errors import UserError
 
     with pytest.raises(UserError, match="batch-size"):
         make_extract_config(tmp_path, batch_size=0)

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import groundtruth as gt
-from pipeline.cli import main
+from app.cli import main
 from pipeline.world import SyntheticWorld, WorldConfig, object_coverage
 from stages import encode, extract, groundtruth, report, stats
 from stages import train as train_stage

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cache.check import verify
 from cache.store import ActivationStore
-from pipeline.cli import main
+from app.cli import main
 
 
 @pytest.mark.parametrize("kind", ["npy", "npz", "raw"])

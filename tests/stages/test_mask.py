@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cache.store import ActivationStore, StoreSpec, create_or_resume
 from pipeline import splice
-from pipeline.cli import main
+from app.cli import main
 from pipeline.models import load_model
 from pipeline.sae import SAEConfig, build, load_sae, save_sae
 from stages import encode, extract, mask, stats

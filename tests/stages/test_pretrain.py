@@ -16,8 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.errors import UserError
+from app.cli import main
+from cache.errors import UserError
 from pipeline.models import load_model
 from pipeline.world import SyntheticWorld, WorldConfig
 from stages import pretrain
@@ -272,7 +272,7 @@ def test_cli_refusal_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.cli", "pretrain", "--world", "synthetic", "--out", str(out),
+    cmd = [sys.executable, "-m", "app.cli", "pretrain", "--world", "synthetic", "--out", str(out),
            "--steps", "40", "--batch-size", "32", "--warmup-steps", "2", "--checkpoint-every", "4",
            "--eval-images", "40", "--device", "cpu", "--threads", "2", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cache.store import ActivationStore
-from pipeline.cli import main
+from app.cli import main
 from pipeline.sae import SAEConfig, build, save_sae
 from stages import encode, remap, stats
 from tests.helpers import TINY, assert_one_line_error

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from app.cli import main
 from pipeline.heatmaps import ImageSource, ImageUnavailable, model_view, render_heatmap
 from pipeline.latents import LatentStats
 from pipeline.world import SyntheticWorld, WorldConfig

@@ -14,7 +14,7 @@ from dask.callbacks import Callback
 
 from cache.codes import CodeStore, ShardCodes
 from cache.store import StoreSpec, create_or_resume
-from pipeline.cli import main
+from app.cli import main
 from pipeline.latents import LatentStats
 from stages import stats
 

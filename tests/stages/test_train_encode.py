@@ -16,8 +16,8 @@ import stages.train as train_stage
 from cache.check import verify
 from cache.codes import CodeStore
 from cache.store import ActivationStore
-from pipeline.cli import main
-from pipeline.errors import UserError
+from app.cli import main
+from cache.errors import UserError
 from pipeline.sae import load_sae
 from stages import encode, importer
 from stages.train import Config
@@ -103,7 +103,7 @@ def test_interrupted_training_resumes_to_identical_weights(planted, tmp_path, mo
 @pytest.mark.slow
 def test_sigkill_during_training_then_rerun_resumes(planted, tmp_path):
     store, _ = planted
-    args = [sys.executable, "-m", "pipeline.cli", "train", "--cache", str(store), "--layer", "0", "--expansion", "4",
+    args = [sys.executable, "-m", "app.cli", "train", "--cache", str(store), "--layer", "0", "--expansion", "4",
             "--l1", "3e-3", "--lr", "1e-2", "--tokens", str(256 * 1200), "--batch-images", "256",
             "--checkpoint-every", "100", "--log-every", "100", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread each, immune to a busy core

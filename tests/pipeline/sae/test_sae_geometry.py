@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae import (
     Trainer,
     build,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae import (
     FORMAT_VERSION,
     SAEConfig,

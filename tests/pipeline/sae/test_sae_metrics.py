@@ -56,7 +56,7 @@ def test_running_metrics_match_numpy_ratio_of_totals():
 
 
 def test_running_metrics_refuses_empty():
-    from pipeline.errors import UserError
+    from cache.errors import UserError
 
     with pytest.raises(UserError, match="empty"):
         RunningMetrics().compute()

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 from pipeline.sae import (
     NonFiniteLossError,
     SAEConfig,

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.params import section
+from cache.errors import UserError
+from app.params import section
 
 WORK = Path("work")
 WORLD_DATASET = "synthetic"  # the only dataset with ground truth

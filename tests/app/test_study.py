@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import study
-from pipeline.cli import main
+from app import study
+from app.cli import main
 from tests.helpers import assert_one_line_error
 
 PARAMS = "data:\n  datasets: [synthetic]\nextract:\n  layers: [1, 3]\n"

@@ -8,7 +8,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 
 def load_params(path: Path) -> dict[str, dict[str, Any]]:

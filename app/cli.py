@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 log = logging.getLogger("pipeline")
 
@@ -480,7 +480,7 @@ def concept_addition(**options: object) -> None:
 
     Rerunning the same command resumes; finished steps are skipped.
     """
-    from stages import concept as stage
+    from app import concept as stage
 
     out = stage.run(stage.Config(**options))
     for line in out.table_lines:
@@ -497,10 +497,10 @@ def concept_addition(**options: object) -> None:
 def run_stage(name: str, dataset: str | None, layer: int | None, params_path: Path) -> None:
     """Run one stage instance of dvc.yaml with its settings from params.yaml (what `dvc repro` calls).
 
-    Outputs go under work/ (layout: pipeline/study.py).
+    Outputs go under work/ (layout: app/study.py).
     """
-    from pipeline.params import load_params
-    from pipeline.study import run_stage as run
+    from app.params import load_params
+    from app.study import run_stage as run
 
     click.echo(run(name, load_params(params_path), dataset, layer))
 

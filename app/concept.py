@@ -18,7 +18,7 @@ If adaptation adds the missing concept, the held-out class gains latents that we
 in the base model (low->high) while the control's classes do not.  Output folder:
 
     pretrain/                    the tiny CLIP with the held-out world (pipeline pretrain)
-    <task>/synthetic/...         the study of each task (layout of pipeline/study.py, layer<L>/...)
+    <task>/synthetic/...         the study of each task (layout of app/study.py, layer<L>/...)
     concept.json                 both remap summaries, accuracies and the comparison (below)
     concept.md, concept.png      the comparison as a table and as bars
 
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import study
-from pipeline.errors import UserError
+from app import study
+from cache.errors import UserError
 from pipeline.latents import json_safe
-from pipeline.params import load_params
+from app.params import load_params
 from pipeline.plots import plt
 from pipeline.runfiles import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out

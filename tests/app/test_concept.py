@@ -14,10 +14,11 @@ import yaml
 from click.testing import CliRunner
 
 from cache.store import ActivationStore
-from pipeline.cli import main
-from pipeline.errors import UserError
+from app.cli import main
+from cache.errors import UserError
 from pipeline.world import SyntheticWorld, WorldConfig
-from stages import concept, extract, pretrain
+from app import concept
+from stages import extract, pretrain
 from tests.helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
