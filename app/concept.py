@@ -40,6 +40,7 @@ import numpy as np
 from app import study
 from cache.errors import UserError
 from pipeline.latents import json_safe
+from pipeline.configs import Stage
 from app.params import load_params
 from pipeline.plots import plt
 from pipeline.runfiles import atomic_write, write_json
@@ -52,6 +53,9 @@ RESULTS_FILE = "concept.json"
 TABLE_FILE = "concept.md"
 PLOT_FILE = "concept.png"
 ROLES = ("held_out", "control")
+# each task's study, as dvc.yaml runs it, without the masking sweeps (the remap table needs none)
+STEPS = ("extract", "train", "encode", "stats", "adapt", "extract-adapted", "encode-adapted", "stats-adapted", "remap")
+UNMASKED = ("base_masking", "adapted_masking")
 DEFINITIONS = {
     "held_out_classes": "classes of the held-out task whose defining value was held out of pretraining",
     "low_high": "latents low for the class in the base model and high in the adapted one (stages/remap.py), "
@@ -70,12 +74,12 @@ def _show(held_out) -> str:
 class Config:
     """One concept-addition experiment; the study settings come from a params file."""
 
-    out_dir: Path  # experiment folder (layout in the module docstring)
+    out_dir: Path  # experiment folder to create or resume (pretrain/, <task>/, concept.json, concept.md, concept.png)
     params: Path = Path("params.yaml")  # study settings: pretrain, data, extract, sae, encode, stats, adapt, remap
-    held_out: tuple[tuple[str, str], ...] = (("texture", "checker"),)  # values pretraining never shows
+    held_out: tuple[tuple[str, str], ...] = (("texture", "checker"),)  # attribute value pretraining never shows
     task: str = "texture"  # downstream task whose classes need a held-out value
     control: str = "background"  # downstream task built from seen values only
-    layer: int | None = None  # block whose SAE is compared; None: the first of extract.layers
+    layer: int | None = None  # block whose SAE is compared (default: the first of extract.layers)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -123,7 +127,7 @@ def _study_params(cfg: Config, loaded: dict[str, Any], task: str) -> dict[str, A
     params.setdefault("data", {}).update(datasets=[study.WORLD_DATASET], task=task,
                                          allow_held_out=any(a in TASKS[task] for a, _ in cfg.held_out))
     params["model"] = {"name": params["pretrain"].get("model", "tiny-clip"),
-                       "pretrained": str(study.Paths("", work=cfg.out_dir).pretrain / "model.pt")}
+                       "pretrained": str(study.resolve(study.PRETRAIN, cfg.out_dir, None, None) / "model.pt")}
     return params
 
 
@@ -142,16 +146,15 @@ def run(cfg: Config) -> Outputs:
     base_params = _study_params(cfg, loaded, cfg.task)
     layer = base_params["extract"]["layers"][0]
     log.info("pretrain: the tiny CLIP without %s ...", _show(cfg.held_out))
-    log.info("%s", study.pretrain(base_params, study.Paths("", work=cfg.out_dir)))
+    log.info("%s", study.run_step(study.STEP["pretrain"], base_params, work=cfg.out_dir))
     results: dict[str, Any] = {}
     for role, task in zip(ROLES, (cfg.task, cfg.control)):
         params = _study_params(cfg, loaded, task)
-        paths = study.Paths(study.WORLD_DATASET, layer, work=cfg.out_dir / task)
-        for step in (study.extract, study.train, study.encode, study.stats, study.adapt, study.remap):
-            log.info("%s task (%s), %s ...", task, role.replace("_", "-"), step.__name__)
-            kwargs = {"masking": False} if step is study.remap else {}
-            log.info("%s task: %s", task, step(params, paths, **kwargs))
-        results[role] = _side(task, paths, cfg.held_out)
+        where = {"work": cfg.out_dir / task, "dataset": study.WORLD_DATASET, "layer": layer}
+        for name in STEPS:
+            log.info("%s task (%s), %s ...", task, role.replace("_", "-"), name)
+            log.info("%s task: %s", task, study.run_step(study.STEP[name], params, **where, drop=UNMASKED))
+        results[role] = _side(task, where, cfg.held_out)
     record = {"held_out": [list(pair) for pair in cfg.held_out], "layer": layer,
               "tasks": {role: results[role]["task"] for role in ROLES}, **_compare(results),
               "sides": results, "definitions": DEFINITIONS}
@@ -165,10 +168,12 @@ def run(cfg: Config) -> Outputs:
                    seconds=time.perf_counter() - started)
 
 
-def _side(task: str, paths: study.Paths, held_out: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+def _side(task: str, where: dict[str, Any], held_out: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """One task's remap summary, per-class low->high and adaptation accuracies."""
-    remap = json.loads((paths.adapted / "remap" / "remap.json").read_text())
-    adapt = json.loads((paths.adapter / "metrics.json").read_text())
+    remap_path = study.resolve(study.STEP["remap"].paths["out_dir"], **where) / "remap.json"
+    adapter = study.resolve(study.STEP["adapt"].paths["out_dir"], **where)
+    remap = json.loads(remap_path.read_text())
+    adapt = json.loads((adapter / "metrics.json").read_text())
     accuracy = adapt.get("per_class") or {}
     per_class = {name: {"relevant": row["relevant"], "low_high": row["low_high"],
                         "n_low_high": (round(row["low_high"] * row["relevant"])
@@ -179,7 +184,7 @@ def _side(task: str, paths: study.Paths, held_out: tuple[tuple[str, str], ...]) 
     return {"task": task, "held_out_classes": held_out_classes(task, held_out), "overall": remap["overall"],
             "per_class": per_class,
             "accuracy": {k: adapt.get(k) for k in ("base_accuracy", "probe_accuracy", "adapted_accuracy")},
-            "remap": str(paths.adapted / "remap" / "remap.json"), "adapter": str(paths.adapter)}
+            "remap": str(remap_path), "adapter": str(adapter)}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -250,3 +255,16 @@ def _plot(path: Path, record: dict[str, Any]) -> None:
 
 
 __all__ = ["Config", "Outputs", "run", "held_out_classes"]
+
+
+def summary(out: Outputs) -> str:
+    return "\n".join([*out.table_lines, f"-> {out.results_path}, {out.table_path}, {out.plot_path} ({out.seconds:.0f} s)"])
+
+
+STAGE = Stage(name="concept-addition", config=Config, run=run, summary=summary, reads=("params",),
+              writes=("out_dir",), persist=True,
+              help="""Can adaptation add a concept pretraining never showed? Pretrain a tiny CLIP without the
+    held-out value, then adapt it to a task that needs that value and to a control task, and
+    compare their remap tables: new concepts show as low->high latents of the held-out class.
+
+    Rerunning the same command resumes; finished steps are skipped.""")

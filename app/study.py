@@ -1,25 +1,29 @@
-"""The study that `dvc repro` runs: params.yaml sections -> stage configs, and where outputs live.
+"""The study that `dvc repro` runs: which stage instances exist, where their files live, which
+params.yaml sections set them.
 
-dvc.yaml fans the study out over ``data.datasets`` x ``extract.layers`` (DVC ``matrix``);
-each stage instance calls ``pipeline run-stage NAME --dataset D --layer L``, which lands in
-``run_stage``.  Everything is written under ``work/``:
+Every DVC stage is one row of :data:`STEPS`: a registered stage (stages/), the folders its
+Config's path fields are bound to, and the params sections that set the rest. dvc.yaml is
+generated from this table (`pipeline dvc-yaml`), and `pipeline run-stage NAME --dataset D
+--layer L` runs one instance from it, so the graph DVC sees and the work done are the same.
+Everything is written under ``work/``:
 
-    work/pretrain/                      the tiny CLIP (pretrain), + pretrain-metrics.json, pretrain-loss.png
-    work/<dataset>/acts                 activation store, every layer of extract.layers (extract)
-    work/<dataset>/adapter              MaPLe prompts (adapt), + adapt-metrics.json
-    work/<dataset>/adapted-acts         activation store of the adapted model (adapt)
-    work/<dataset>/layer<L>/sae         SAE checkpoint (train), + sae-metrics.json, sae-history.json
-    work/<dataset>/layer<L>/codes       sparse codes (encode)
-    work/<dataset>/layer<L>/stats       per-latent statistics (stats), + stats-summary.json
-    work/<dataset>/layer<L>/masking     masking sweep (mask), + masking-metrics.json, masking-accuracy_vs_k.png
-    work/<dataset>/layer<L>/groundtruth SAE latents vs the world's attributes (groundtruth; synthetic only)
-    work/<dataset>/layer<L>/adapted     codes, stats, masking of the adapted model with this SAE, and the
-                                        remap table (remap), + remap-metrics.json, remap.png
-    work/<dataset>/layer<L>/report      HTML report (report)
+    work/pretrain/                          the tiny CLIP (pretrain), + pretrain-metrics.json, pretrain-loss.png
+    work/<dataset>/acts                     activation store, every layer of extract.layers (extract)
+    work/<dataset>/adapter                  MaPLe prompts (adapt), + adapt-metrics.json
+    work/<dataset>/adapted-acts             activation store of the adapted model (extract-adapted)
+    work/<dataset>/layer<L>/sae             SAE checkpoint (train), + sae-metrics.json, sae-history.json
+    work/<dataset>/layer<L>/codes           sparse codes (encode)
+    work/<dataset>/layer<L>/stats           per-latent statistics (stats), + stats-summary.json
+    work/<dataset>/layer<L>/masking         masking sweep (mask), + masking-metrics.json, masking-accuracy_vs_k.png
+    work/<dataset>/layer<L>/groundtruth     SAE latents vs the world's attributes (groundtruth; synthetic only)
+    work/<dataset>/layer<L>/adapted/codes   the adapted model through this SAE (encode-adapted),
+                               .../stats    its statistics (stats-adapted), .../masking its masking (mask-adapted)
+                               .../remap    the remap table (remap), + remap-metrics.json, remap.png
+    work/<dataset>/layer<L>/report          HTML report (report)
 
 Stages run with ``overwrite``: DVC reruns a stage exactly when its params or inputs changed,
-and the old outputs then belong to a config that no longer exists.  Resumable outputs
-(store, checkpoints) are ``persist`` in dvc.yaml, so an interrupted repro resumes them.
+and the old outputs then belong to a config that no longer exists. Resumable outputs (stores,
+checkpoints) are ``persist`` in dvc.yaml, so an interrupted repro resumes them.
 """
 
 from __future__ import annotations
@@ -27,67 +31,191 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import stages
 from cache.errors import UserError
-from app.params import section
+from pipeline import groundtruth as gt
+from pipeline.configs import from_section
 
 WORK = Path("work")
 WORLD_DATASET = "synthetic"  # the only dataset with ground truth
-DATA_KEYS = ("datasets", "roots", "split", "limit", "seed", "task", "allow_held_out")
-EXTRACT_KEYS = ("layers", "batch_size", "device", "dtype", "workers", "scheduler", "n_workers")
+PRETRAIN = "{work}/pretrain"
+DATA = "{work}/{dataset}"
+RUN = "{work}/{dataset}/layer{layer}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """params.yaml ``data``: which datasets the study runs on, and how each is read."""
+
+    datasets: tuple[str, ...] = ("synthetic",)  # one study per dataset (dvc.yaml matrix); see `pipeline extract --help`
+    roots: Mapping[str, Any] | None = None  # local folder of each dataset (synthetic needs none)
+    split: str | None = None  # null = each dataset's default split
+    limit: int | None = None  # images per dataset (synthetic: how many to generate)
+    seed: int = 0  # seed of the subset and of the synthetic images
+    task: str = "shape_colour"  # synthetic only: which attributes make the classes
+    allow_held_out: bool = False  # synthetic only: may images show values pretrain.held_out kept from the model?
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """params.yaml ``model``: the CLIP every stage after pretrain reads."""
+
+    name: str = "tiny-clip"  # open_clip model name
+    pretrained: str = "none"  # open_clip tag, a checkpoint file, or none
 
 
 @dataclasses.dataclass(frozen=True)
-class Paths:
-    """Where one (dataset, layer) instance of the study keeps its outputs."""
+class Step:
+    """One DVC stage: a registered stage bound to the study's folders.
 
-    dataset: str
-    layer: int | None = None
-    work: Path = WORK  # root of every output (pipeline concept-addition runs studies under its own folder)
+    ``paths`` binds Config path fields to folders (templates over {work}, {dataset}, {layer});
+    ``sections`` are the params.yaml sections that set it (``data`` and ``model`` are the study's
+    own, mapped onto the stage's fields; any other section's keys are the Config's field names);
+    ``metrics`` and ``plots`` publish Outputs paths where dvc.yaml declares them (outside the
+    stage's folder, which DVC tracks as a whole).
+    """
 
-    @property
-    def pretrain(self) -> Path:
-        return self.work / "pretrain"
-
-    @property
-    def data(self) -> Path:
-        return self.work / self.dataset
-
-    @property
-    def acts(self) -> Path:
-        return self.data / "acts"
-
-    @property
-    def adapter(self) -> Path:
-        return self.data / "adapter"
-
-    @property
-    def adapted_acts(self) -> Path:
-        return self.data / "adapted-acts"
+    name: str
+    stage: str
+    per: tuple[str, ...]  # matrix axes: () once, ("dataset",), or ("dataset", "layer")
+    paths: Mapping[str, str]
+    sections: tuple[str, ...]
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # other bound Config values
+    ignore: tuple[str, ...] = ()  # keys of the sections this step leaves at the Config's defaults
+    metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Outputs field -> published file
+    plots: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    plot_axes: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # published file -> (x, y)
+    extra_deps: tuple[str, ...] = ()  # folders read through a params value (the tiny CLIP's model.pt)
 
     @property
-    def run(self) -> Path:
-        if self.layer is None:
-            raise UserError("this stage needs --layer (a block index of extract.layers)")
-        return self.data / f"layer{self.layer}"
-
-    def __getattr__(self, name: str) -> Path:  # sae, codes, stats, masking, groundtruth, adapted, report
-        if name in ("sae", "codes", "stats", "masking", "groundtruth", "adapted", "report"):
-            return self.run / name
-        raise AttributeError(name)
+    def section(self) -> str:
+        """The section named after the stage's own settings (the last one listed)."""
+        return self.sections[-1]
 
 
-def _fields(stage_config: type, *excluded: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(stage_config)} - set(excluded)
+_MODEL_DEP = (PRETRAIN,)
+STEPS: tuple[Step, ...] = (
+    Step("pretrain", "pretrain", (), {"out_dir": PRETRAIN}, ("pretrain",),
+         metrics={"metrics_path": "{work}/pretrain-metrics.json"}, plots={"plot_path": "{work}/pretrain-loss.png"}),
+    Step("extract", "extract", ("dataset",), {"out_dir": DATA + "/acts"}, ("data", "model", "extract"),
+         extra_deps=_MODEL_DEP),
+    Step("train", "train", ("dataset", "layer"), {"cache_dir": DATA + "/acts", "out_dir": RUN + "/sae"}, ("sae",),
+         metrics={"metrics_path": RUN + "/sae-metrics.json"}, plots={"history_path": RUN + "/sae-history.json"},
+         plot_axes={RUN + "/sae-history.json": ("step", "loss")}),
+    Step("encode", "encode", ("dataset", "layer"),
+         {"cache_dir": DATA + "/acts", "sae_dir": RUN + "/sae", "out_dir": RUN + "/codes"}, ("encode",)),
+    Step("stats", "stats", ("dataset", "layer"),
+         {"codes_dir": RUN + "/codes", "cache_dir": DATA + "/acts", "out_dir": RUN + "/stats"}, ("stats",),
+         metrics={"summary_path": RUN + "/stats-summary.json"}),
+    Step("mask", "mask", ("dataset", "layer"),
+         {"cache_dir": DATA + "/acts", "sae_dir": RUN + "/sae", "stats_dir": RUN + "/stats",
+          "out_dir": RUN + "/masking"}, ("model", "mask"),
+         metrics={"results_path": RUN + "/masking-metrics.json"},
+         plots={"plot_path": RUN + "/masking-accuracy_vs_k.png"}),
+    Step("groundtruth", "groundtruth", ("dataset", "layer"),
+         {"stats_dir": RUN + "/stats", "codes_dir": RUN + "/codes", "cache_dir": DATA + "/acts",
+          "out_dir": RUN + "/groundtruth"}, ("groundtruth",),
+         metrics={"groundtruth_path": RUN + "/groundtruth-metrics.json"}),
+    Step("report", "report", ("dataset", "layer"),
+         {"stats_dir": RUN + "/stats", "groundtruth_dir": RUN + "/groundtruth", "out_dir": RUN + "/report"},
+         ("report",)),
+    Step("adapt", "adapt", ("dataset",), {"out_dir": DATA + "/adapter"}, ("data", "model", "adapt"),
+         metrics={"metrics_path": DATA + "/adapt-metrics.json"}, extra_deps=_MODEL_DEP),
+    Step("extract-adapted", "extract", ("dataset",), {"adapter": DATA + "/adapter", "out_dir": DATA + "/adapted-acts"},
+         ("data", "model", "extract"), extra_deps=_MODEL_DEP),
+    Step("encode-adapted", "encode", ("dataset", "layer"),
+         {"cache_dir": DATA + "/adapted-acts", "sae_dir": RUN + "/sae", "out_dir": RUN + "/adapted/codes"},
+         ("encode",)),
+    Step("stats-adapted", "stats", ("dataset", "layer"),
+         {"codes_dir": RUN + "/adapted/codes", "cache_dir": DATA + "/adapted-acts", "out_dir": RUN + "/adapted/stats"},
+         ("stats",), fixed={"plots": False}),
+    Step("mask-adapted", "mask", ("dataset", "layer"),
+         {"cache_dir": DATA + "/adapted-acts", "sae_dir": RUN + "/sae", "stats_dir": RUN + "/stats",
+          "adapter": DATA + "/adapter", "out_dir": RUN + "/adapted/masking"}, ("model", "mask"),
+         ignore=("head", "templates")),  # the adapted model is read out by its own prompts
+    Step("remap", "remap", ("dataset", "layer"),
+         {"base_dir": RUN + "/stats", "adapted_dir": RUN + "/adapted/stats", "base_masking": RUN + "/masking",
+          "adapted_masking": RUN + "/adapted/masking", "out_dir": RUN + "/adapted/remap"}, ("remap",),
+         metrics={"results_path": RUN + "/remap-metrics.json"}, plots={"plot_path": RUN + "/remap.png"}),
+)
+STEP = {s.name: s for s in STEPS}
+SECTIONS = ("pretrain", "data", "model", "extract", "sae", "encode", "stats", "mask", "groundtruth", "adapt",
+            "remap", "report")
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """A metrics or plot file beside the run, where dvc.yaml declares it."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+def check_sections(params: Mapping[str, Any]) -> None:
+    """An unknown top-level section is refused by name (a typo would otherwise be ignored)."""
+    for name in params:
+        if name not in SECTIONS:
+            raise UserError(f"params.yaml: unknown section '{name}'; known sections: {', '.join(SECTIONS)}")
+
+
+def data_section(params: Mapping[str, Any]) -> DataSection:
+    return from_section(DataSection, "data", params.get("data"), bound={})
+
+
+def _bound_data(params: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """The data fields of one dataset: its root from ``data.roots``, the shared rest (``task`` and
+    ``allow_held_out`` shape the synthetic world only)."""
+    data = data_section(params)
+    world = ({"synthetic_task": data.task, "allow_held_out": data.allow_held_out} if dataset == WORLD_DATASET else {})
+    return {"dataset": dataset, "root": (data.roots or {}).get(dataset), "split": data.split, "limit": data.limit,
+            "seed": data.seed, **world}
+
+
+def _bound_model(params: Mapping[str, Any]) -> dict[str, Any]:
+    model = from_section(ModelSection, "model", params.get("model"), bound={})
+    return {"model": model.name, "pretrained": model.pretrained}
+
+
+def resolve(template: str, work: Path, dataset: str | None, layer: int | None) -> Path:
+    return Path(template.format(work=work, dataset=dataset, layer=layer))
+
+
+def config_for(step: Step, params: Mapping[str, Any], dataset: str | None, layer: int | None,
+               work: Path = WORK, drop: tuple[str, ...] = ()) -> Any:
+    """The stage Config of one instance: bound paths, the study's data and model values, and the
+    step's own section, each value type-checked. ``drop`` leaves bound inputs unset."""
+    spec = stages.load(step.stage)
+    names = {f.name: f for f in dataclasses.fields(spec.config)}
+    bound: dict[str, Any] = {field: resolve(t, work, dataset, layer) for field, t in step.paths.items()}
+    if "data" in step.sections:
+        bound.update(_bound_data(params, dataset))
+    if "model" in step.sections:
+        bound.update(_bound_model(params))
+    if "layer" in step.per and "layer" in names and names["layer"].default is dataclasses.MISSING:
+        bound["layer"] = layer
+    bound.update({"overwrite": True, "progress": False, **step.fixed})
+    bound = {k: v for k, v in bound.items() if k in names and k not in drop}
+    own = {k: v for k, v in (params.get(step.section) or {}).items() if k not in step.ignore}
+    return from_section(spec.config, step.section, own, bound=bound)
+
+
+def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, layer: int | None = None,
+             work: Path = WORK, drop: tuple[str, ...] = ()) -> str:
+    """Run one instance and publish its metrics and plots where dvc.yaml declares them; returns
+    the stage's summary."""
+    spec = stages.load(step.stage)
+    if step.stage == "groundtruth" and dataset != WORLD_DATASET:
+        out_dir = resolve(step.paths["out_dir"], work, dataset, layer)
+        path = gt.write_not_applicable(out_dir, f"{dataset} has no ground-truth attributes; only the synthetic "
+                                                "world does")
+        _publish_metrics(path, resolve(step.metrics["groundtruth_path"], work, dataset, layer))
+        return f"groundtruth: not applicable to {dataset}"
+    if step.stage == "report" and dataset != WORLD_DATASET:
+        drop = (*drop, "groundtruth_dir")
+    out = spec.run(config_for(step, params, dataset, layer, work, drop))
+    for field, template in step.metrics.items():
+        _publish_metrics(getattr(out, field), resolve(template, work, dataset, layer))
+    for field, template in step.plots.items():
+        dst = resolve(template, work, dataset, layer)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(getattr(out, field), dst)
+    return f"{step.name}: {spec.summary(out)}"
 
 
 NOT_METRICS = ("definitions", "provenance", "config", "per_class", "checks")  # stay in the stage's own file
@@ -104,189 +232,28 @@ def _numbers(record: Any) -> Any:
     return None
 
 
-def _copy_metrics(src: Path, dst: Path) -> None:
+def _publish_metrics(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(_numbers(json.loads(src.read_text())), indent=2) + "\n")
+    dst.write_text(json.dumps(_numbers(json.loads(Path(src).read_text())), indent=2) + "\n")
 
 
-def _model(params: dict[str, Any]) -> dict[str, str]:
-    model = section(params, "model", ("name", "pretrained"))
-    return {"model": str(model.get("name", "tiny-clip")), "pretrained": str(model.get("pretrained", "none"))}
-
-
-def _data(params: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The extract/adapt settings of one dataset: its root from ``data.roots``, the shared rest
-    (``task`` and ``allow_held_out`` shape the synthetic world only)."""
-    data = section(params, "data", DATA_KEYS)
-    roots = data.get("roots") or {}
-    world = ({"synthetic_task": data.get("task") or "shape_colour", "allow_held_out": bool(data.get("allow_held_out"))}
-             if dataset == WORLD_DATASET else {})
-    return {"dataset": dataset, "root": roots.get(dataset), "split": data.get("split"), "limit": data.get("limit"),
-            "seed": int(data.get("seed", 0)), **world}
-
-
-def pretrain(params: dict[str, Any], paths: Paths | None) -> str:
-    from stages import pretrain as stage
-
-    paths = paths or Paths("")
-    p = section(params, "pretrain", _fields(stage.Config, "out_dir", "overwrite", "progress", "world"))
-    out = stage.run(stage.Config(out_dir=paths.pretrain, overwrite=True, progress=False, **p))
-    _copy_metrics(out.metrics_path, paths.work / "pretrain-metrics.json")
-    _copy(out.plot_path, paths.work / "pretrain-loss.png")
-    return (f"pretrain: {out.steps} steps, loss {out.final_loss:.3f}, zero-shot {100 * out.accuracy:.1f}% "
-            f"on {out.n_classes} classes -> {out.model_path}")
-
-
-def extract(params: dict[str, Any], paths: Paths) -> str:
-    from stages import extract as stage
-
-    ext = section(params, "extract", EXTRACT_KEYS)
-    out = stage.run(stage.Config(**_data(params, paths.dataset), **_model(params), out_dir=paths.acts,
-                                 overwrite=True, progress=False, **ext))
-    return f"extract: {out.n_computed} of {out.n_images} images computed -> {out.store_dir}"
-
-
-def train(params: dict[str, Any], paths: Paths) -> str:
-    from stages import train as stage
-
-    sae = section(params, "sae", _fields(stage.Config, "cache_dir", "out_dir", "overwrite", "progress", "layer"))
-    out = stage.run(stage.Config(cache_dir=paths.acts, out_dir=paths.sae, layer=paths.layer, overwrite=True,
-                                 progress=False, **sae))
-    _copy_metrics(out.metrics_path, paths.run / "sae-metrics.json")
-    _copy(out.sae_dir / "history.json", paths.run / "sae-history.json")
-    return f"train: {out.steps} steps, FVU {out.metrics['fvu']:.4f}, L0 {out.metrics['l0']:.1f} -> {out.sae_dir}"
-
-
-def encode(params: dict[str, Any], paths: Paths) -> str:
-    from stages import encode as stage
-
-    enc = section(params, "encode", ("device", "batch_tokens"))
-    out = stage.run(stage.Config(cache_dir=paths.acts, sae_dir=paths.sae, out_dir=paths.codes, overwrite=True,
-                                 progress=False, **enc))
-    return f"encode: {out.n_tokens} tokens, mean L0 {out.mean_l0:.1f} -> {out.codes_dir}"
-
-
-def stats(params: dict[str, Any], paths: Paths) -> str:
-    from stages import stats as stage
-
-    st = section(params, "stats", ("top_k", "threshold", "scheduler", "n_workers"))
-    out = stage.run(stage.Config(codes_dir=paths.codes, cache_dir=paths.acts, out_dir=paths.stats, **st))
-    _copy_metrics(out.summary_path, paths.run / "stats-summary.json")
-    return f"stats: {out.n_latents} latents, {out.n_dead} dead -> {out.stats_dir}"
-
-
-def _mask_settings(params: dict[str, Any]) -> dict[str, Any]:
-    return section(params, "mask", ("modes", "ks", "error_term", "n_seeds", "random_seed", "head", "templates",
-                                    "probe_images", "probe_l2", "batch_size", "device"))
-
-
-def mask(params: dict[str, Any], paths: Paths) -> str:
-    from stages import mask as stage
-
-    out = stage.run(stage.Config(cache_dir=paths.acts, sae_dir=paths.sae, stats_dir=paths.stats,
-                                 out_dir=paths.masking, progress=False, **_model(params), **_mask_settings(params)))
-    _copy_metrics(out.results_path, paths.run / "masking-metrics.json")
-    _copy(out.plot_path, paths.run / "masking-accuracy_vs_k.png")
-    return f"mask: plain CLIP {out.clip_accuracy:.4f}, SAE all on {out.sae_all_on_accuracy:.4f} -> {out.out_dir}"
-
-
-def groundtruth(params: dict[str, Any], paths: Paths) -> str:
-    """Ground truth exists for the synthetic world only; other datasets get a record saying so."""
-    from stages import groundtruth as stage
-
-    g = section(params, "groundtruth", ("attributes", "score", "auroc_threshold", "map_threshold",
-                                        "object_fraction"))
-    metrics = paths.run / "groundtruth-metrics.json"
-    if paths.dataset != WORLD_DATASET:
-        shutil.rmtree(paths.groundtruth, ignore_errors=True)
-        paths.groundtruth.mkdir(parents=True)
-        record = {"applicable": 0, "why": f"{paths.dataset} has no ground-truth attributes; only the synthetic "
-                                          "world does"}
-        (paths.groundtruth / "groundtruth.json").write_text(json.dumps(record, indent=2) + "\n")
-        _copy_metrics(paths.groundtruth / "groundtruth.json", metrics)
-        return f"groundtruth: not applicable to {paths.dataset}"
-    out = stage.run(stage.Config(stats_dir=paths.stats, codes_dir=paths.codes, cache_dir=paths.acts,
-                                 out_dir=paths.groundtruth, **g))
-    _copy_metrics(out.groundtruth_path, metrics)
-    return (f"groundtruth: {out.n_covered} of {out.n_values} attribute values have a dedicated latent "
-            f"-> {out.out_dir}")
-
-
-def adapt(params: dict[str, Any], paths: Paths) -> str:
-    """MaPLe prompts on the dataset's few-shot split, then the adapted model's activation store."""
-    from stages import adapt as stage
-    from stages import extract as extract_stage
-
-    a = section(params, "adapt", _fields(stage.Config, "dataset", "out_dir", "root", "model", "pretrained", "seed",
-                                         "overwrite", "progress", "weights", "class_prompts", "synthetic_task",
-                                         "allow_held_out"))
-    data = _data(params, paths.dataset)
-    world = {k: data[k] for k in ("synthetic_task", "allow_held_out") if k in data}
-    out = stage.run(stage.Config(dataset=paths.dataset, root=data["root"], seed=data["seed"], out_dir=paths.adapter,
-                                 overwrite=True, progress=False, **_model(params), **world, **a))
-    _copy_metrics(out.metrics_path, paths.data / "adapt-metrics.json")
-    ext = section(params, "extract", EXTRACT_KEYS)
-    store = extract_stage.run(extract_stage.Config(**data, **_model(params), out_dir=paths.adapted_acts,
-                                                   adapter=paths.adapter, overwrite=True, progress=False, **ext))
-    return (f"adapt: base zero-shot {out.base_accuracy:.4f}, adapted {out.adapted_accuracy:.4f} on "
-            f"{out.n_test_images} test images; adapted store -> {store.store_dir}")
-
-
-def remap(params: dict[str, Any], paths: Paths, masking: bool = True) -> str:
-    """The adapted model through the base model's SAE: codes, statistics, masking (unless ``masking``
-    is False; then the base model's masking is not read either), then the remap table."""
-    from stages import encode as encode_stage
-    from stages import mask as mask_stage
-    from stages import remap as stage
-    from stages import stats as stats_stage
-
-    rm = section(params, "remap", ("tau_high", "tau_low", "normalise"))
-    adapted = paths.adapted
-    enc = section(params, "encode", ("device", "batch_tokens"))
-    encode_stage.run(encode_stage.Config(cache_dir=paths.adapted_acts, sae_dir=paths.sae, out_dir=adapted / "codes",
-                                         overwrite=True, progress=False, **enc))
-    st = section(params, "stats", ("top_k", "threshold", "scheduler", "n_workers"))
-    stats_stage.run(stats_stage.Config(codes_dir=adapted / "codes", cache_dir=paths.adapted_acts,
-                                       out_dir=adapted / "stats", plots=False, **st))
-    if masking:
-        m = _mask_settings(params)
-        m.pop("head", None), m.pop("templates", None)  # the adapted model is read out by its own prompts
-        mask_stage.run(mask_stage.Config(cache_dir=paths.adapted_acts, sae_dir=paths.sae, stats_dir=paths.stats,
-                                         out_dir=adapted / "masking", adapter=paths.adapter, progress=False,
-                                         **_model(params), **m))
-    out = stage.run(stage.Config(base_dir=paths.stats, adapted_dir=adapted / "stats", out_dir=adapted / "remap",
-                                 base_masking=paths.masking if masking else None,
-                                 adapted_masking=adapted / "masking" if masking else None, **rm))
-    _copy_metrics(out.results_path, paths.run / "remap-metrics.json")
-    _copy(out.plot_path, paths.run / "remap.png")
-    return f"remap: {out.n_classes} classes, {out.d_sae} latents -> {out.out_dir}"
-
-
-def report(params: dict[str, Any], paths: Paths) -> str:
-    from stages import report as stage
-
-    rep = section(params, "report", ("n_latents", "n_low_entropy", "min_references"))
-    gt_dir = paths.groundtruth if paths.dataset == WORLD_DATASET else None
-    out = stage.run(stage.Config(stats_dir=paths.stats, out_dir=paths.report, groundtruth_dir=gt_dir, **rep))
-    return f"report: {len(out.latent_pages)} latent pages -> {out.index_path}"
-
-
-STAGES: dict[str, Callable[[dict[str, Any], Any], str]] = {
-    "pretrain": pretrain, "extract": extract, "adapt": adapt, "train": train, "encode": encode, "stats": stats,
-    "mask": mask, "groundtruth": groundtruth, "remap": remap, "report": report}
-
-
-def run_stage(name: str, params: dict[str, Any], dataset: str | None, layer: int | None) -> str:
-    """Run one stage instance of dvc.yaml; returns its one-line summary."""
-    if name == "pretrain":
-        return pretrain(params, None)
-    datasets = section(params, "data", DATA_KEYS).get("datasets") or []
-    if dataset is None:
-        raise UserError(f"stage '{name}' needs --dataset (one of data.datasets in params.yaml)")
-    if dataset not in datasets:
-        raise UserError(f"dataset '{dataset}' is not in data.datasets ({', '.join(map(str, datasets))}) of params.yaml")
-    if layer is not None:
-        layers = section(params, "extract", EXTRACT_KEYS).get("layers") or []
+def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: int | None) -> str:
+    """Run one stage instance of dvc.yaml (``pipeline run-stage``); returns its summary."""
+    check_sections(params)
+    if name not in STEP:
+        raise UserError(f"unknown stage '{name}'; the study's stages: {', '.join(STEP)}")
+    step = STEP[name]
+    if "dataset" in step.per:
+        datasets = data_section(params).datasets
+        if dataset is None:
+            raise UserError(f"stage '{name}' needs --dataset (one of data.datasets in params.yaml)")
+        if dataset not in datasets:
+            raise UserError(f"dataset '{dataset}' is not in data.datasets ({', '.join(map(str, datasets))}) "
+                            "of params.yaml")
+    if "layer" in step.per:
+        if layer is None:
+            raise UserError(f"stage '{name}' needs --layer (a block index of extract.layers)")
+        layers = config_for(STEP["extract"], params, dataset, None).layers
         if layer not in layers:
             raise UserError(f"layer {layer} is not in extract.layers ({', '.join(map(str, layers))}) of params.yaml")
-    return STAGES[name](params, Paths(dataset, layer))
+    return run_step(step, params, dataset, layer)

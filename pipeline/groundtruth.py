@@ -419,3 +419,15 @@ class GroundTruthResults:
         import pandas as pd
 
         return pd.read_csv(self.path / VALUES_FILE, keep_default_na=False, na_values=[""])
+
+
+def write_not_applicable(out_dir: Path, why: str) -> Path:
+    """A ground-truth folder saying there is none (a dataset other than the synthetic world), so a
+    study over several datasets has the same files for each; returns its record's path."""
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    path = out_dir / GROUNDTRUTH_FILE
+    path.write_text(json.dumps({"applicable": 0, "why": why}, indent=2) + "\n")
+    return path

@@ -46,7 +46,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import open_clip
@@ -61,6 +61,7 @@ from cache.errors import UserError, require_integers, require_threads
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
 from pipeline.runfiles import atomic_write, plot_losses, write_json
+from pipeline.configs import Option, Stage
 from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
@@ -81,20 +82,28 @@ TEMPLATE_CHOICES = ("auto", *zeroshot.TEMPLATE_SETS)
 class Config:
     """One adaptation run; fields marked 'identity' must match to resume a folder."""
 
-    dataset: str  # identity: dataset name (pipeline.datasets.DATASET_NAMES)
-    out_dir: Path  # adapter folder: config.json, prompts.safetensors, trainer_state.pt, metrics.json, loss.png
-    root: str | None = None  # identity: dataset root on local disk (not needed for synthetic)
-    model: str = "ViT-B-16"  # identity: open_clip model name
-    pretrained: str = "openai"  # identity: open_clip tag, local checkpoint path, or 'none' (random init)
-    shots: int = 16  # identity: training images per class
+    OPTIONS: ClassVar = {"synthetic_task": Option("--task")}
+
+    dataset: str  # identity: dataset to adapt to (see `pipeline extract --help`), e.g. eurosat
+    out_dir: Path  # adapter folder to create or resume: prompts.safetensors, config.json, trainer_state.pt,
+                   # metrics.json, loss.png
+    root: str | None = None  # identity: local dataset folder (nothing is downloaded; not needed for synthetic)
+    model: str = "ViT-B-16"  # identity: open_clip model name (frozen)
+    pretrained: str = "openai"  # identity: open_clip pretrained tag, a local checkpoint file, or 'none' for random
+                                # weights
+    shots: int = 16  # identity: training images per class (seeded draw)
     seed: int = 0  # identity: few-shot draw, prompt init, batch order (and random init with --pretrained none)
     train_split: str = "train"  # identity: split the few-shot images are drawn from
-    synthetic_task: str = "shape_colour"  # identity: classes of the synthetic world (a key of pipeline.world.TASKS)
-    allow_held_out: bool = False  # identity: synthetic images may show values the model's pretraining held out
+    synthetic_task: str = "shape_colour"  # identity: synthetic dataset only: which attributes make the classes
+                                          # (shape_colour, shape, colour, size, texture, background)
+    allow_held_out: bool = False  # identity: synthetic dataset only: allow values the model's pretraining held out
+                                  # (its config.json says which), e.g. for a concept-addition test
     n_ctx: int = 2  # identity: learnable context tokens per prompted layer
-    depth: int = 9  # identity: prompted layers of each tower (at most the towers' depth)
-    ctx_init: str | None = "a photo of a"  # identity: prompt prefix whose first n_ctx tokens initialise the context
-    class_prompts: Path | None = None  # identity: JSON list of C names (or {class: name}) for the prompts
+    depth: int = 9  # identity: prompted layers of each tower, layer 0 included (at most the towers' depth)
+    ctx_init: str | None = "a photo of a"  # identity: prompt prefix whose first --n-ctx tokens initialise the context
+                                           # ('none': 'X X' and random)
+    class_prompts: Path | None = None  # identity: JSON list of class names for the prompts (or {class: name}), e.g.
+                                       # 'annual crop land' for AnnualCrop
     epochs: int = 5  # identity: passes over the few-shot images
     batch_size: int = 4  # identity: images per step
     lr: float = 0.0035  # identity: peak SGD learning rate (cosine to 0)
@@ -102,15 +111,17 @@ class Config:
     weight_decay: float = 5e-4  # identity: SGD weight decay
     warmup_epochs: int = 1  # identity: epochs at the constant warmup_lr before the cosine
     warmup_lr: float = 1e-5  # identity: learning rate of the warm-up epochs
-    weights: Path | None = None  # identity: load these prompts instead of training (adapter folder, file, official)
+    weights: Path | None = None  # identity: load these MaPLe prompts instead of training: an adapter folder, its
+                                 # prompts.safetensors, or an official MaPLe checkpoint
     test_split: str = "test"  # evaluation: split the accuracies are measured on
     test_limit: int | None = None  # evaluation: seeded subset of the test split (None: all of it)
-    templates: str = "auto"  # evaluation: base zero-shot prompts (auto: the dataset's own, world, else openai)
+    templates: str = "auto"  # evaluation: base zero-shot prompts: auto (the dataset's own, else openai), openai,
+                             # world, or a dataset name
     eval_batch_size: int = 64  # evaluation: images per forward
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved)
-    device: str = "auto"  # cpu, cuda[:N] or auto
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
     threads: int | None = None  # torch CPU threads during the run; None keeps torch's setting
-    workers: int = 0  # image-decoding processes (0 = in the loop)
+    workers: int = 0  # image-decoding processes (0 = main process)
     overwrite: bool = False  # replace a folder written with another identity
     progress: bool = True  # show a progress bar
 
@@ -472,3 +483,28 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
 
 
 __all__ = ["Config", "Outputs", "run", "evaluate", "lr_at", "batches_from", "steps_per_epoch"]
+
+
+def summary(out: Outputs) -> str:
+    if out.plot_path is None:
+        how = "prompts loaded"
+    elif out.start_step == out.steps:
+        how = f"{out.steps} steps (already trained)"
+    else:
+        how = f"{out.steps} steps" + (f" (resumed at step {out.start_step})" if out.start_step else "")
+        how += f", final loss {out.final_loss:.3f}"
+    return (f"MaPLe on {out.n_train_images} images ({out.n_classes} classes): {how}\n"
+            f"  test accuracy on {out.n_test_images} images: base zero-shot {100 * out.base_accuracy:.1f}%, "
+            f"base few-shot probe {100 * out.probe_accuracy:.1f}%, adapted {100 * out.adapted_accuracy:.1f}% "
+            f"(chance {100 / out.n_classes:.1f}%)\n"
+            f"  adapter {out.out_dir}  (prompts {out.prompts_path.name}, metrics {out.metrics_path.name}"
+            + (f", curve {out.plot_path.name})" if out.plot_path else ")"))
+
+
+STAGE = Stage(name="adapt", config=Config, run=run, summary=summary, reads=("class_prompts", "weights"),
+              writes=("out_dir",), persist=True,
+              help="""Adapt a frozen CLIP with MaPLe prompts trained few-shot; report base vs adapted accuracy.
+
+    Rerunning the same command resumes from the last checkpoint; other settings in the same
+    --out are refused unless --overwrite. `pipeline extract --adapter OUT` then stores the
+    adapted model's activations.""")

@@ -23,6 +23,7 @@ from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
 from cache.errors import UserError
 from pipeline.models import file_sha256, resolve_device
+from pipeline.configs import Stage
 from pipeline.sae import SAE, Codes, load_sae
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ class Config:
     sae_dir: Path  # trained SAE folder (config.json + weights.safetensors)
     out_dir: Path  # code store to create or resume
     batch_tokens: int | None = None  # tokens per SAE forward; default keeps a dense batch near 256 MB
-    device: str = "auto"
-    overwrite: bool = False
-    progress: bool = True
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
+    overwrite: bool = False  # replace a code store made from another SAE or store
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "sae_dir", "out_dir"):
@@ -161,3 +162,13 @@ def _drop_rows(codes: Codes, drop_B: torch.Tensor) -> Codes:
     if codes.is_sparse:
         return Codes(d_sae=codes.d_sae, vals_BK=codes.vals_BK.masked_fill(drop_B[:, None], 0), idx_BK=codes.idx_BK)
     return Codes(d_sae=codes.d_sae, acts_BS=codes.acts_BS.masked_fill(drop_B[:, None], 0))
+
+
+def summary(out: Outputs) -> str:
+    return (f"encoded {out.n_images} images ({out.n_tokens} tokens, mean L0 {out.mean_l0:.1f}) "
+            f"in {out.seconds:.1f} s -> {out.codes_dir}")
+
+
+STAGE = Stage(name="encode", config=Config, run=run, summary=summary, reads=("cache_dir", "sae_dir"),
+              writes=("out_dir",), persist=True,
+              help="Write every token's sparse SAE code (CSR per shard, zstd); rerun to resume.")

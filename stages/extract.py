@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from pipeline.datasets import ImageSet, open_dataset
 from cache.errors import UserError
 from pipeline.models import LoadedModel, load_model
 from pipeline.world import TASKS, held_out_of
+from pipeline.configs import Option, Stage
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +43,39 @@ Tap = Callable[[torch.Tensor, tuple[int, ...]], dict[int, torch.Tensor]]  # imag
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """What to extract and where; fields marked 'content' define the store's identity (sha256)."""
+    """What to extract and where; fields marked 'identity' define the store's identity (sha256)."""
 
-    dataset: str  # content: dataset name (see pipeline.datasets.DATASET_NAMES)
-    out_dir: Path  # where the Zarr store goes
-    root: str | None = None  # content: dataset root on local disk (not needed for synthetic)
-    split: str | None = None  # content: dataset split; None = the dataset's default
-    limit: int | None = None  # content: keep this many images (seeded random subset, dataset order)
-    seed: int = 0  # content: seed of the subset, the synthetic generator and random init (--pretrained none)
-    model: str = "ViT-B-16"  # content: open_clip model name (or a registered config, e.g. tiny-vit)
-    pretrained: str = "openai"  # content: open_clip tag, local checkpoint path, or 'none' (random init)
-    layers: tuple[int, ...] = (10,)  # content: block indices, 0-based, residual output
-    dtype: str = "float32"  # content: compute precision of the model (the store is float16)
+    OPTIONS: ClassVar = {"synthetic_task": Option("--task"), "images_per_chunk": Option("--chunk-images"),
+                         "images_per_shard": Option("--shard-images")}
+
+    dataset: str  # identity: synthetic, imagefolder, eurosat, imagenet, caltech101, oxfordpets, stanfordcars,
+                  # flowers102, food101, fgvcaircraft, sun397, dtd, ucf101 (pipeline.datasets)
+    out_dir: Path  # store directory to create or resume
+    root: str | None = None  # identity: local dataset folder (nothing is downloaded; not needed for synthetic)
+    split: str | None = None  # identity: dataset split; default depends on the dataset (e.g. 'all' for folders, 'test')
+    limit: int | None = None  # identity: keep this many images: a seeded random subset, in dataset order;
+                              # for synthetic: the number of generated images (default 1000)
+    seed: int = 0  # identity: seed of --limit's subset, of the synthetic images and of random init (--pretrained none)
+    model: str = "ViT-B-16"  # identity: open_clip model name, or a registered config such as tiny-vit
+    pretrained: str = "openai"  # identity: open_clip pretrained tag, a local checkpoint file, or 'none' for random weights
+    layers: tuple[int, ...] = (10,)  # identity: block indices to store, 0-based, residual output, e.g. 6,10,11;
+                                     # the forward stops after the last
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # identity: model compute precision (store: float16)
     batch_size: int = 32  # images per forward
-    device: str = "auto"  # cpu, cuda[:N] or auto
-    workers: int = 0  # DataLoader processes decoding images (0 = in the main process)
-    overwrite: bool = False  # replace a store written with another config
-    images_per_chunk: int | None = None  # content: rows per Zarr chunk (default ~3 MB)
-    images_per_shard: int | None = None  # content: rows per shard file (default ~64 MB)
-    adapter: Path | None = None  # content: MaPLe adapter folder (pipeline adapt --out): store the adapted model
-    synthetic_task: str = "shape_colour"  # content, synthetic only: which attributes make the classes (pipeline.world.TASKS)
-    allow_held_out: bool = False  # content, synthetic only: let images show values the model's pretraining held out
-    scheduler: str | None = None  # None: this process; "local": a LocalCluster; or a Dask scheduler address
-    n_workers: int = 2  # worker processes of a local cluster
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
+    workers: int = 0  # image-decoding processes (0 = main process)
+    overwrite: bool = False  # replace a store that was written with another config
+    images_per_chunk: int | None = None  # identity: rows per Zarr chunk (default: ~3 MB chunks)
+    images_per_shard: int | None = None  # identity: rows per shard file (default: ~64 MB shards)
+    adapter: Path | None = None  # identity: MaPLe adapter folder (pipeline adapt --out): store the adapted model's
+                                 # activations (the base model's token positions; the vision prompt tokens are dropped)
+    synthetic_task: str = "shape_colour"  # identity: synthetic dataset only: which attributes make the classes
+                                          # (shape_colour, shape, colour, size, texture, background)
+    allow_held_out: bool = False  # identity: synthetic dataset only: allow values the model's pretraining held out
+                                  # (its config.json says which), e.g. for a concept-addition test
+    scheduler: str | None = None  # run one Dask task per shard: 'local' starts a local cluster (see --n-workers),
+                                  # or a scheduler address tcp://HOST:PORT whose workers see --out on a shared disk
+    n_workers: int = 2  # worker processes of --scheduler local
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -307,3 +318,31 @@ def run(cfg: Config) -> Outputs:
                    n_skipped=len(skipped), n_tokens=store.n_images * model.n_tokens,
                    layers=cfg.layers, bytes_written=bytes_written,
                    seconds=time.perf_counter() - started, stream_seconds=stream_seconds, norms=norms)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def summary(out: Outputs) -> str:
+    lines = [f"extracted {out.n_computed} of {out.n_images} images ({out.n_skipped} unreadable, skipped) "
+             f"x {out.n_tokens // max(out.n_images, 1)} tokens, layers {list(out.layers)}: "
+             f"{_human_bytes(out.bytes_written)} in {out.seconds:.1f} s "
+             f"({out.n_computed / max(out.seconds, 1e-9):.1f} images/s) -> {out.store_dir}"]
+    for layer, stats in out.norms.items():
+        if "class" in stats:
+            lines.append(f"  layer {layer} token norms: class mean {stats['class']['mean']:.2f}, "
+                         f"patches mean {stats['patches']['mean']:.2f} (max {stats['patches']['max']:.2f})")
+    return "\n".join(lines)
+
+
+STAGE = Stage(
+    name="extract", config=Config, run=run, summary=summary, reads=("adapter",), writes=("out_dir",), persist=True,
+    help="""Stream patch-token activations of chosen blocks into a resumable Zarr store.
+
+    Rerunning the same command finishes an interrupted store; a different config is refused
+    unless --overwrite. Unreadable images are skipped, counted and listed in the store.""")

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from cache.codes import CodeStore
 from cache.store import ActivationStore
 from pipeline import groundtruth as gt
 from pipeline import runfiles
+from pipeline.configs import Stage
 from cache.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 from pipeline.world import SyntheticWorld, object_coverage
@@ -39,13 +40,16 @@ class Config:
     """What to evaluate against which ground truth."""
 
     stats_dir: Path  # statistics folder (pipeline stats) of the codes to evaluate; names both stores
-    out_dir: Path  # folder to write (created; an earlier ground-truth folder there is replaced)
-    world: Mapping[str, Any] | None = None  # world settings to check against the store's (keys of WorldConfig)
+    out_dir: Path  # folder to write: groundtruth.json, latents.csv, values.csv, groundtruth.png (an earlier
+                   # ground-truth folder there is replaced)
+    world: Mapping[str, Any] | None = None  # world the store must come from, checked against the store's own:
+                                            # key=value pairs such as seed=0,image_size=32,task=shape_colour, or a
+                                            # JSON file of those keys and held_out (default: the store's, unchecked)
     codes_dir: Path | None = None  # code store (default: the one the statistics were computed from)
     cache_dir: Path | None = None  # activation store (default: the one the statistics were computed from)
-    attributes: tuple[str, ...] = tuple(gt.ATTRIBUTE_VALUES)  # attributes whose values are scored
-    score: str = "max_patch"  # image-level score: max_patch (max over patches) or mean (over all tokens)
-    auroc_threshold: float = 0.95  # a value is covered when some latent reaches this AUROC for it
+    attributes: tuple[str, ...] = tuple(gt.ATTRIBUTE_VALUES)  # comma-separated attributes whose values are scored
+    score: Literal["max_patch", "mean"] = "max_patch"  # image-level score: max_patch (max over patches) or mean (over all tokens)
+    auroc_threshold: float = 0.95  # a value has a dedicated latent when some latent reaches this AUROC for it
     map_threshold: float = 0.5  # a patch is on when f_j >= this fraction of the image's max patch (and > 0)
     object_fraction: float = 0.5  # a patch is an object patch when this fraction of its pixels is object
     plots: bool = True  # write groundtruth.png
@@ -275,3 +279,14 @@ def _plot(path: Path, values, latents, threshold: float) -> Path:
     plt.close(fig)
     return path
 
+
+def summary(out: Outputs) -> str:
+    iou = "n/a" if out.mean_iou_dedicated is None else f"{out.mean_iou_dedicated:.3f}"
+    return (f"{out.n_covered} of {out.n_values} attribute values have a dedicated latent "
+            f"(mean IoU {iou}); {out.n_latents} latents over {out.n_images} images in {out.seconds:.1f} s "
+            f"-> {out.out_dir}")
+
+
+STAGE = Stage(name="groundtruth", config=Config, run=run, summary=summary,
+              reads=("stats_dir", "codes_dir", "cache_dir"), writes=("out_dir",),
+              help="Score latents against the synthetic world: best attribute value (AUROC, purity), IoU and pointing.")

@@ -12,13 +12,14 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cache import schema
 from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.errors import UserError
+from pipeline.configs import Option, Stage
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,21 @@ log = logging.getLogger(__name__)
 class Config:
     """Where the array is and what it is."""
 
+    OPTIONS: ClassVar = {"source_path": Option("SOURCE"), "n_prefix_tokens": Option("--prefix-tokens")}
+
     source_path: Path  # .npy, .npz or raw file
     out_dir: Path  # store directory to create or resume
-    shape: tuple[int, ...] | None = None  # raw files only: (n, d) or (n, t, d)
+    shape: tuple[int, ...] | None = None  # raw files: n,d (tokens) or n,t,d (images x tokens)
     dtype: str = "float16"  # raw files only: element type
     key: str | None = None  # .npz only: which array (default: the only one)
-    labels_path: Path | None = None  # optional .npy of n integer labels
-    class_names: tuple[str, ...] = ()  # names of the labels (default: class_0, class_1, ...)
-    n_prefix_tokens: int | None = None  # tokens before the patches; default 1 for (n,t,d), 0 for (n,d)
+    labels_path: Path | None = None  # .npy of one integer label per row
+    class_names: tuple[str, ...] = ()  # comma-separated names of the labels (default: class_0, class_1, ...)
+    n_prefix_tokens: int | None = None  # tokens before the patches (default 1 = class token first for n,t,d; 0 for n,d)
     layer: int = 0  # block index to file the activations under
-    model: str = "imported"  # what produced them, recorded in the store
-    images_per_chunk: int | None = None
-    images_per_shard: int | None = None
-    overwrite: bool = False
+    model: str = "imported"  # name of the model that produced them, recorded in the store
+    images_per_chunk: int | None = None  # rows per Zarr chunk (default: ~3 MB chunks)
+    images_per_shard: int | None = None  # rows per shard file (default: ~64 MB shards)
+    overwrite: bool = False  # replace a store written from another source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,3 +135,12 @@ def run(cfg: Config) -> Outputs:
                                 "beyond the float16 range; clean the array before importing")
             store.write_shard(s, {cfg.layer: block.astype(np.float16)}, labels[sl], np.ones(sl.stop - sl.start, bool))
     return Outputs(store_dir=store.path, n_images=n, n_tokens=t, d_model=d, seconds=time.perf_counter() - started)
+
+
+def summary(out: Outputs) -> str:
+    return f"imported {out.n_images} x {out.n_tokens} x {out.d_model} in {out.seconds:.1f} s -> {out.store_dir}"
+
+
+STAGE = Stage(name="import", config=Config, run=run, summary=summary, reads=("source_path", "labels_path"),
+              writes=("out_dir",), persist=True,
+              help="Turn an (n, d) or (n, t, d) array (.npy, .npz, raw memmap) into an activation store.")

@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from pipeline.datasets import ImageSet, open_dataset, synthetic_options
 from cache.errors import UserError
 from pipeline.latents import LatentStats, json_safe
 from pipeline.models import DTYPES, LoadedModel, file_sha256, load_model, resolve_device
+from pipeline.configs import Option, Stage
 from pipeline.probe import LinearProbe, ProbeConfig, fit_linear_probe
 from pipeline.sae import SAE, load_sae
 
@@ -123,11 +124,17 @@ def parse_k(value: int | str) -> int | str:
 class Config:
     """One masking sweep. Dataset fields may be left out when ``cache_dir`` is given (the store's are used)."""
 
+    OPTIONS: ClassVar = {"modes": Option("--mode"), "ks": Option("--k"), "n_seeds": Option("--seeds"),
+                         "class_token_only": Option("--full-last-block"),
+                         "classifier_cache_dir": Option(default=Path.home() / ".cache" / "patchsae-pipeline" / "classifiers")}
+
     sae_dir: Path  # trained SAE folder; its config names the model and layer
     stats_dir: Path  # statistics folder of that SAE (`pipeline stats`): class_counts.npy picks the top-k latents
     out_dir: Path  # results folder: masking.json, per_class.csv, accuracy_vs_k.png
-    cache_dir: Path | None = None  # activation store holding the tapped layer: reuse its residuals (no images read)
-    adapter: Path | None = None  # MaPLe adapter folder: mask the adapted model (from images; stores lack its prompts)
+    cache_dir: Path | None = None  # activation store holding the SAE's layer: reuse its residuals, run only the blocks
+                                   # after the tap (no images read)
+    adapter: Path | None = None  # MaPLe adapter folder (pipeline adapt --out): mask the adapted model with the base
+                                 # model's SAE (reads images: a --cache store of this adapter only names them)
     dataset: str | None = None  # evaluation dataset (see pipeline.datasets); default: the store's
     root: str | None = None  # dataset root; default: the store's
     split: str | None = None  # evaluation split; default: the store's, else the dataset's default split
@@ -136,24 +143,29 @@ class Config:
     model: str | None = None  # open_clip model name; default: the one the SAE records (else ViT-B-16)
     pretrained: str | None = None  # open_clip tag, checkpoint path, or none; default: the SAE's (else openai)
     layer: int | None = None  # block index to splice at; default: the SAE's layer (a different one is refused)
-    modes: tuple[str, ...] = ("on", "off")  # masking modes to sweep
-    ks: tuple[int | str, ...] = DEFAULT_KS  # set sizes; "all" = every latent
-    error_term: bool = False  # splice the sweep with the error term (paper: without)
+    modes: tuple[str, ...] = ("on", "off")  # on = keep only the class's top-k latents; off = zero them
+    ks: tuple[int | str, ...] = DEFAULT_KS  # set sizes; 'all' = every latent
+    error_term: bool = False  # splice the sweep as x_hat_masked + (x - x_hat) (paper: without)
     n_seeds: int = 3  # random-latent-set baselines (0 = none)
     random_seed: int = 0  # seed of the random latent sets and of the probe's held-out images
-    head: str = "auto"  # zeroshot, probe, or auto (probe for random weights, zero-shot otherwise)
-    templates: str = "auto"  # zero-shot templates: openai (80 ImageNet), world (synthetic), dataset (e.g. EuroSAT's), auto
+    head: Literal["auto", "zeroshot", "probe"] = "auto"  # auto = probe for random weights (--pretrained none),
+                                                         # zero-shot otherwise
+    templates: Literal["auto", "openai", "world", "dataset"] = "auto"  # zero-shot templates: auto (world for synthetic,
+                                                                       # the 80 OpenAI ones otherwise), dataset (its own,
+                                                                       # e.g. EuroSAT's 'a centered satellite photo of {}.')
     class_prompts: Path | None = None  # JSON list of C names (or {class name: prompt name}) used in the prompts
-    classifier_cache_dir: Path | None = None  # where zero-shot classifiers are cached (None: not cached)
+    classifier_cache_dir: Path | None = None  # where zero-shot classifiers are cached per model and class names
+                                              # (none: not cached)
     probe_split: str | None = None  # probe training split; None: held-out images of the evaluation split
     probe_images: int = 1000  # probe training images (with the evaluation split: at most half of its images)
     probe_l2: float = 1e-3  # probe weight decay (see pipeline.probe)
     batch_size: int = 32  # images per batch (the SAE works on smaller chunks when its codes are large)
     tail_rows: int = 64  # images per forward of the blocks after the tap (masks are stacked)
-    class_token_only: bool = True  # last block for the class-token query alone (pooling reads only it)
-    device: str = "auto"  # cpu, cuda[:N] or auto
-    dtype: str = "float32"  # model compute precision
-    workers: int = 0  # image-decoding processes
+    class_token_only: bool = True  # the last block for the class token only, which is all the pooling reads; the flag
+                                   # computes it for every token (equal up to float rounding)
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model compute precision
+    workers: int = 0  # image-decoding processes (0 = main process)
     plots: bool = True  # write accuracy_vs_k.png
     progress: bool = True  # show a progress bar
 
@@ -920,3 +932,25 @@ def _plot(path: Path, cfg: Config, acc: dict[str, Any], d_sae: int, chance: floa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summary(out: Outputs) -> str:
+    lines = [f"{out.head} head, {out.n_images} images, {out.n_classes} classes, layer {out.layer} "
+             f"(tap from the {out.source}); sweep {out.sweep_seconds:.1f} s of {out.seconds:.1f} s",
+             f"  plain CLIP {out.clip_accuracy:.4f}   SAE all on {out.sae_all_on_accuracy:.4f}   "
+             f"SAE + error term {out.sae_error_term_accuracy:.4f}"]
+    for mode, row in out.accuracy.items():
+        rand = out.random_accuracy.get(mode, {})
+        cells = "  ".join(f"k={k}: {a:.3f}" + (f" (rand {rand[k][0]:.3f}±{rand[k][1]:.3f})" if k in rand else "")
+                          for k, a in row.items())
+        lines.append(f"  {mode:3s} {cells}")
+    lines.append(f"  -> {out.results_path}, {out.per_class_path}" + (f", {out.plot_path}" if out.plot_path else ""))
+    return "\n".join(lines)
+
+
+STAGE = Stage(name="mask", config=Config, run=run, summary=summary,
+              reads=("sae_dir", "stats_dir", "cache_dir", "adapter"), writes=("out_dir",),
+              help="""Masking experiments: accuracy with the SAE spliced in and each class's top-k latents on or off.
+
+    The mask of an image uses its ground-truth class (the paper's protocol). Plain CLIP's
+    accuracy with the head is computed first and printed before any masking.""")

@@ -47,7 +47,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import open_clip
@@ -59,6 +59,7 @@ from pipeline import runfiles, zeroshot
 from cache.errors import UserError, require_integers, require_threads
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.runfiles import atomic_write, plot_losses, write_json
+from pipeline.configs import Stage
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, caption_for, parse_held_out
 
 log = logging.getLogger(__name__)
@@ -81,22 +82,25 @@ POSITIVES = ("attributes", "caption")  # what counts as a match in the contrasti
 class Config:
     """A pretraining run; fields marked 'identity' must match to resume a folder."""
 
-    out_dir: Path  # run folder: config.json, trainer_state.pt, model.pt, metrics.json, loss.png
-    world: str = "synthetic"  # identity: source of image–caption pairs (only 'synthetic' exists)
+    out_dir: Path  # run folder to create or resume: model.pt, trainer_state.pt, config.json, metrics.json, loss.png
+    world: Literal["synthetic"] = "synthetic"  # identity: source of image-caption pairs (the generated world, offline)
     seed: int = 0  # identity: world seed (train and test images) and weight-init seed
-    model: str = "tiny-clip"  # identity: open_clip model name; image size is read from it
+    model: str = "tiny-clip"  # identity: open_clip model name (a registered config); image size is read from it
     steps: int = 1500  # identity: optimizer steps (batch_size fresh pairs each)
     batch_size: int = 64  # identity: image–caption pairs per step (the contrastive batch)
     lr: float = 2e-3  # identity: peak learning rate of AdamW
     warmup_steps: int = 30  # identity: linear warm-up steps, then cosine decay to 0 at `steps`
-    positives: str = "attributes"  # identity: a caption matches its own image only ('caption') or every image it is true of
+    positives: Literal["attributes", "caption"] = "attributes"  # identity: matches in the contrastive loss: every
+                                                                # caption true of the image (attributes) or only its
+                                                                # own caption (caption, standard CLIP)
     weight_decay: float = 0.1  # identity: AdamW decoupled weight decay on weight matrices
-    held_out: tuple[tuple[str, str], ...] = ()  # identity: (attribute, value) pairs never shown (or 'attr=value')
+    held_out: tuple[tuple[str, str], ...] = ()  # identity: never show this attribute value in pretraining, e.g.
+                                                # texture=checker
     task: str = "shape_colour"  # evaluation: classes of the zero-shot test (a key of pipeline.world.TASKS)
-    templates: str = "world"  # evaluation: prompt set, 'world' or 'openai' (pipeline.zeroshot.TEMPLATE_SETS)
+    templates: Literal["world", "openai"] = "world"  # evaluation: prompt set, 'world' or 'openai' (pipeline.zeroshot.TEMPLATE_SETS)
     eval_images: int = 1000  # evaluation: test-split images for zero-shot accuracy
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved)
-    device: str = "auto"  # cpu, cuda[:N] or auto
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
     threads: int | None = None  # torch CPU threads during the run; None keeps torch's setting
     workers: int = 1  # processes rendering batches ahead of the training loop (0 = in the loop)
     overwrite: bool = False  # replace a run folder that was written with another identity
@@ -399,3 +403,20 @@ def _train(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 __all__ = ["Config", "Outputs", "run", "PairBatches", "lr_at", "contrastive_loss", "evaluate", "eval_record", "train_world"]
+
+
+def summary(out: Outputs) -> str:
+    resumed = f" (resumed at step {out.start_step})" if 0 < out.start_step < out.steps else ""
+    if out.start_step == out.steps:
+        resumed = " (already trained)"
+    return (f"trained {out.steps} steps{resumed}: final loss {out.final_loss:.3f}, "
+            f"zero-shot accuracy {100 * out.accuracy:.1f}% on {out.n_classes} classes "
+            f"(chance {100 / out.n_classes:.1f}%), training {out.train_seconds:.1f} s, this run {out.seconds:.1f} s\n"
+            f"  checkpoint {out.model_path}  (metrics {out.metrics_path.name}, curve {out.plot_path.name})")
+
+
+STAGE = Stage(name="pretrain", config=Config, run=run, summary=summary, reads=(), writes=("out_dir",), persist=True,
+              help="""Pretrain a tiny CLIP from scratch on the synthetic world's image-caption pairs.
+
+    Rerunning the same command resumes from the last checkpoint; other settings in the same
+    --out are refused unless --overwrite. Ends with zero-shot accuracy on the test split.""")

@@ -35,11 +35,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from cache.errors import UserError
+from pipeline.configs import Option, Stage
 from pipeline.latents import LatentStats, json_safe
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,17 @@ DEFINITIONS: dict[str, str] = {
 class Config:
     """Two statistics folders of one SAE, and the grouping thresholds."""
 
+    OPTIONS: ClassVar = {"tau_high": Option("--high"), "tau_low": Option("--low")}
+
     base_dir: Path  # statistics folder (`pipeline stats`) of the base model
-    adapted_dir: Path  # statistics folder of the adapted model, same SAE and classes
+    adapted_dir: Path  # statistics folder of the adapted model, computed with the same SAE on the same classes
     out_dir: Path  # results folder: remap.json, remap_table.md, remap.png
     tau_high: float = 0.5  # a latent is high for a class when its normalised count is >= tau_high
     tau_low: float = 0.1  # ... and low when it is <= tau_low
-    normalise: str = "max"  # max: by the class's most counted latent; tokens: by the class's token count
-    base_masking: Path | None = None  # masking.json (or its folder) of the base model with this SAE
-    adapted_masking: Path | None = None  # masking.json (or its folder) of the adapted model with this SAE
+    normalise: Literal["max", "tokens"] = "max"  # per class, max: by the class's most counted latent; tokens: by the class's token count
+    base_masking: Path | None = None  # masking.json (or its folder) of the base model with this SAE, shown beside
+                                      # the adapted one
+    adapted_masking: Path | None = None  # masking.json (or its folder) of the adapted model with the base model's SAE
     plots: bool = True  # write remap.png
     plot_classes: int = 30  # classes shown in the bar panel (the first ones) beside the overall bar
 
@@ -408,3 +412,13 @@ def _plot(path: Path, base_CS: np.ndarray, adapted_CS: np.ndarray, group_CS: np.
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summary(out: Outputs) -> str:
+    lines = [*out.table_lines, f"-> {out.results_path}, {out.table_path}" + (f", {out.plot_path}" if out.plot_path else "")]
+    return "\n".join(lines)
+
+
+STAGE = Stage(name="remap", config=Config, run=run, summary=summary,
+              reads=("base_dir", "adapted_dir", "base_masking", "adapted_masking"), writes=("out_dir",),
+              help="Adaptation analysis: per class, latents high in both models, high->low and low->high (paper Table 1).")

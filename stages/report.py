@@ -21,12 +21,13 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipeline import latents as files
 from cache.errors import UserError
+from pipeline.configs import Option, Stage
 from pipeline.groundtruth import PLOT_FILE as GT_PLOT
 from pipeline.groundtruth import GroundTruthResults
 from pipeline.heatmaps import ImageSource, ImageUnavailable, render_heatmap
@@ -44,14 +45,17 @@ PLOTS_DIR = "plots"
 class Config:
     """Which latents to show and where the images are."""
 
+    OPTIONS: ClassVar = {"n_latents": Option("--latents"), "n_low_entropy": Option("--low-entropy")}
+
     stats_dir: Path  # statistics folder written by `pipeline stats`
     out_dir: Path  # report folder to write (index.html, latents/, plots/); an earlier report there is replaced
     n_latents: int = 100  # the most frequent alive latents get a page
-    n_low_entropy: int = 10  # ... plus the alive latents with the lowest label entropy
+    n_low_entropy: int = 10  # also show this many of the lowest-entropy alive latents
     min_references: int = 5  # low-entropy picks need this many references (a single one always has entropy 0)
     root: Path | None = None  # where the dataset's images are now (default: the root recorded in the store)
     image_px: int = 192  # width of each reference picture in pixels
-    groundtruth_dir: Path | None = None  # ground-truth folder (pipeline groundtruth) of the same codes, if any
+    groundtruth_dir: Path | None = None  # ground-truth folder (pipeline groundtruth) of the same codes: adds its
+                                         # metrics to the report
 
     def __post_init__(self) -> None:
         for name in ("stats_dir", "out_dir"):
@@ -456,3 +460,18 @@ def _latent_page(stats: LatentStats, j: int, source: ImageSource, cache: dict, o
     page = out / PAGES_DIR / _page_name(j)
     page.write_text("\n".join(parts), encoding="utf-8")
     return page, len(figures), sum(1 for f in figures if "heatmap only" in f)
+
+
+def summary(out: Outputs) -> str:
+    lines = [f"report of {len(out.latent_pages)} latents ({out.n_pictures} reference pictures) "
+             f"in {out.seconds:.1f} s -> {out.index_path}"]
+    if out.image_problem:
+        lines.append(f"  images not shown: {out.image_problem}")
+    elif out.n_without_image:
+        lines.append(f"  {out.n_without_image} references could not be opened (heatmap only; see their pages)")
+    return "\n".join(lines)
+
+
+STAGE = Stage(name="report", config=Config, run=run, summary=summary, reads=("stats_dir", "groundtruth_dir"),
+              writes=("out_dir",),
+              help="Static HTML report (open index.html from disk): sortable latent table, reference heatmaps.")

@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dask
 import numpy as np
@@ -33,6 +33,7 @@ from cache.codes import CodeStore, ShardCodes
 from cache.store import ActivationStore
 from pipeline import latents as files
 from pipeline import runfiles
+from pipeline.configs import Option, Stage
 from cache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,18 @@ LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 class Config:
     """What to summarise and how."""
 
-    codes_dir: Path  # sparse code store written by `pipeline encode`
+    OPTIONS: ClassVar = {"n_workers": Option("--workers")}
+
+    codes_dir: Path  # code store written by `pipeline encode`
     cache_dir: Path  # activation store the codes were encoded from (labels, validity, image ids)
     out_dir: Path  # statistics folder to write (created; earlier statistics in it are replaced)
     top_k: int = 10  # reference images per latent; label entropy/std use all of them (paper: 10)
     threshold: float = 0.2  # class-level counts count tokens with f_j > threshold (paper: 0.2)
-    scheduler: str = "threads"  # threads, synchronous, processes, or a dask.distributed address (tcp://...)
+    scheduler: str = "threads"  # Dask scheduler: threads, synchronous, processes, or a dask.distributed address
+                                # tcp://HOST:PORT
     n_workers: int | None = None  # threads or processes of the local schedulers (default: one per core)
     split_every: int = 4  # partial results merged by one reduction task
-    plots: bool = True  # write the PNG plots into out_dir
+    plots: bool = True  # write the PNG plots into the statistics folder
     plot_classes: int = 20  # classes shown in the per-class top-latent grid (the first ones)
 
     def __post_init__(self) -> None:
@@ -625,3 +629,15 @@ def _plots(out: Path, table, counts_CS: np.ndarray, class_names: list[str], plot
     fig.savefig(out / files.PLOT_CLASS_TOP, dpi=100)
     plt.close(fig)
     return out / files.PLOT_SCATTER, out / files.PLOT_HISTOGRAMS, out / files.PLOT_CLASS_TOP
+
+
+def summary(out: Outputs) -> str:
+    return (f"statistics of {out.n_latents} latents ({out.n_dead} dead) over {out.n_valid_images} valid images "
+            f"in {out.n_shards} shards, {out.seconds:.1f} s -> {out.stats_dir}")
+
+
+STAGE = Stage(name="stats", config=Config, run=run, summary=summary, reads=("codes_dir", "cache_dir"),
+              writes=("out_dir",),
+              help="""Per-latent statistics (frequency, mean activation, references, label entropy, class counts).
+
+    Out of core: one Dask task per code shard, partial results merged in a tree.""")

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm import tqdm
@@ -26,6 +26,7 @@ from cache.loader import LoaderConfig, TokenLoader, token_indices
 from cache.store import ActivationStore, config_sha256
 from cache.errors import UserError
 from pipeline.models import resolve_device
+from pipeline.configs import Option, Stage
 from pipeline.plots import plot_curves
 from pipeline.sae import (
     NonFiniteLossError,
@@ -52,33 +53,37 @@ RUN_FILE = "run.json"
 class Config:
     """One SAE training run; every field except the last group defines the run's identity."""
 
-    cache_dir: Path  # activation store to train on
-    layer: int  # block index (0-based, residual output) inside the store
+    OPTIONS: ClassVar = {"total_tokens": Option("--tokens")}
+
+    cache_dir: Path  # identity: activation store to train on
+    layer: int  # identity: block index inside the store (0-based, residual output)
     out_dir: Path  # SAE folder: final weights, checkpoint/, metrics, plots
-    arch: str = "relu"  # relu (paper), topk or batchtopk
-    expansion: float = 64.0  # d_sae = expansion x d_model (paper: 64)
-    k: int | None = None  # active latents per token for topk/batchtopk
-    l1: float | None = None  # L1 coefficient; None = 8e-5 for relu (paper), 0 for TopK family
-    token_kind: str = "all"  # train on all tokens, patches only, or class tokens only
-    total_tokens: int = 2_000_000  # token budget of the whole run
-    batch_images: int = 128  # images' worth of tokens per step (paper: 128 images x 197 tokens)
-    lr: float = 4e-4  # Adam learning rate after warm-up (paper: 4e-4)
-    warmup_steps: int = 500  # linear warm-up steps (paper: 500)
-    normalize: bool = False  # divide activations by mean norm / sqrt(D) (stored with the SAE)
-    revival: str = "auto"  # dead-latent revival: auto, ghost_grads, auxk, none
-    dead_window_tokens: int = 1_000_000  # a latent is dead if silent for this many tokens
-    val_fraction: float = 0.05  # images held out for validation metrics and early stopping
-    window_chunks: int = 64  # chunks shuffled together by the loader
-    seed: int = 0
-    dtype: str = "float32"  # float32, or bfloat16 autocast
+    arch: Literal["relu", "topk", "batchtopk"] = "relu"  # identity: relu = the paper's ReLU + L1; topk/batchtopk keep
+                                                         # k latents per token
+    expansion: float = 64.0  # identity: d_sae = expansion x d_model (paper: 64)
+    k: int | None = None  # identity: active latents per token (topk, batchtopk)
+    l1: float | None = None  # identity: L1 coefficient; None = 8e-5 for relu (paper), 0 for TopK family
+    token_kind: Literal["all", "patches", "cls"] = "all"  # identity: train on all tokens, patches only, or class tokens only
+    total_tokens: int = 2_000_000  # identity: token budget of the whole run
+    batch_images: int = 128  # identity: images' worth of tokens per step (paper: 128 images x 197 tokens)
+    lr: float = 4e-4  # identity: Adam learning rate after warm-up (paper: 4e-4)
+    warmup_steps: int = 500  # identity: linear warm-up steps (paper: 500)
+    normalize: bool = False  # identity: scale activations to unit mean norm x sqrt(D) (the scale is stored with the SAE)
+    revival: Literal["auto", "ghost_grads", "auxk", "none"] = "auto"  # identity: dead-latent revival (auto: ghost grads
+                                                                      # for relu, AuxK for the TopK family)
+    dead_window_tokens: int = 1_000_000  # identity: a latent is dead if silent for this many tokens
+    val_fraction: float = 0.05  # identity: images held out for validation metrics and early stopping
+    window_chunks: int = 64  # identity: chunks shuffled together by the loader
+    seed: int = 0  # identity: seed of the initial weights, the validation split and the token stream
+    dtype: Literal["float32", "bfloat16"] = "float32"  # identity: float32, or bfloat16 autocast (no gradient scaler)
     # -- not part of the identity: how the run is executed and reported
-    device: str = "auto"
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
     log_every: int = 50  # steps between metric records
     checkpoint_every: int = 500  # steps between checkpoints
-    early_stop_patience: int | None = None  # stop after this many evaluations without val FVU gain
+    early_stop_patience: int | None = None  # stop after this many logs without validation FVU gain
     max_val_tokens: int = 200_000  # tokens used for each validation
-    overwrite: bool = False  # discard an existing run with another identity
-    progress: bool = True
+    overwrite: bool = False  # replace an SAE folder trained with other settings
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -100,6 +105,7 @@ class Outputs:
     sae_dir: Path
     metrics_path: Path
     plot_path: Path
+    history_path: Path  # the loss curve's records, one per log interval
     metrics: dict[str, float]
     steps: int
     resumed_from_step: int
@@ -244,5 +250,18 @@ def run(cfg: Config) -> Outputs:
                             panels=[("loss", "training loss"), ("l0", "L0 (active latents / token)"),
                                     ("fvu", "FVU (batch)")],
                             title=f"{cfg.arch} SAE, layer {cfg.layer}, x{cfg.expansion:g}")
-    return Outputs(sae_dir=cfg.out_dir, metrics_path=metrics_path, plot_path=plot_path, metrics=final,
+    return Outputs(sae_dir=cfg.out_dir, metrics_path=metrics_path, plot_path=plot_path,
+                   history_path=cfg.out_dir / HISTORY_FILE, metrics=final,
                    steps=trainer.n_steps, resumed_from_step=resumed_from, seconds=time.perf_counter() - started)
+
+
+def summary(out: Outputs) -> str:
+    m = out.metrics
+    resumed = f" (resumed at step {out.resumed_from_step})" if out.resumed_from_step else ""
+    return (f"trained {out.steps} steps{resumed} in {out.seconds:.1f} s -> {out.sae_dir}\n"
+            f"  {m['eval_split']} metrics: MSE {m['mse']:.4g}  FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
+            f"L1 {m['l1']:.3g}  dead {m['train_dead_fraction']:.3f}  ({out.metrics_path}, {out.plot_path})")
+
+
+STAGE = Stage(name="train", config=Config, run=run, summary=summary, reads=("cache_dir",), writes=("out_dir",),
+              persist=True, help="Train a sparse autoencoder on one layer of a store; rerun the same command to resume.")

@@ -25,7 +25,7 @@ def _run_stage(tmp_path: Path, params: str, *args: str) -> tuple[int, str]:
     (("train",), "stage 'train' needs --dataset"),
     (("train", "--dataset", "eurosat", "--layer", "3"), "dataset 'eurosat' is not in data.datasets (synthetic)"),
     (("train", "--dataset", "synthetic", "--layer", "2"), "layer 2 is not in extract.layers (1, 3)"),
-    (("stats", "--dataset", "synthetic"), "this stage needs --layer"),
+    (("stats", "--dataset", "synthetic"), "needs --layer"),
 ])
 def test_a_stage_instance_must_be_one_of_the_study(tmp_path, args, needle):
     assert_one_line_error(*_run_stage(tmp_path, PARAMS, *args), needle)

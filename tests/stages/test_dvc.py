@@ -37,7 +37,7 @@ def study(tmp_path_factory):
     repo = tmp_path_factory.mktemp("study")
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("pipeline", "cache", "stages"):
+    for name in ("app", "pipeline", "cache", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"].update(steps=6, batch_size=16, warmup_steps=1, eval_images=40)
