@@ -12,7 +12,7 @@ synthetic world can:
    classes include the held-out value, images may show it) and the *control* task (default
    ``background``; only seen values);
 3. adapt the model to each task (MaPLe, few-shot) and build the remap table of each
-   (stages/remap.py: which latents are high for a class in the base and in the adapted model).
+   (pipeline/remap.py: which latents are high for a class in the base and in the adapted model).
 
 If adaptation adds the missing concept, the held-out class gains latents that were low for it
 in the base model (low->high) while the control's classes do not.  Output folder:
@@ -42,9 +42,9 @@ from cache.errors import UserError
 from pipeline.latents import json_safe
 from app.params import load_params
 from pipeline.plots import plt
+from pipeline.remap import GROUP_LABELS, GROUPS, percent, read_results, results_path
 from pipeline.runfiles import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
-from stages.remap import GROUP_LABELS, GROUPS, percent
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def run(cfg: Config) -> Outputs:
 
 def _side(task: str, paths: study.Paths, held_out: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """One task's remap summary, per-class low->high and adaptation accuracies."""
-    remap = json.loads((paths.adapted / "remap" / "remap.json").read_text())
+    remap = read_results(paths.adapted / "remap")
     adapt = json.loads((paths.adapter / "metrics.json").read_text())
     accuracy = adapt.get("per_class") or {}
     per_class = {name: {"relevant": row["relevant"], "low_high": row["low_high"],
@@ -179,7 +179,7 @@ def _side(task: str, paths: study.Paths, held_out: tuple[tuple[str, str], ...]) 
     return {"task": task, "held_out_classes": held_out_classes(task, held_out), "overall": remap["overall"],
             "per_class": per_class,
             "accuracy": {k: adapt.get(k) for k in ("base_accuracy", "probe_accuracy", "adapted_accuracy")},
-            "remap": str(paths.adapted / "remap" / "remap.json"), "adapter": str(paths.adapter)}
+            "remap": str(results_path(paths.adapted / "remap")), "adapter": str(paths.adapter)}
 
 
 def _mean(values: list[float | None]) -> float | None:
