@@ -192,6 +192,7 @@ def mask(params: dict[str, Any], paths: Paths) -> str:
 
 def groundtruth(params: dict[str, Any], paths: Paths) -> str:
     """Ground truth exists for the synthetic world only; other datasets get a record saying so."""
+    from pipeline import groundtruth as gt
     from stages import groundtruth as stage
 
     g = section(params, "groundtruth", ("attributes", "score", "auroc_threshold", "map_threshold",
@@ -202,8 +203,8 @@ def groundtruth(params: dict[str, Any], paths: Paths) -> str:
         paths.groundtruth.mkdir(parents=True)
         record = {"applicable": 0, "why": f"{paths.dataset} has no ground-truth attributes; only the synthetic "
                                           "world does"}
-        (paths.groundtruth / "groundtruth.json").write_text(json.dumps(record, indent=2) + "\n")
-        _copy_metrics(paths.groundtruth / "groundtruth.json", metrics)
+        (paths.groundtruth / gt.GROUNDTRUTH_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _copy_metrics(paths.groundtruth / gt.GROUNDTRUTH_FILE, metrics)
         return f"groundtruth: not applicable to {paths.dataset}"
     out = stage.run(stage.Config(stats_dir=paths.stats, codes_dir=paths.codes, cache_dir=paths.acts,
                                  out_dir=paths.groundtruth, **g))
