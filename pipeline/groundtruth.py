@@ -226,16 +226,16 @@ class Pairs:
         return Pairs(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Pairs)))
 
 
-def image_pairs(token_ptr: np.ndarray, indices: np.ndarray, values: np.ndarray, object_nP: np.ndarray, *,
+def image_pairs(token_ptr: np.ndarray, indices: np.ndarray, values: np.ndarray, object_NP: np.ndarray, *,
                 n_tokens: int, n_prefix: int, d_sae: int, score: str = "max_patch",
                 map_threshold: float = 0.5, first_image: int = 0) -> Pairs:
     """The pairs of ``n`` images from their CSR codes (as a code shard stores them).
 
-    ``object_nP``: bool object patches of each image. Image indices start at ``first_image``.
+    ``object_NP``: bool object patches of each image of the shard. Image indices start at ``first_image``.
     """
     if score not in SCORES:
         raise UserError(f"unknown score '{score}'; choose one of: {', '.join(SCORES)}")
-    n = len(object_nP)
+    n = len(object_NP)
     t, p0 = n_tokens, n_prefix
     pos = np.repeat(np.arange(n * t, dtype=np.int64), np.diff(token_ptr))
     img, tok = np.divmod(pos, t)
@@ -262,7 +262,7 @@ def image_pairs(token_ptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     top = np.maximum.reduceat(patch_val, starts)  # 0 when no patch is nonzero
     on = patch & (patch_val >= map_threshold * top[group])
     obj = np.zeros(len(val), bool)
-    obj[patch] = object_nP[img[patch], tok[patch] - p0]
+    obj[patch] = object_NP[img[patch], tok[patch] - p0]
     n_pairs = len(starts)
     n_on = np.bincount(group, weights=on, minlength=n_pairs).astype(np.int64)
     n_hit = np.bincount(group, weights=on & obj, minlength=n_pairs).astype(np.int64)
