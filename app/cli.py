@@ -7,7 +7,6 @@ Problems the user can fix print one line ``error: ...`` and exit with status 2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys

@@ -12,7 +12,7 @@ synthetic world can:
    classes include the held-out value, images may show it) and the *control* task (default
    ``background``; only seen values);
 3. adapt the model to each task (MaPLe, few-shot) and build the remap table of each
-   (stages/remap.py: which latents are high for a class in the base and in the adapted model).
+   (pipeline/remap.py: which latents are high for a class in the base and in the adapted model).
 
 If adaptation adds the missing concept, the held-out class gains latents that were low for it
 in the base model (low->high) while the control's classes do not.  Output folder:
@@ -43,9 +43,9 @@ from pipeline.latents import json_safe
 from pipeline.configs import Stage
 from app.params import load_params
 from pipeline.plots import plt
+from pipeline.remap import GROUP_LABELS, GROUPS, percent, read_results, results_path
 from pipeline.runfiles import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
-from stages.remap import GROUP_LABELS, GROUPS, percent
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,9 @@ def run(cfg: Config) -> Outputs:
 
 def _side(task: str, where: dict[str, Any], held_out: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """One task's remap summary, per-class low->high and adaptation accuracies."""
-    remap_path = study.resolve(study.STEP["remap"].paths["out_dir"], **where) / "remap.json"
+    remap_dir = study.resolve(study.STEP["remap"].paths["out_dir"], **where)
     adapter = study.resolve(study.STEP["adapt"].paths["out_dir"], **where)
-    remap = json.loads(remap_path.read_text())
+    remap = read_results(remap_dir)
     adapt = json.loads((adapter / "metrics.json").read_text())
     accuracy = adapt.get("per_class") or {}
     per_class = {name: {"relevant": row["relevant"], "low_high": row["low_high"],
@@ -184,7 +184,7 @@ def _side(task: str, where: dict[str, Any], held_out: tuple[tuple[str, str], ...
     return {"task": task, "held_out_classes": held_out_classes(task, held_out), "overall": remap["overall"],
             "per_class": per_class,
             "accuracy": {k: adapt.get(k) for k in ("base_accuracy", "probe_accuracy", "adapted_accuracy")},
-            "remap": str(remap_path), "adapter": str(adapter)}
+            "remap": str(results_path(remap_dir)), "adapter": str(adapter)}
 
 
 def _mean(values: list[float | None]) -> float | None:

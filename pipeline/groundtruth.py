@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 
 from cache.errors import UserError
+from pipeline import runfiles
+from pipeline.latents import json_safe
 from pipeline.world import ATTRIBUTES, TASKS, SyntheticWorld, WorldConfig
 
 GROUNDTRUTH_FORMAT_VERSION = 1
@@ -224,16 +226,16 @@ class Pairs:
         return Pairs(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Pairs)))
 
 
-def image_pairs(token_ptr: np.ndarray, indices: np.ndarray, values: np.ndarray, object_nP: np.ndarray, *,
+def image_pairs(token_ptr: np.ndarray, indices: np.ndarray, values: np.ndarray, object_NP: np.ndarray, *,
                 n_tokens: int, n_prefix: int, d_sae: int, score: str = "max_patch",
                 map_threshold: float = 0.5, first_image: int = 0) -> Pairs:
     """The pairs of ``n`` images from their CSR codes (as a code shard stores them).
 
-    ``object_nP``: bool object patches of each image. Image indices start at ``first_image``.
+    ``object_NP``: bool object patches of each image of the shard. Image indices start at ``first_image``.
     """
     if score not in SCORES:
         raise UserError(f"unknown score '{score}'; choose one of: {', '.join(SCORES)}")
-    n = len(object_nP)
+    n = len(object_NP)
     t, p0 = n_tokens, n_prefix
     pos = np.repeat(np.arange(n * t, dtype=np.int64), np.diff(token_ptr))
     img, tok = np.divmod(pos, t)
@@ -260,7 +262,7 @@ def image_pairs(token_ptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     top = np.maximum.reduceat(patch_val, starts)  # 0 when no patch is nonzero
     on = patch & (patch_val >= map_threshold * top[group])
     obj = np.zeros(len(val), bool)
-    obj[patch] = object_nP[img[patch], tok[patch] - p0]
+    obj[patch] = object_NP[img[patch], tok[patch] - p0]
     n_pairs = len(starts)
     n_on = np.bincount(group, weights=on, minlength=n_pairs).astype(np.int64)
     n_hit = np.bincount(group, weights=on & obj, minlength=n_pairs).astype(np.int64)
@@ -385,6 +387,113 @@ def evaluate(pairs: Pairs, codes: dict[str, np.ndarray], n_object_N: np.ndarray,
                       prevalence_V=n_positive_V / max(n, 1), n_positive_V=n_positive_V, n_active_S=n_active_S,
                       best_V_of_S=best_V_of_S.astype(np.int64), loc=localisation(pairs, n_object_N, d_sae),
                       best_latent_V=best_latent_V.astype(np.int64), dedicated_V=filled.max(0) >= auroc_threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing a ground-truth folder (only `pipeline groundtruth` writes one)
+
+
+OUR_FILES = (GROUNDTRUTH_FILE, LATENTS_FILE, VALUES_FILE, PLOT_FILE)
+
+
+def prepare_dir(out_dir: Path, *, check_only: bool) -> None:
+    """Refuse a folder holding other files; unless ``check_only``, create it and remove an earlier result."""
+    runfiles.refuse_foreign_files(out_dir, OUR_FILES)
+    if not check_only:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in OUR_FILES:  # groundtruth.json first: the folder is incomplete until it is rewritten
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def write_tables(out_dir: Path, latents, values) -> tuple[Path, Path]:
+    latents.to_csv(out_dir / LATENTS_FILE, index=False, na_rep="")
+    values.to_csv(out_dir / VALUES_FILE, index=False, na_rep="")
+    return out_dir / LATENTS_FILE, out_dir / VALUES_FILE
+
+
+def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
+    """Written last: it marks the folder complete."""
+    (out_dir / GROUNDTRUTH_FILE).write_text(json.dumps(json_safe(record), indent=2))
+    return out_dir / GROUNDTRUTH_FILE
+
+
+def latent_table(result: Evaluation):
+    """One row per latent: its best attribute value, AUROC, purity and, for object attributes, localisation."""
+    import pandas as pd
+
+    s = len(result.n_active_S)
+    best = result.best_V_of_S
+    has = best >= 0
+    rows = np.arange(s)
+    col = np.where(has, best, 0)
+    attribute = np.array([result.value_names[v][0] if h else None for v, h in zip(col, has)], dtype=object)
+    value = np.array([result.value_names[v][1] if h else None for v, h in zip(col, has)], dtype=object)
+    on_object = np.array([a in OBJECT_ATTRIBUTES for a in attribute])
+    return pd.DataFrame({
+        "latent": rows, "dead": result.n_active_S == 0, "n_active_images": result.n_active_S,
+        "best_attribute": attribute, "best_value": value,
+        "auroc": np.where(has, result.auroc_SV[rows, col], np.nan),
+        "purity": np.where(has, result.purity_SV[rows, col], np.nan),
+        "prevalence": np.where(has, result.prevalence_V[col], np.nan),
+        "iou": np.where(on_object, result.loc.iou_S, np.nan),
+        "pointing": np.where(on_object, result.loc.pointing_S, np.nan),
+        "n_localised": np.where(on_object, result.loc.n_localised_S, 0),
+    })
+
+
+def value_table(result: Evaluation):
+    """One row per attribute value: its best latent, whether that one is dedicated, its localisation."""
+    import pandas as pd
+
+    best = result.best_latent_V
+    has = best >= 0
+    lat = np.where(has, best, 0)
+    cols = np.arange(len(best))
+    on_object = np.array([a in OBJECT_ATTRIBUTES for a, _ in result.value_names])
+    localised = has & on_object
+    return pd.DataFrame({
+        "attribute": [a for a, _ in result.value_names], "value": [v for _, v in result.value_names],
+        "object": on_object, "n_images": result.n_positive_V, "prevalence": result.prevalence_V,
+        "best_latent": pd.Series(best, dtype="Int64").mask(~has),
+        "auroc": np.where(has, result.auroc_SV[lat, cols], np.nan),
+        "dedicated": result.dedicated_V,
+        "purity": np.where(has, result.purity_SV[lat, cols], np.nan),
+        "iou": np.where(localised, result.loc.iou_S[lat], np.nan),
+        "pointing": np.where(localised, result.loc.pointing_S[lat], np.nan),
+        "n_localised": np.where(localised, result.loc.n_localised_S[lat], 0),
+    })
+
+
+def write_plot(out_dir: Path, values, latents, threshold: float) -> Path:
+    """AUROC of each value's best latent, and the IoU of the latents with an object attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.6, 0.22 * len(values) + 1)),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    attributes = list(dict.fromkeys(values["attribute"]))
+    colours = {a: plt.get_cmap("tab10")(k % 10) for k, a in enumerate(attributes)}
+    y = np.arange(len(values))[::-1]
+    left.barh(y, values["auroc"].fillna(0).to_numpy(float), color=[colours[a] for a in values["attribute"]])
+    left.set_yticks(y, [f"{a}={v}" for a, v in zip(values["attribute"], values["value"])], fontsize=7)
+    left.axvline(threshold, color="k", ls="--", lw=1, label=f"dedicated: AUROC >= {threshold:g}")
+    left.axvline(0.5, color="grey", ls=":", lw=1, label="chance")
+    left.set_xlim(0, 1)
+    left.set_xlabel("AUROC of the best latent")
+    left.legend(loc="lower right", fontsize=7)
+    iou = latents["iou"].dropna().to_numpy(float)
+    right.hist(iou, bins=np.linspace(0, 1, 21), color="tab:purple")
+    right.set_xlabel("mean IoU with the object mask")
+    right.set_ylabel("latents")
+    right.set_title(f"{len(iou)} latents whose best value is an object attribute", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / PLOT_FILE, dpi=110)
+    plt.close(fig)
+    return out_dir / PLOT_FILE
 
 
 # ---------------------------------------------------------------------------------------

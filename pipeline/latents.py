@@ -1,7 +1,7 @@
-"""The statistics folder written by ``pipeline stats``: file names, definitions, and a reader.
+"""The statistics folder written by ``pipeline stats``: file names, definitions, a reader and the writers.
 
-The stats stage writes it; the report stage and ``pipeline show-latent`` read it. Both go
-through this module, so a stage never reaches into another stage's code.
+The stats stage writes it; the report, mask, remap and ground-truth stages and ``pipeline
+show-latent`` read it. All go through this module: it alone spells the folder's file names.
 
 Files (``S`` latents, ``K`` reference slots, ``C`` classes, ``H, W`` the patch grid):
 
@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cache import schema
 from cache.errors import UserError
+from pipeline import runfiles
+
+if TYPE_CHECKING:
+    from cache.store import ActivationStore
 
 STATS_FORMAT_VERSION = 1
 
@@ -190,6 +196,132 @@ class LatentStats:
             name = self.class_names[lab] if 0 <= lab < len(self.class_names) else "unlabelled"
             lines.append(f"    {rank:2d}. {score:.4g}  image {idx}  {iid}  [{name}]")
         return lines
+
+
+# ---------------------------------------------------------------------------------------
+# Writing a statistics folder (only ``pipeline stats`` writes one)
+
+OUR_FILES = (LATENTS_FILE, REFERENCES_DIR, CLASS_COUNTS_FILE, CLASS_NAMES_FILE, SUMMARY_FILE, META_FILE, PLOT_SCATTER,
+             PLOT_HISTOGRAMS, PLOT_CLASS_TOP)
+
+
+def prepare_dir(out_dir: Path, *, check_only: bool = False) -> None:
+    """Create ``out_dir``, or clear earlier statistics from it; refuse a folder holding anything else."""
+    runfiles.refuse_foreign_files(out_dir, OUR_FILES)
+    if check_only:
+        return
+    (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until meta.json is rewritten
+    shutil.rmtree(out_dir / REFERENCES_DIR, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_tables(out_dir: Path, table, counts_CS: np.ndarray, class_names: list[str]) -> None:
+    """The per-latent parquet table, the class counts and the class names."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, out_dir / LATENTS_FILE)
+    np.save(out_dir / CLASS_COUNTS_FILE, counts_CS)
+    (out_dir / CLASS_NAMES_FILE).write_text(json.dumps(class_names, indent=1))
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2))
+
+
+def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    """Written last: it marks the folder complete."""
+    (out_dir / META_FILE).write_text(json.dumps(json_safe({"stats_format_version": STATS_FORMAT_VERSION, **meta}),
+                                                indent=2))
+
+
+def write_references(out_dir: Path, score_SK: np.ndarray, index_SK: np.ndarray, label_SK: np.ndarray,
+                     maps_SKHW: np.ndarray, store: ActivationStore) -> None:
+    """References per latent; image ids are looked up in ``store`` (empty slots: index -1, id "")."""
+    import zarr
+
+    s, k = index_SK.shape
+    ids_SK = np.full((s, k), "", dtype=object)
+    filled = index_SK >= 0
+    if filled.any():
+        wanted = np.unique(index_SK[filled])
+        found = store.group[schema.IMAGE_IDS].get_coordinate_selection(wanted)
+        ids_SK[filled] = np.asarray(found, dtype=object)[np.searchsorted(wanted, index_SK[filled])]
+    group = zarr.open_group(out_dir / REFERENCES_DIR, mode="w")
+    block = max(1, min(s, 2**22 // max(1, k * maps_SKHW[0, 0].size)))  # ~16 MB of maps per chunk
+    arrays = {"score": score_SK, "image_index": index_SK, "label": label_SK, "maps": maps_SKHW}
+    for name, arr in arrays.items():
+        group.create_array(name, shape=arr.shape, chunks=(block, *arr.shape[1:]), dtype=arr.dtype)[...] = arr
+    ids = group.create_array("image_id", shape=(s, k), chunks=(block, k), dtype=str)
+    ids[...] = ids_SK
+    group.attrs.update({"definitions": {"maps": DEFINITIONS["maps"],
+                                        "references": DEFINITIONS["references"]}})
+
+
+def write_plots(out: Path, table, counts_CS: np.ndarray, class_names: list[str], plot_classes: int) -> tuple[Path, ...]:
+    """The three PNG plots of the per-latent table and class counts; their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = table.to_pandas()
+    alive = df[~df["dead"]]
+    freq = alive["frequency"].to_numpy(float)
+    act = alive["mean_activation"].to_numpy(float)
+    ent = alive["label_entropy"].to_numpy(float)
+    n_dead = int(df["dead"].sum())
+
+    fig, ax = plt.subplots(figsize=(6.2, 4.8))
+    if len(alive):
+        sc = ax.scatter(np.log10(freq), np.log10(act), c=ent, cmap="viridis", s=6, alpha=0.8,
+                        vmin=0, vmax=max(math.log(max(len(class_names), 2)), 1e-9))
+        fig.colorbar(sc, ax=ax, label="label entropy (nats)")
+    ax.set_xlabel("log10 activation frequency (fraction of images)")
+    ax.set_ylabel("log10 mean activation (active images)")
+    ax.set_title(f"{len(alive)} alive latents ({n_dead} dead, not shown)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / PLOT_SCATTER, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if len(alive):
+        axes[0].hist(np.log10(freq), bins=40, color="tab:blue")
+        axes[1].hist(ent[np.isfinite(ent)], bins=40, color="tab:green")
+    axes[1].axvline(math.log(max(len(class_names), 1)), color="k", ls="--", lw=1, label="ln(C): uniform")
+    axes[1].legend()
+    axes[0].set_xlabel("log10 activation frequency")
+    axes[1].set_xlabel("label entropy of the references (nats)")
+    for ax in axes:
+        ax.set_ylabel("latents")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"alive latents ({len(alive)} of {len(df)})")
+    fig.tight_layout()
+    fig.savefig(out / PLOT_HISTOGRAMS, dpi=110)
+    plt.close(fig)
+
+    n_show = min(len(class_names), plot_classes)
+    cols = min(5, max(n_show, 1))
+    rows = max(1, -(-n_show // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False)
+    for c in range(rows * cols):
+        ax = axes.flat[c]
+        if c >= n_show:
+            ax.axis("off")
+            continue
+        counts = counts_CS[c]
+        top = np.lexsort((np.arange(len(counts)), -counts))[:5]
+        ax.barh(range(len(top))[::-1], counts[top], color="tab:orange")
+        ax.set_yticks(range(len(top))[::-1], [str(j) for j in top], fontsize=7)
+        ax.set_title(class_names[c][:28], fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    shown = f"first {n_show} of {len(class_names)} classes" if n_show < len(class_names) else "every class"
+    fig.suptitle(f"top-5 latents per class by tokens above the threshold ({shown})", fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.04, top=1 - 0.5 / (2.4 * rows), wspace=0.35,
+                        hspace=0.45)  # tight_layout costs seconds on a large grid
+    fig.savefig(out / PLOT_CLASS_TOP, dpi=100)
+    plt.close(fig)
+    return out / PLOT_SCATTER, out / PLOT_HISTOGRAMS, out / PLOT_CLASS_TOP
 
 
 def _fmt(value: Any) -> str:

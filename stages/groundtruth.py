@@ -13,7 +13,6 @@ then computed from the pairs of all valid images at once (memory grows with the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -26,10 +25,9 @@ from cache import schema
 from cache.codes import CodeStore
 from cache.store import ActivationStore
 from pipeline import groundtruth as gt
-from pipeline import runfiles
-from pipeline.configs import Stage
 from cache.errors import UserError
-from pipeline.latents import LatentStats, json_safe
+from pipeline.configs import Stage
+from pipeline.latents import LatentStats
 from pipeline.world import SyntheticWorld, object_coverage
 
 log = logging.getLogger(__name__)
@@ -86,17 +84,6 @@ class Outputs:
     seconds: float
 
 
-OUR_FILES = (gt.GROUNDTRUTH_FILE, gt.LATENTS_FILE, gt.VALUES_FILE, gt.PLOT_FILE)
-
-
-def _prepare_out_dir(out_dir: Path, *, check_only: bool) -> None:
-    runfiles.refuse_foreign_files(out_dir, OUR_FILES)
-    if not check_only:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in OUR_FILES:  # groundtruth.json first: the folder is incomplete until it is rewritten
-            (out_dir / name).unlink(missing_ok=True)
-
-
 def _open(cfg: Config) -> tuple[LatentStats, CodeStore, ActivationStore]:
     """The statistics and both stores, refused unless they belong together and are complete."""
     stats = LatentStats(cfg.stats_dir)
@@ -131,7 +118,7 @@ def run(cfg: Config) -> Outputs:
     if len(grid_hw) != 2 or grid_hw[0] * grid_hw[1] != codes.n_tokens - n_prefix:
         raise UserError(f"the token layout's patch grid {list(grid_hw)} does not match "
                         f"{codes.n_tokens - n_prefix} patch tokens; fix the store's token_layout attribute")
-    _prepare_out_dir(cfg.out_dir, check_only=True)
+    gt.prepare_dir(cfg.out_dir, check_only=True)
 
     valid_N = store.valid
     rows = np.flatnonzero(valid_N)
@@ -162,13 +149,12 @@ def run(cfg: Config) -> Outputs:
     pairs = gt.Pairs.concat(parts)
     result = gt.evaluate(pairs, codes_by_attribute, object_NP[rows].sum(1), codes.d_sae, cfg.auroc_threshold)
 
-    _prepare_out_dir(cfg.out_dir, check_only=False)
+    gt.prepare_dir(cfg.out_dir, check_only=False)
     out = cfg.out_dir
-    latents = _latent_table(result)
-    value_table = _value_table(result)
-    latents.to_csv(out / gt.LATENTS_FILE, index=False, na_rep="")
-    value_table.to_csv(out / gt.VALUES_FILE, index=False, na_rep="")
-    plot_path = _plot(out / gt.PLOT_FILE, value_table, latents, cfg.auroc_threshold) if cfg.plots else None
+    latents = gt.latent_table(result)
+    value_table = gt.value_table(result)
+    latents_path, values_path = gt.write_tables(out, latents, value_table)
+    plot_path = gt.write_plot(out, value_table, latents, cfg.auroc_threshold) if cfg.plots else None
 
     defined = (value_table["n_images"] > 0) & (value_table["n_images"] < len(rows))
     covered = value_table["dedicated"]
@@ -192,9 +178,9 @@ def run(cfg: Config) -> Outputs:
                        "sae_weights_sha256": codes.attrs.get("sae_weights_sha256")},
         "definitions": gt.DEFINITIONS,
     }
-    (out / gt.GROUNDTRUTH_FILE).write_text(json.dumps(json_safe(record), indent=2))
-    return Outputs(out_dir=out, groundtruth_path=out / gt.GROUNDTRUTH_FILE, latents_path=out / gt.LATENTS_FILE,
-                   values_path=out / gt.VALUES_FILE, plot_path=plot_path, n_images=len(rows), n_latents=codes.d_sae,
+    groundtruth_path = gt.write_record(out, record)  # last: the folder is complete
+    return Outputs(out_dir=out, groundtruth_path=groundtruth_path, latents_path=latents_path,
+                   values_path=values_path, plot_path=plot_path, n_images=len(rows), n_latents=codes.d_sae,
                    n_values=record["n_values"], n_covered=record["n_values_covered"], mean_iou_dedicated=mean_iou,
                    seconds=time.perf_counter() - started)
 
@@ -202,82 +188,6 @@ def run(cfg: Config) -> Outputs:
 def _mean(series) -> float | None:
     values = series.dropna().to_numpy(float)
     return float(values.mean()) if len(values) else None
-
-
-def _latent_table(result: gt.Evaluation):
-    import pandas as pd
-
-    s = len(result.n_active_S)
-    best = result.best_V_of_S
-    has = best >= 0
-    rows = np.arange(s)
-    col = np.where(has, best, 0)
-    attribute = np.array([result.value_names[v][0] if h else None for v, h in zip(col, has)], dtype=object)
-    value = np.array([result.value_names[v][1] if h else None for v, h in zip(col, has)], dtype=object)
-    on_object = np.array([a in gt.OBJECT_ATTRIBUTES for a in attribute])
-    return pd.DataFrame({
-        "latent": rows, "dead": result.n_active_S == 0, "n_active_images": result.n_active_S,
-        "best_attribute": attribute, "best_value": value,
-        "auroc": np.where(has, result.auroc_SV[rows, col], np.nan),
-        "purity": np.where(has, result.purity_SV[rows, col], np.nan),
-        "prevalence": np.where(has, result.prevalence_V[col], np.nan),
-        "iou": np.where(on_object, result.loc.iou_S, np.nan),
-        "pointing": np.where(on_object, result.loc.pointing_S, np.nan),
-        "n_localised": np.where(on_object, result.loc.n_localised_S, 0),
-    })
-
-
-def _value_table(result: gt.Evaluation):
-    import pandas as pd
-
-    best = result.best_latent_V
-    has = best >= 0
-    lat = np.where(has, best, 0)
-    cols = np.arange(len(best))
-    on_object = np.array([a in gt.OBJECT_ATTRIBUTES for a, _ in result.value_names])
-    localised = has & on_object
-    return pd.DataFrame({
-        "attribute": [a for a, _ in result.value_names], "value": [v for _, v in result.value_names],
-        "object": on_object, "n_images": result.n_positive_V, "prevalence": result.prevalence_V,
-        "best_latent": pd.Series(best, dtype="Int64").mask(~has),
-        "auroc": np.where(has, result.auroc_SV[lat, cols], np.nan),
-        "dedicated": result.dedicated_V,
-        "purity": np.where(has, result.purity_SV[lat, cols], np.nan),
-        "iou": np.where(localised, result.loc.iou_S[lat], np.nan),
-        "pointing": np.where(localised, result.loc.pointing_S[lat], np.nan),
-        "n_localised": np.where(localised, result.loc.n_localised_S[lat], 0),
-    })
-
-
-def _plot(path: Path, values, latents, threshold: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.6, 0.22 * len(values) + 1)),
-                                      gridspec_kw={"width_ratios": [3, 2]})
-    attributes = list(dict.fromkeys(values["attribute"]))
-    colours = {a: plt.get_cmap("tab10")(k % 10) for k, a in enumerate(attributes)}
-    y = np.arange(len(values))[::-1]
-    left.barh(y, values["auroc"].fillna(0).to_numpy(float), color=[colours[a] for a in values["attribute"]])
-    left.set_yticks(y, [f"{a}={v}" for a, v in zip(values["attribute"], values["value"])], fontsize=7)
-    left.axvline(threshold, color="k", ls="--", lw=1, label=f"dedicated: AUROC >= {threshold:g}")
-    left.axvline(0.5, color="grey", ls=":", lw=1, label="chance")
-    left.set_xlim(0, 1)
-    left.set_xlabel("AUROC of the best latent")
-    left.legend(loc="lower right", fontsize=7)
-    iou = latents["iou"].dropna().to_numpy(float)
-    right.hist(iou, bins=np.linspace(0, 1, 21), color="tab:purple")
-    right.set_xlabel("mean IoU with the object mask")
-    right.set_ylabel("latents")
-    right.set_title(f"{len(iou)} latents whose best value is an object attribute", fontsize=9)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def summary(out: Outputs) -> str:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pipeline import splice
 from pipeline.models import load_model
 from pipeline.sae import Codes, SAEConfig, build
-from stages.mask import random_latents, top_latents
+from pipeline.masking import random_latents, top_latents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from cache.store import ActivationStore
-from pipeline import maple
+from pipeline import maple, masking
 from app.cli import main
 from pipeline.datasets import open_dataset
 from cache.errors import UserError
@@ -263,7 +263,7 @@ def test_mask_measures_the_adapted_model_with_the_base_sae(stores, tmp_path):
     code, output = _cli(*common, "--out", tmp_path / "m", "--adapter", stores["adapter"], "--dataset", "synthetic",
                         "--limit", "32")
     assert code == 0, output
-    result = json.loads((tmp_path / "m" / mask.RESULTS_FILE).read_text())
+    result = json.loads((tmp_path / "m" / masking.RESULTS_FILE).read_text())
     assert result["config"]["adapter"] == maple.adapter_identity(stores["adapter"])
     assert result["checks"]["max_abs_logit_diff_sae_error_term_vs_clip"] < 1e-3
     with torch.inference_mode():  # the plain accuracy is the adapted model's own
@@ -279,7 +279,7 @@ def test_mask_measures_the_adapted_model_with_the_base_sae(stores, tmp_path):
     code, output = _cli(*common, "--out", tmp_path / "m2", "--adapter", stores["adapter"], "--cache",
                         stores["adapted"])  # the adapted store of the SAE's model names the images
     assert code == 0, output
-    from_store = json.loads((tmp_path / "m2" / mask.RESULTS_FILE).read_text())
+    from_store = json.loads((tmp_path / "m2" / masking.RESULTS_FILE).read_text())
     assert from_store["source"] == "images" and from_store["accuracy"] == result["accuracy"]
     assert_one_line_error(*_cli(*common, "--out", tmp_path / "m3", "--cache", stores["adapted"]),
                           "holds an adapted model's activations; pass its --adapter DIR")

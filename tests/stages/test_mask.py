@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from cache.store import ActivationStore, StoreSpec, create_or_resume
-from pipeline import splice
+from pipeline import masking, splice
+from pipeline.latents import LatentStats
 from app.cli import main
 from pipeline.models import load_model
 from pipeline.sae import SAEConfig, build, load_sae, save_sae
@@ -76,7 +77,7 @@ def test_cli_sweep_from_the_cache_writes_every_number(world, tmp_path):
     code, output = _cli(*_base_args(world, out), "--cache", world["store"], "--probe-images", "16")
     assert code == 0, output
     assert "plain CLIP" in output
-    result = json.loads((out / mask.RESULTS_FILE).read_text())
+    result = json.loads((out / masking.RESULTS_FILE).read_text())
     acc = result["accuracy"]
     assert result["n_images"] == 48 - 16 and result["n_probe_images"] == 16
     assert result["source"] == "cache" and result["head"]["kind"] == "probe"
@@ -88,13 +89,13 @@ def test_cli_sweep_from_the_cache_writes_every_number(world, tmp_path):
     assert acc["random_on"]["all"] == {"mean": acc["on"]["all"], "std": 0.0}
     assert len(result["random_per_seed"]["off"]["5"]) == 2
     assert acc["chance"] == pytest.approx(1 / 20)
-    with open(out / mask.PER_CLASS_FILE) as f:
+    with open(out / masking.PER_CLASS_FILE) as f:
         rows = list(csv.DictReader(f))
     n_variants = 1 + 2 + 2 * 4 + 2 * 2 * 3  # clip, 2 baselines, on/off x 4 k, 2 seeds x on/off x 3 finite k
     assert len(rows) == n_variants * 20
     on1 = [r for r in rows if r["variant"] == "on/k=1"]
     assert sum(int(r["n_correct"]) for r in on1) / 32 == pytest.approx(acc["on"]["1"])
-    assert (out / mask.PLOT_FILE).stat().st_size > 0
+    assert (out / masking.PLOT_FILE).stat().st_size > 0
 
 
 def test_cached_tap_equals_the_images_path(world, tmp_path):
@@ -112,7 +113,7 @@ def test_cached_tap_equals_the_images_path(world, tmp_path):
     x_img = splice.tap_forward(lm.visual, batch, LAYER)
     x_cache = torch.from_numpy(store.acts(LAYER)[rows]).float()
     assert torch.equal(x_cache, x_img.half().float())  # the store holds the tap, rounded to float16
-    top_CK = torch.from_numpy(mask.top_latents(np.asarray(mask.LatentStats(world["stats"]).class_counts()), 50))
+    top_CK = torch.from_numpy(masking.top_latents(np.asarray(LatentStats(world["stats"]).class_counts()), 50))
     for mode, idx, err in [("on", None, True), ("on", None, False), ("on", top_CK[labels, :5], False),
                            ("off", top_CK[labels, :5], False), ("off", top_CK[labels, :50], True)]:
         from_images = splice.spliced_features(lm.visual, sae, LAYER, x_img, mode=mode, idx_BK=idx, error_term=err)
@@ -194,8 +195,8 @@ def _planted(root: Path, n_per_class: int = 20, n_classes: int = 3, amplitude: f
 
 def test_planted_class_latent_off_drops_to_chance_on_keeps_it(tmp_path):
     store_dir, sae_dir, stats_dir = _planted(tmp_path)
-    counts = np.asarray(mask.LatentStats(stats_dir).class_counts())
-    assert mask.top_latents(counts, 1)[:, 0].tolist() == [0, 1, 2]  # each class's top latent is its own
+    counts = np.asarray(LatentStats(stats_dir).class_counts())
+    assert masking.top_latents(counts, 1)[:, 0].tolist() == [0, 1, 2]  # each class's top latent is its own
     out = mask.run(mask.Config(sae_dir=sae_dir, stats_dir=stats_dir, out_dir=tmp_path / "m", cache_dir=store_dir,
                                model=TINY, pretrained="none", ks=(1, 2, "all"), n_seeds=2, device="cpu",
                                progress=False, plots=False, probe_images=30))

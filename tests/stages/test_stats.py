@@ -15,6 +15,8 @@ from dask.callbacks import Callback
 from cache.codes import CodeStore, ShardCodes
 from cache.store import StoreSpec, create_or_resume
 from app.cli import main
+from pipeline import latents as files
+from pipeline import statistics
 from pipeline.latents import LatentStats
 from stages import stats
 
@@ -156,7 +158,7 @@ def test_every_statistic_matches_numpy(random_case):
     tmp, f, labels, valid, acts, codes, out = random_case
     ref = numpy_stats(f, labels, valid, n_classes=3, k=4)
     table = pq.read_table(out.latents_path)
-    assert table.column_names == list(stats.files.LATENT_COLUMNS)
+    assert table.column_names == list(files.LATENT_COLUMNS)
     for name in ("frequency", "mean_activation", "frequency_cls", "mean_activation_cls", "frequency_max_patch",
                  "mean_activation_max_patch", "label_entropy", "label_std", "top_class_share"):
         values, null = column(table, name)
@@ -339,7 +341,7 @@ class _Reads(Callback):
         self.reads.setdefault(self.current, [])
 
     def _posttask(self, key, result, dsk, state, worker_id):
-        if isinstance(result, stats.Partial) and "shard" in str(key):
+        if isinstance(result, statistics.Partial) and "shard" in str(key):
             self.partial_bytes.append(result.nbytes)
 
 
