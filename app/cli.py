@@ -140,7 +140,7 @@ def _param(field: Field) -> click.Parameter:
     default = field.default if field.option.default is CONFIG_DEFAULT else field.option.default
     if not flag.startswith("-"):
         click_type, callback = _parser(_inner(field.kind), flag)
-        return click.Argument([flag.lower()], type=click_type, callback=callback, metavar=flag)
+        return click.Argument([field.name], type=click_type, callback=callback, metavar=flag)
     decls = [flag, field.name]
     help_text = field.help
     if field.kind is bool:
@@ -166,7 +166,7 @@ def _param(field: Field) -> click.Parameter:
 def _none_text(callback):
     """An optional field with a default: the text 'none' sets it to None."""
     def parse(ctx, param, value):
-        if isinstance(value, str) and value.lower() == "none":
+        if isinstance(value, (str, Path)) and str(value).lower() == "none":
             return None
         return callback(ctx, param, value) if callback else value
     return parse

@@ -3,7 +3,7 @@
     python bench/distributed.py [--model tiny-vit] [--images 6000]
 
 Each worker is a single-threaded process that loads the model once and writes whole
-shards. Times ``pipeline extract --cluster local`` end to end (cluster start-up and model
+shards. Times ``pipeline extract --scheduler local`` end to end (cluster start-up and model
 loading included, as a user pays them). Prints the ratio last (2 workers / 1 worker; the
 ideal on this 2-core machine is 2.0).
 """

@@ -38,10 +38,17 @@ def test_unknown_keys_are_refused_by_name(tmp_path):
 
 
 def test_each_instance_has_its_own_folders():
-    a, b = study.Paths("synthetic", 1), study.Paths("eurosat", 1)
-    assert a.acts == Path("work/synthetic/acts") and a.sae == Path("work/synthetic/layer1/sae")
-    assert b.adapted == Path("work/eurosat/layer1/adapted") and b.adapted_acts == Path("work/eurosat/adapted-acts")
-    assert len({a.sae, b.sae, study.Paths("synthetic", 3).sae}) == 3
+    """No two stage instances write the same folder, and the layout is the documented one."""
+    instances = [("synthetic", 1), ("eurosat", 1), ("synthetic", 3)]
+    outs = [study.resolve(t, study.WORK, d, l) for step in study.STEPS for t in step.paths.values()
+            for d, l in instances if t == step.paths["out_dir"]]
+    unique = {(step.name, d, l) if "layer" in step.per else (step.name, d) for step in study.STEPS
+              for d, l in instances if step.per} | {("pretrain",)}
+    assert len(set(outs)) == len(unique)
+    assert study.resolve(study.STEP["train"].paths["out_dir"], study.WORK, "synthetic", 1) == Path(
+        "work/synthetic/layer1/sae")
+    assert study.resolve(study.STEP["extract-adapted"].paths["out_dir"], study.WORK, "eurosat", 1) == Path(
+        "work/eurosat/adapted-acts")
 
 
 def test_dvc_metrics_copies_keep_the_numbers_only():

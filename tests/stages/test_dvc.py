@@ -58,7 +58,7 @@ def study(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_valid_outputs(study):
     repo, log = study
     assert "Running stage 'pretrain'" in log
-    for stage in ("extract", "adapt"):
+    for stage in ("extract", "adapt", "extract-adapted"):
         assert f"Running stage '{stage}@synthetic'" in log
     work = repo / "work" / "synthetic"
     assert verify(work / "acts").ok and verify(work / "adapted-acts").ok
@@ -67,7 +67,8 @@ def test_repro_runs_every_stage_and_writes_valid_outputs(study):
     adapt = json.loads((work / "adapt-metrics.json").read_text())
     assert 0 <= adapt["adapted_accuracy"] <= 1
     for layer in LAYERS:
-        for stage in ("train", "encode", "stats", "mask", "groundtruth", "remap", "report"):
+        for stage in ("train", "encode", "stats", "mask", "groundtruth", "remap", "report", "encode-adapted",
+                      "stats-adapted", "mask-adapted"):
             assert f"Running stage '{stage}@synthetic-{layer}'" in log
         run = work / f"layer{layer}"
         assert verify(run / "codes").ok and verify(run / "adapted" / "codes").ok
@@ -101,7 +102,41 @@ def test_one_params_list_fans_the_study_out_over_datasets_and_layers(study):
         assert {f"extract@{dataset}", f"adapt@{dataset}"} <= set(listed)
         assert {f"{stage}@{dataset}-{layer}" for stage in ("train", "mask", "remap", "report")
                 for layer in LAYERS} <= set(listed)
-    assert "pretrain" in listed and len(listed) == 1 + 2 * 2 + 2 * len(LAYERS) * 7
+    assert "pretrain" in listed and len(listed) == 1 + 2 * 3 + 2 * len(LAYERS) * 10
+
+
+def test_every_file_the_study_writes_is_declared_in_dvc_yaml(study):
+    """Outs, metrics and plots cover the work tree: nothing a stage writes escapes DVC."""
+    repo, _ = study
+    declared = []
+    for entry in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values():
+        for kind in ("outs",):
+            declared += [Path(o["path"]) for o in entry.get(kind, [])]
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    files = [p for p in (repo / "work").rglob("*") if p.is_file()]
+    assert files
+    loose = [p for p in files if not any(p.relative_to(repo).is_relative_to(d) for d in declared)]
+    published = {str(p.relative_to(repo)) for p in loose}
+    names = {key.replace("${item.dataset}", "synthetic") for e in dvc.values() for kind in ("metrics", "plots")
+             for item in e.get(kind, []) for key in item}
+    expected = {n.replace("${item.layer}", str(layer)) for n in names for layer in LAYERS}
+    assert published <= expected, f"undeclared files: {sorted(published - expected)}"
+
+
+def test_editing_a_library_module_reruns_exactly_the_stages_that_use_it(study):
+    """remap's maths live in pipeline/remap.py: changing it makes remap stale, and nothing upstream."""
+    repo, _ = study
+    library = repo / "pipeline" / "remap.py"
+    original = library.read_text()
+    try:
+        library.write_text(original + "\n# edited\n")
+        status = _sh("dvc", "status", cwd=repo)
+    finally:
+        library.write_text(original)
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")
+             and line.rstrip().endswith(":") and not line.startswith(" ")}
+    assert {f"remap@synthetic-{layer}" for layer in LAYERS} <= stale, status
+    assert not any(s.startswith(("extract", "train", "encode", "stats", "pretrain")) for s in stale), status
 
 
 def test_sae_ablation_reuses_the_activation_cache(study):
