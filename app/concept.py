@@ -42,7 +42,7 @@ from cache.errors import UserError
 from pipeline.latents import json_safe
 from app.params import load_params
 from pipeline.plots import plt
-from pipeline.runfiles import atomic_write, write_json
+from cache.atomic import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
 from stages.remap import GROUP_LABELS, GROUPS, percent
 
