@@ -161,9 +161,9 @@ def test_bad_batches_and_configs_give_user_errors():
 
 def test_lr_schedule_warms_up_then_stays_constant():
     cfg = TrainConfig(lr=4e-4, warmup_steps=500)
-    assert cfg.lr_at(0) == pytest.approx(4e-4 / 500)
-    assert cfg.lr_at(249) == pytest.approx(2e-4)
-    assert cfg.lr_at(499) == cfg.lr_at(10_000) == 4e-4
+    assert cfg.schedule.lr_at(0) == pytest.approx(4e-4 / 500)
+    assert cfg.schedule.lr_at(249) == pytest.approx(2e-4)
+    assert cfg.schedule.lr_at(499) == cfg.schedule.lr_at(10_000) == 4e-4
 
 
 # --- planted dictionary recovery ------------------------------------------------------
