@@ -44,7 +44,7 @@ from pipeline.configs import Stage
 from app.params import load_params
 from pipeline.plots import plt
 from pipeline.remap import GROUP_LABELS, GROUPS, percent, read_results, results_path
-from pipeline.runfiles import atomic_write, write_json
+from cache.atomic import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from cache.atomic import atomic_write
+
 _MISSING = np.iinfo(np.uint64).max
 
 
@@ -76,11 +78,13 @@ def write_rows(array: zarr.Array, start: int, rows_NTD: np.ndarray) -> None:
     key = array.metadata.encode_chunk_key((start // shard_rows,) + (0,) * (array.ndim - 1))
     path = Path(array.store.root) / array.path / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(data).cast("B"))
-        f.write(index)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data).cast("B"))
+            f.write(index)
+
+    atomic_write(path, write)
 
 
 def _shard_path(array: zarr.Array, shard: int) -> Path:

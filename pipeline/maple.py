@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from cache.errors import UserError, require_integers
 from pipeline.models import LoadedModel, file_sha256
-from pipeline.runfiles import atomic_write
+from cache.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

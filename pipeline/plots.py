@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cache.atomic import atomic_write
+
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path, *, panels: Sequence[tuple[str, str]],
                 title: str, x: str = "step") -> Path:
@@ -27,6 +29,6 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path, *, panels: Sequen
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

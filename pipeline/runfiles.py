@@ -1,7 +1,19 @@
-"""Files of resumable training runs: atomic writes, the run folder's identity, the loss-curve plot.
+"""Resumable runs: the folder protocol shared by every stage that trains (train, pretrain, adapt).
 
-Shared by the stages that train (pretrain, adapt): a run killed at any moment must leave
-either the old or the new version of every file, never a torn one.
+A run folder holds an identity file, a trainer state and the run's outputs.
+
+- ``RunFolder`` is entered before anything is read or written: it takes the folder's
+  writer lock (``cache.store.StoreLock``), refuses files that are not the run's, and
+  compares the identity with the one on disk. The same identity resumes; another one is
+  refused in one line unless ``overwrite``.
+- Nothing is written until the run writes its first file (``RunFolder.start``, called by
+  ``save_state``): only then is a replaced run's folder cleared and the identity written,
+  so a run refused at any point before (bad settings, a model that does not fit) leaves no
+  file behind — not even the lock file in a folder it created.
+- Every file goes through ``cache.atomic.atomic_write`` (fsync'd), so a run killed at any
+  moment leaves the old or the new version of each file, never a torn one.
+- A trainer state is a torch.save'd dict with ``format_version``; another version is
+  refused (resuming from it would silently mix two versions of the training code).
 """
 
 from __future__ import annotations
@@ -9,14 +21,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,44 +37,28 @@ CONFIG_NAME = "config.json"  # the run's identity, compared on every rerun
 TRAINER_NAME = "trainer_state.pt"  # what a resume reads
 
 
-def load_trainer_state(out_dir: Path, format_version: int, device: str) -> dict[str, Any] | None:
-    """The run's ``trainer_state.pt`` on ``device``, or None when there is none yet.
-
-    A state written by another format version is refused: resuming from it would silently
-    mix two versions of the training code.
-    """
+def save_state(path: Path, state: dict[str, Any], format_version: int) -> None:
+    """``state`` plus its ``format_version``, torch.save'd atomically."""
     import torch  # here, not at the top: stats (and each of its Dask workers) imports this module without torch
 
-    path = out_dir / TRAINER_NAME
+    record = {"format_version": format_version, **state}
+    atomic_write(path, lambda tmp: torch.save(record, tmp))
+
+
+def load_state(path: Path, format_version: int, device: str = "cpu") -> dict[str, Any] | None:
+    """The trainer state at ``path`` on ``device``, or None when there is none; other versions are refused."""
+    import torch
+
     if not path.is_file():
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise UserError(f"{path} is unreadable ({exc}); pass --overwrite to start over") from exc
     if state.get("format_version") != format_version:
         raise UserError(f"{path} has format version {state.get('format_version')}, this code writes "
                         f"{format_version}; pass --overwrite to start over")
     return state
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then move it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """``record`` as indented JSON, atomically."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
 
 
 def plot_losses(path: Path, losses: Sequence[float], title: str, *, ylabel: str, window: int) -> None:
@@ -100,22 +96,6 @@ def refuse_foreign_files(out_dir: Path, our_files: Sequence[str], *, ignore_hidd
             raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
 
 
-def run_locked(out_dir: Path, threads: int | None, work: Callable[[], Any]) -> Any:
-    """``work()`` holding ``out_dir``'s writer lock, with ``threads`` torch CPU threads (restored after)."""
-    import torch
-
-    from cache.store import StoreLock
-
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        with StoreLock(out_dir):
-            return work()
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     for section in new:
         a, b = old.get(section), new.get(section)
@@ -128,32 +108,88 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "identity differs"
 
 
-def prepare_run_folder(out_dir: Path, identity: dict[str, Any], overwrite: bool, *, kind: str,
-                       our_files: Sequence[str]) -> None:
-    """Resume, refuse or replace the run in ``out_dir``; config.json holds ``identity``.
+class RunFolder:
+    """The folder of one resumable run, held under its writer lock (use as a context manager).
 
-    The same identity resumes. Another identity is refused unless ``overwrite`` (then
-    ``our_files`` are deleted); so is a trainer state without config.json. Files that are
-    not ours are never touched: the folder is refused.
+    ``identity`` (a JSON-ready dict) is the run's identity, stored in ``identity_name``
+    with package versions; ``our_files`` are the names (files or folders) the run may write.
+    ``resumes`` says whether the files on disk belong to this run (so its state may be read).
     """
-    config_path = out_dir / CONFIG_NAME
-    refuse_foreign_files(out_dir, our_files, ignore_hidden=True)
-    if config_path.is_file():
+
+    def __init__(self, out_dir: Path, identity: dict[str, Any], *, kind: str, our_files: Sequence[str],
+                 overwrite: bool, identity_name: str = CONFIG_NAME, state_name: str = TRAINER_NAME,
+                 format_version: int):
+        self.out_dir, self.identity, self.kind = Path(out_dir), identity, kind
+        self.our_files = tuple(dict.fromkeys((identity_name, state_name, *our_files)))
+        self.overwrite, self.identity_name, self.state_name = overwrite, identity_name, state_name
+        self.format_version = format_version
+        self.resumes = False
+        self._started = False
+        self._created = False
+        self._lock = None
+
+    def __enter__(self) -> RunFolder:
+        from cache.store import StoreLock
+
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"{self.out_dir} is a file; choose a folder for --out")
+        self._created = not self.out_dir.exists()
+        self._lock = StoreLock(self.out_dir).__enter__()
         try:
-            old = json.loads(config_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        old_identity = {k: old.get(k) for k in identity}
-        if old_identity == identity:
+            self._check()
+        except BaseException:
+            self.__exit__(UserError, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._lock.__exit__()
+        if exc_type is not None and self._created and not self._started:
+            self._lock.path.unlink(missing_ok=True)
+            if not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()
+
+    def _check(self) -> None:
+        """Decide resume / refuse / replace; nothing is written here."""
+        refuse_foreign_files(self.out_dir, self.our_files, ignore_hidden=True)
+        identity_path = self.out_dir / self.identity_name
+        if identity_path.is_file():
+            try:
+                old = json.loads(identity_path.read_text())
+            except json.JSONDecodeError:
+                old = {}
+            old_identity = {k: old.get(k) for k in self.identity}
+            if old_identity == self.identity:
+                self.resumes = self._started = True
+                return
+            if not self.overwrite:
+                raise UserError(f"{self.out_dir} holds another {self.kind} run "
+                                f"({_first_difference(old_identity, self.identity)}); rerun with its options to "
+                                "resume, pass --overwrite to start over, or use another --out")
+            log.info("overwriting the %s run in %s", self.kind, self.out_dir)
+        elif (self.out_dir / self.state_name).exists() and not self.overwrite:
+            raise UserError(f"{self.out_dir} has a {self.state_name} but no {self.identity_name}; pass --overwrite "
+                            "to start over or use another --out")
+
+    def start(self) -> None:
+        """Before the run's first write: clear a replaced run's files and write the identity."""
+        if self._started:
             return
-        if not overwrite:
-            raise UserError(f"{out_dir} holds another {kind} run ({_first_difference(old_identity, identity)}); "
-                            "rerun with its options to resume, pass --overwrite to start over, or use another --out")
-        log.info("overwriting the run in %s", out_dir)
-    elif (out_dir / TRAINER_NAME).exists() and not overwrite:
-        raise UserError(f"{out_dir} has a {TRAINER_NAME} but no {CONFIG_NAME}; pass --overwrite to start over "
-                        "or use another --out")
-    for name in our_files:
-        (out_dir / name).unlink(missing_ok=True)
-    versions = {n: importlib.metadata.version(n) for n in ("torch", "open_clip_torch", "numpy")}
-    write_json(config_path, {**identity, "versions": versions})
+        for name in self.our_files:
+            path = self.out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        versions = {n: importlib.metadata.version(n) for n in ("torch", "open_clip_torch", "numpy")}
+        write_json(self.out_dir / self.identity_name, {**self.identity, "versions": versions})
+        self._started = True
+
+    def load_state(self, device: str = "cpu") -> dict[str, Any] | None:
+        """The run's trainer state, or None for a fresh (or replaced) run."""
+        return load_state(self.out_dir / self.state_name, self.format_version, device) if self.resumes else None
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Write the trainer state (a checkpoint), atomically."""
+        self.start()
+        save_state(self.out_dir / self.state_name, state, self.format_version)

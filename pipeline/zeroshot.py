@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cache.atomic import atomic_write
 from cache.errors import UserError
 from pipeline.models import DTYPES, LoadedModel  # importing registers pipeline/model_configs
 
@@ -181,15 +181,8 @@ def cached_text_classifier(model: LoadedModel, class_names: Sequence[str], templ
     W_CE = text_classifier(model.model, tokenizer, class_names, templates, model.device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save({"key": key, "W_CE": W_CE.cpu()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        record = {"key": key, "W_CE": W_CE.cpu()}
+        atomic_write(path, lambda tmp: torch.save(record, tmp))
         log.debug("zero-shot classifier written to %s", path)
     return W_CE
 

@@ -55,12 +55,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import maple, runfiles, zeroshot
-from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
+from cache.atomic import write_json
 from cache.errors import UserError, require_integers, require_threads
+from pipeline import maple, runfiles, training, zeroshot
+from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
-from pipeline.runfiles import atomic_write, plot_losses, write_json
+from pipeline.runfiles import plot_losses
 from pipeline.configs import Option, Stage
 from pipeline.world import TASKS, held_out_of
 
@@ -224,10 +225,8 @@ def steps_per_epoch(cfg: Config, n_train: int) -> int:
 def lr_at(step: int, cfg: Config, n_train: int) -> float:
     """Learning rate of step ``step`` (0-based): constant warm-up, then cosine from ``lr`` to 0."""
     per_epoch = steps_per_epoch(cfg, n_train)
-    warmup, total = cfg.warmup_epochs * per_epoch, cfg.epochs * per_epoch
-    if step < warmup:
-        return cfg.warmup_lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return training.Schedule(lr=cfg.lr, warmup_steps=cfg.warmup_epochs * per_epoch, warmup_lr=cfg.warmup_lr,
+                             total_steps=cfg.epochs * per_epoch).lr_at(step)
 
 
 def batches_from(start_step: int, cfg: Config, n_train: int) -> list[list[int]]:
@@ -271,7 +270,8 @@ def run(cfg: Config) -> Outputs:
     """Train (or finish training, or load) the prompts in ``cfg.out_dir``, then evaluate base vs adapted."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    return runfiles.run_locked(cfg.out_dir, cfg.threads, lambda: _run_locked(cfg, device, started))
+    with training.torch_threads(cfg.threads):
+        return _run_threaded(cfg, device, started)
 
 
 def _open_data(cfg: Config, model: LoadedModel) -> tuple[ImageSet, np.ndarray, ImageSet]:
@@ -287,7 +287,7 @@ def _open_data(cfg: Config, model: LoadedModel) -> tuple[ImageSet, np.ndarray, I
     return train, shot_rows, test
 
 
-def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
+def _run_threaded(cfg: Config, device: str, started: float) -> Outputs:
     out_dir = cfg.out_dir
     model = load_model(cfg.model, cfg.pretrained, device=device, init_seed=cfg.seed)
     tokenizer = open_clip.get_tokenizer(cfg.model)
@@ -299,14 +299,22 @@ def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
     adapted = maple.AdaptedCLIP(model.model, tokenizer, prompts, cfg.maple_config)
     train, shot_rows, test = _open_data(cfg, model)
     names = zeroshot.read_class_prompts(cfg.class_prompts, train.class_names)
-    identity = _identity(cfg, model, train, shot_rows, names)
-    runfiles.prepare_run_folder(out_dir, identity, cfg.overwrite, kind="adaptation", our_files=OUR_FILES)
+    with runfiles.RunFolder(out_dir, _identity(cfg, model, train, shot_rows, names), kind="adaptation",
+                            overwrite=cfg.overwrite, our_files=OUR_FILES, format_version=FORMAT_VERSION) as run:
+        return _run_locked(cfg, run, model, adapted, prompts, train, shot_rows, test, names, device, started)
+
+
+def _run_locked(cfg: Config, run: runfiles.RunFolder, model: LoadedModel, adapted: maple.AdaptedCLIP,
+                prompts: maple.MaplePrompts, train: ImageSet, shot_rows: np.ndarray, test: ImageSet, names: list[str],
+                device: str, started: float) -> Outputs:
+    out_dir = cfg.out_dir
     prompts_path = out_dir / PROMPTS_NAME
 
     losses: list[float] = []
     start_step = total = 0
     if cfg.weights is not None:
         if not prompts_path.is_file():
+            run.start()
             maple.save_prompts(prompts_path, prompts)
     else:
         optimizer = torch.optim.SGD(prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -314,14 +322,14 @@ def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
         n_train = len(shot_rows)
         total = cfg.epochs * steps_per_epoch(cfg, n_train)
         train_seconds = 0.0
-        state = runfiles.load_trainer_state(out_dir, FORMAT_VERSION, device)
+        state = run.load_state(device)
         if state is not None:
             prompts.load_state_dict(state["prompts"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, losses, train_seconds = int(state["step"]), list(state["losses"]), float(state["train_seconds"])
             log.info("resuming %s from step %d of %d", out_dir, start_step, total)
         if start_step < total:
-            _train(cfg, adapted, optimizer, train, shot_rows, names, device, start_step, total, losses,
+            _train(cfg, run, adapted, optimizer, train, shot_rows, names, device, start_step, total, losses,
                    train_seconds)
         else:
             log.info("%s: training already finished (%d steps)", out_dir, total)
@@ -343,6 +351,7 @@ def _run_locked(cfg: Config, device: str, started: float) -> Outputs:
                    "final_loss": float(np.mean(losses[-FINAL_LOSS_STEPS:])) if losses else None,
                    "train_seconds": _train_seconds(out_dir), "eval_seconds": time.perf_counter() - eval_started,
                    "threads": torch.get_num_threads(), "device": device, "eval": record}
+        run.start()
         write_json(metrics_path, metrics)
     log.info("test accuracy on %d images: base zero-shot %.1f%%, base %d-shot probe %.1f%%, adapted %.1f%%",
              metrics["n_test_images"], 100 * metrics["base_accuracy"], cfg.shots, 100 * metrics["probe_accuracy"],
@@ -375,47 +384,42 @@ def _load_weights(cfg: Config) -> maple.MaplePrompts:
     return prompts
 
 
-def _save_checkpoint(out_dir: Path, prompts: maple.MaplePrompts, optimizer: torch.optim.Optimizer, step: int,
-                     losses: list[float], train_seconds: float) -> None:
-    state = {"format_version": FORMAT_VERSION, "step": step,
-             "prompts": {k: v.detach().cpu().clone() for k, v in prompts.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "losses": list(losses), "train_seconds": train_seconds}
-    atomic_write(out_dir / TRAINER_NAME, lambda tmp: torch.save(state, tmp))
-
-
-def _train(cfg: Config, adapted: maple.AdaptedCLIP, optimizer: torch.optim.Optimizer, train: ImageSet,
-           shot_rows: np.ndarray, names: list[str], device: str, start_step: int, total: int, losses: list[float],
-           train_seconds: float) -> None:
+def _train(cfg: Config, run: runfiles.RunFolder, adapted: maple.AdaptedCLIP, optimizer: torch.optim.Optimizer,
+           train: ImageSet, shot_rows: np.ndarray, names: list[str], device: str, start_step: int, total: int,
+           losses: list[float], train_seconds: float) -> None:
     """Steps ``start_step … total − 1``; appends to ``losses``; checkpoints as it goes."""
     n_train = len(shot_rows)
-    loader = DataLoader(_Images(train.dataset, shot_rows), batch_sampler=batches_from(start_step, cfg, n_train), num_workers=cfg.workers,
-                        pin_memory=device.startswith("cuda"))
+    loader = DataLoader(_Images(train.dataset, shot_rows), batch_sampler=batches_from(start_step, cfg, n_train),
+                        num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
     bar = tqdm(total=total, initial=start_step, desc=f"adapt {cfg.dataset}", unit="step",
                disable=not cfg.progress, dynamic_ncols=True)
-    pending: list[torch.Tensor] = []  # detached losses not yet turned into floats
     resumed = time.perf_counter()
-    step = start_step
-    for images_BCHW, labels_B in loader:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, n_train)
+
+    def step(i: int, batch: tuple[torch.Tensor, torch.Tensor]) -> training.Metrics:
+        images_BCHW, labels_B = batch
+        training.set_lr(optimizer, lr_at(i, cfg, n_train))
         logits_BC = adapted.logits(images_BCHW, adapted.encode_text(names))
         loss = F.cross_entropy(logits_BC.float(), labels_B.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        pending.append(loss.detach())
-        step += 1
         bar.update(1)
-        if step % LOG_EVERY == 0 or step % cfg.checkpoint_every == 0 or step == total:
-            losses.extend(torch.stack(pending).tolist())
-            pending.clear()
-            if not math.isfinite(losses[-1]):
-                raise UserError(f"the loss became {losses[-1]} at step {step}; lower --lr "
-                                "(the last checkpoint is kept)")
-            bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.3f}")
-        if step % cfg.checkpoint_every == 0 or step == total:
-            _save_checkpoint(cfg.out_dir, adapted.prompts, optimizer, step, losses,
-                             train_seconds + time.perf_counter() - resumed)
+        return {"loss": loss.detach()}
+
+    def record(metrics: list[dict[str, float]]) -> None:
+        losses.extend(m["loss"] for m in metrics)
+        if not math.isfinite(losses[-1]):
+            raise UserError(f"the loss became {losses[-1]} at step {len(losses)}; lower --lr "
+                            "(the last checkpoint is kept)")
+
+    def save(n: int) -> None:
+        run.save_state({"step": n, "prompts": {k: v.detach().cpu().clone() for k, v in adapted.prompts.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "losses": list(losses),
+                        "train_seconds": train_seconds + time.perf_counter() - resumed})
+
+    training.fit(loader, step, start_step=start_step, log_every=LOG_EVERY, checkpoint_every=cfg.checkpoint_every,
+                 record=record, on_log=lambda n: bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.3f}"),
+                 save=save)
     bar.close()
 
 

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +20,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from tqdm import tqdm
 
+from cache.atomic import write_json
+from cache.errors import UserError
 from cache.loader import LoaderConfig, TokenLoader, token_indices
 from cache.store import ActivationStore, config_sha256
-from cache.errors import UserError
+from pipeline import runfiles
 from pipeline.models import resolve_device
-from pipeline.configs import Option, Stage
+from pipeline.configs import Option, Stage, identity_fields
 from pipeline.plots import plot_curves
 from pipeline.sae import (
     NonFiniteLossError,
@@ -40,6 +40,8 @@ from pipeline.sae import (
     save_sae,
     save_training_state,
 )
+from pipeline.sae.io import CONFIG_NAME as SAE_CONFIG_NAME, TRAINER_NAME, WEIGHTS_NAME
+from pipeline.sae.trainer import TRAIN_STATE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ CHECKPOINT_DIR = "checkpoint"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
+CURVES_FILE = "curves.png"
+SAE_FILES = (SAE_CONFIG_NAME, WEIGHTS_NAME)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,10 +98,9 @@ class Config:
             raise UserError(f"--expansion must be positive (got {self.expansion})")
 
     def identity(self) -> dict[str, Any]:
-        keep = {f.name for f in dataclasses.fields(self)} - {
-            "out_dir", "device", "log_every", "checkpoint_every", "early_stop_patience",
-            "max_val_tokens", "overwrite", "progress"}
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items() if k in keep}
+        """The fields marked 'identity', in declaration order."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+                if k in identity_fields(Config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,31 +113,6 @@ class Outputs:
     steps: int
     resumed_from_step: int
     seconds: float
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def _prepare_out_dir(cfg: Config, identity_sha: str) -> bool:
-    """True when a resumable checkpoint of this very run exists; refuses another run's folder."""
-    run_path = cfg.out_dir / RUN_FILE
-    if run_path.exists():
-        previous = json.loads(run_path.read_text())["identity_sha256"]
-        if previous != identity_sha and not cfg.overwrite:
-            raise UserError(f"{cfg.out_dir} holds an SAE trained with other settings; pass --overwrite "
-                            "to replace it or choose a new --out")
-        if previous == identity_sha:
-            return (cfg.out_dir / CHECKPOINT_DIR / "trainer.pt").exists()
-        log.warning("--overwrite: deleting the SAE run in %s", cfg.out_dir)
-        shutil.rmtree(cfg.out_dir)
-    elif cfg.out_dir.exists() and any(cfg.out_dir.iterdir()):
-        raise UserError(f"{cfg.out_dir} exists and is not an SAE run folder; choose a new --out")
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_path, {"identity_sha256": identity_sha, "identity": cfg.identity()})
-    return False
 
 
 def _on_device(batches: Iterator[torch.Tensor], device: str, max_tokens: float = math.inf) -> Iterator[torch.Tensor]:
@@ -160,15 +138,24 @@ def run(cfg: Config) -> Outputs:
                               val_fraction=cfg.val_fraction, seed=cfg.seed)
     train_loader = TokenLoader(store, loader_cfg, split="train")
     val_loader = TokenLoader(store, loader_cfg, split="val") if cfg.val_fraction > 0 else train_loader
-    identity_sha = config_sha256({**cfg.identity(), "store": store.config_sha256})
-    resume = _prepare_out_dir(cfg, identity_sha)
+    identity = {"identity": cfg.identity(),
+                "identity_sha256": config_sha256({**cfg.identity(), "store": store.config_sha256})}
+    with runfiles.RunFolder(cfg.out_dir, identity, kind="SAE training", overwrite=cfg.overwrite,
+                            identity_name=RUN_FILE, state_name=f"{CHECKPOINT_DIR}/{TRAINER_NAME}",
+                            our_files=(CHECKPOINT_DIR, HISTORY_FILE, METRICS_FILE, CURVES_FILE, *SAE_FILES),
+                            format_version=TRAIN_STATE_VERSION) as run:
+        return _run_locked(cfg, run, store, device, loader_cfg, train_loader, val_loader, started)
+
+
+def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, device: str, loader_cfg: LoaderConfig,
+                train_loader: TokenLoader, val_loader: TokenLoader, started: float) -> Outputs:
     train_cfg = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, log_every=cfg.log_every,
                             checkpoint_every=cfg.checkpoint_every, total_tokens=cfg.total_tokens,
                             batch_tokens=loader_cfg.batch_tokens, device=device, dtype=cfg.dtype,
                             revival=cfg.revival)
     ckpt_dir = cfg.out_dir / CHECKPOINT_DIR
     history: list[dict[str, float]] = []
-    if resume:
+    if run.resumes and (ckpt_dir / TRAINER_NAME).exists():
         trainer = load_trainer(ckpt_dir, train_cfg)
         history_path = cfg.out_dir / HISTORY_FILE
         if history_path.exists():
@@ -198,7 +185,7 @@ def run(cfg: Config) -> Outputs:
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
-        record = {"step": step, **metrics, "lr": train_cfg.lr_at(step - 1),
+        record = {"step": step, **metrics, "lr": train_cfg.schedule.lr_at(step - 1),
                   "tokens_per_s": (trainer.tokens_seen - clock["tokens"]) / max(now - clock["t"], 1e-9)}
         clock.update(t=now, tokens=trainer.tokens_seen)
         if cfg.early_stop_patience is not None:
@@ -213,8 +200,9 @@ def run(cfg: Config) -> Outputs:
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}")
 
     def on_checkpoint(t: Trainer) -> None:
+        run.start()
         save_training_state(t, ckpt_dir)
-        _write_json(cfg.out_dir / HISTORY_FILE, history)
+        write_json(cfg.out_dir / HISTORY_FILE, history)
 
     def stream() -> Iterator[torch.Tensor]:
         for x_BD in _on_device(train_loader.batches(trainer.tokens_seen), device):
@@ -241,12 +229,12 @@ def run(cfg: Config) -> Outputs:
     final.update({"steps": trainer.n_steps, "tokens_seen": trainer.tokens_seen,
                   "train_dead_fraction": float(trainer.firing.dead_fraction()),
                   "train_dead_window_tokens": cfg.dead_window_tokens,
-                  "lr": train_cfg.lr_at(trainer.n_steps - 1),
+                  "lr": train_cfg.schedule.lr_at(trainer.n_steps - 1),
                   "tokens_per_s": history[-1]["tokens_per_s"] if history else float("nan"),
                   "eval_split": "val" if cfg.val_fraction > 0 else "train"})
     metrics_path = cfg.out_dir / METRICS_FILE
-    _write_json(metrics_path, final)
-    plot_path = plot_curves(history, cfg.out_dir / "curves.png",
+    write_json(metrics_path, final)
+    plot_path = plot_curves(history, cfg.out_dir / CURVES_FILE,
                             panels=[("loss", "training loss"), ("l0", "L0 (active latents / token)"),
                                     ("fvu", "FVU (batch)")],
                             title=f"{cfg.arch} SAE, layer {cfg.layer}, x{cfg.expansion:g}")

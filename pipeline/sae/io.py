@@ -9,11 +9,12 @@ Format version 1:
 - ``weights.safetensors``: the module's state dict (W_enc (D, S), b_enc (S,), W_dec (S, D),
   b_dec (D,), plus buffers such as BatchTopK's ``threshold``), in ``dtype``, normalised
   units. Its metadata repeats ``format_version`` and ``arch``.
-- ``trainer.pt`` (optional, ``save_training_state``): ``Trainer.state_dict()`` via
-  torch.save, self-contained (holds its own copy of the weights), for resuming.
+- ``trainer.pt`` (optional, ``save_training_state``): ``Trainer.state_dict()`` as a
+  ``pipeline.runfiles`` trainer state (format ``TRAIN_STATE_VERSION``), self-contained
+  (holds its own copy of the weights), for resuming.
 
-Every file is written to a temporary file in the same folder and moved into place with
-``os.replace``, so a crash leaves either the old or the new file, never half of one.
+Every file is written with ``cache.atomic.atomic_write`` (fsync'd temporary file moved into
+place), so a crash leaves either the old or the new file, never half of one.
 Changing any of the above bumps ``FORMAT_VERSION``; other versions are refused.
 """
 
@@ -22,37 +23,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
+from pipeline import runfiles
 from pipeline.sae.base import SAE, SAEConfig, build
-from pipeline.sae.trainer import Trainer, TrainConfig
+from pipeline.sae.trainer import TRAIN_STATE_VERSION, Trainer, TrainConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
 TRAINER_NAME = "trainer.pt"
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then move the temporary file onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_sae(sae: SAE, dir_path: str | os.PathLike) -> Path:
@@ -63,14 +49,8 @@ def save_sae(sae: SAE, dir_path: str | os.PathLike) -> Path:
     config["inference_threshold"] = sae.inference_threshold()
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     metadata = {"format_version": str(FORMAT_VERSION), "arch": sae.config.arch}
-    _atomic_write(dir_path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
-
-    def write_config(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(dir_path / CONFIG_NAME, write_config)
+    atomic_write(dir_path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    write_json(dir_path / CONFIG_NAME, config)
     return dir_path
 
 
@@ -153,8 +133,7 @@ def load_sae(dir_path: str | os.PathLike, *, device: str | torch.device = "cpu")
 def save_training_state(trainer: Trainer, dir_path: str | os.PathLike) -> Path:
     """Write a resumable checkpoint: ``save_sae`` files plus ``trainer.pt``."""
     dir_path = save_sae(trainer.sae, dir_path)
-    state = trainer.state_dict()
-    _atomic_write(dir_path / TRAINER_NAME, lambda p: torch.save(state, p))
+    runfiles.save_state(dir_path / TRAINER_NAME, trainer.state_dict(), TRAIN_STATE_VERSION)
     return dir_path
 
 
@@ -164,16 +143,12 @@ def load_trainer(
     """Rebuild a Trainer from ``save_training_state`` output, ready to continue ``fit``."""
     dir_path = Path(dir_path)
     config = read_sae_config(dir_path)
-    state_path = dir_path / TRAINER_NAME
-    if not state_path.is_file():
+    state = runfiles.load_state(dir_path / TRAINER_NAME, TRAIN_STATE_VERSION)
+    if state is None:
         raise UserError(
             f"{dir_path} has no {TRAINER_NAME} to resume from: it was saved with save_sae only;"
             " start a new run or point at a training checkpoint"
         )
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise UserError(f"{state_path} is unreadable ({exc}): resume from an earlier checkpoint") from exc
     trainer = Trainer(build(config), train_cfg)
     trainer.load_state_dict(state)
     return trainer

@@ -1,10 +1,14 @@
-"""SAE training losses: plain functions, ``(x_BD, x_hat_BD, ...)`` first, options keyword-only.
+"""SAE training losses: plain functions of one signature, ``loss(f: Forward, *, options) -> Tensor``.
 
+One signature so the trainer can sum any list of terms (``pipeline.sae.trainer.Objective``).
 All return a 0-dim float32 tensor and compute in float32 whatever the input dtype
 (bf16 autocast outputs are upcast). The trainer calls them in normalised units.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +16,23 @@ from torch import Tensor
 
 from pipeline.sae.base import Codes
 
+
+@dataclass(frozen=True)
+class Forward:
+    """What a loss may look at: one training batch's forward pass, in normalised units."""
+
+    x_BD: Tensor  # input
+    x_hat_BD: Tensor  # reconstruction
+    pre_BS: Tensor  # encoder pre-activations
+    codes: Codes
+    W_dec_SD: Tensor  # decoder rows
+    dead_S: Tensor | None = None  # latents dead at this step (None when no loss needs them)
+
 TOKEN_NORM_EPS = 1e-6
 """Floor on a token's L2 norm in ``recon_loss_token_norm`` (as in the reference)."""
 
 
-def recon_loss_token_norm(x_BD: Tensor, x_hat_BD: Tensor, *, eps: float = TOKEN_NORM_EPS) -> Tensor:
+def recon_loss_token_norm(f: Forward, *, eps: float = TOKEN_NORM_EPS) -> Tensor:
     """The PatchSAE reference reconstruction term.
 
     Each element's squared error is divided by its token's L2 norm ‖x_b‖ (floored at
@@ -26,30 +42,22 @@ def recon_loss_token_norm(x_BD: Tensor, x_hat_BD: Tensor, *, eps: float = TOKEN_
 
     The 1/D factor matches the reference's element-wise mean, which λ = 8e-5 was tuned with.
     """
-    x, x_hat = x_BD.float(), x_hat_BD.float()
+    x, x_hat = f.x_BD.float(), f.x_hat_BD.float()
     norm_B = x.norm(dim=1).clamp_min(eps)
     return ((x - x_hat).pow(2).mean(dim=1) / norm_B).mean()
 
 
-def mse(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+def mse(f: Forward) -> Tensor:
     """Mean over tokens and dimensions of (x − x̂)²."""
-    return (x_BD.float() - x_hat_BD.float()).pow(2).mean()
+    return (f.x_BD.float() - f.x_hat_BD.float()).pow(2).mean()
 
 
-def l1_penalty(codes: Codes) -> Tensor:
-    """Sum of |f| over latents, averaged over tokens (multiply by λ yourself)."""
-    return codes.l1().float().mean()
+def l1_penalty(f: Forward) -> Tensor:
+    """Sum of |f| over latents, averaged over tokens (the trainer weighs it by λ)."""
+    return f.codes.l1().float().mean()
 
 
-def auxk_loss(
-    x_BD: Tensor,
-    x_hat_BD: Tensor,
-    pre_BS: Tensor,
-    W_dec_SD: Tensor,
-    dead_S: Tensor,
-    *,
-    aux_k: int,
-) -> Tensor:
+def auxk_loss(f: Forward, *, aux_k: int) -> Tensor:
     """AuxK (Gao et al. 2024): make the dead latents model the main model's error.
 
     e = x − x̂ (detached). Per token, take the ``aux_k`` largest pre-activations among the
@@ -61,7 +69,8 @@ def auxk_loss(
     so it is O(1) whatever the scale of the residual. 0 when no latent is dead. Gradients
     reach W_enc, b_enc, b_dec (through the pre-activations) and the dead rows of W_dec.
     """
-    dead_idx = dead_S.nonzero().squeeze(1)
+    x_BD, x_hat_BD, pre_BS, W_dec_SD = f.x_BD, f.x_hat_BD, f.pre_BS, f.W_dec_SD
+    dead_idx = f.dead_S.nonzero().squeeze(1)
     n_dead = dead_idx.numel()
     if n_dead == 0:
         return x_BD.new_zeros((), dtype=torch.float32)
@@ -75,14 +84,7 @@ def auxk_loss(
 
 
 def ghost_grads_loss(
-    x_BD: Tensor,
-    x_hat_BD: Tensor,
-    pre_BS: Tensor,
-    W_dec_SD: Tensor,
-    dead_S: Tensor,
-    *,
-    match: Tensor,
-    eps: float = TOKEN_NORM_EPS,
+    f: Forward, *, match: Callable[[Forward], Tensor] = recon_loss_token_norm, eps: float = TOKEN_NORM_EPS
 ) -> Tensor:
     """Ghost gradients (Anthropic, Jan 2024; the PatchSAE reference's revival method).
 
@@ -93,11 +95,12 @@ def ghost_grads_loss(
     in exact arithmetic; it is used here so very negative or large pre-activations neither
     underflow nor overflow (the reference clamps pre at 20 instead). The loss is
     the token-norm error of g against e (each token's squared error ÷ ‖e_b‖, averaged over
-    tokens and dimensions), rescaled by a detached factor so its value equals ``match``
+    tokens and dimensions), rescaled by a detached factor so its value equals ``match(f)``
     (the main reconstruction loss). 0 when no latent is dead. Only the dead latents'
     encoder columns, encoder biases and decoder rows, and b_dec, receive its gradient.
     """
-    dead_idx = dead_S.nonzero().squeeze(1)
+    x_BD, x_hat_BD, pre_BS, W_dec_SD = f.x_BD, f.x_hat_BD, f.pre_BS, f.W_dec_SD
+    dead_idx = f.dead_S.nonzero().squeeze(1)
     if dead_idx.numel() == 0:
         return x_BD.new_zeros((), dtype=torch.float32)
     e_BD = (x_BD.float() - x_hat_BD.float()).detach()
@@ -107,4 +110,4 @@ def ghost_grads_loss(
     e_norm_B = e_BD.norm(dim=1, keepdim=True)
     g_BD = g_BD * (e_norm_B / (2 * g_BD.norm(dim=1, keepdim=True) + eps)).detach()
     raw = ((g_BD - e_BD).pow(2).mean(dim=1) / e_norm_B.squeeze(1).clamp_min(eps)).mean()
-    return raw * (match.detach().float() / raw.detach().clamp_min(1e-12))
+    return raw * (match(f).detach().float() / raw.detach().clamp_min(1e-12))

@@ -1,6 +1,10 @@
-"""SAE training loop, separate from data loading: it takes any iterator of x_BD batches.
+"""SAE trainer, separate from data loading: it takes any iterator of x_BD batches.
 
-One step (``Trainer.step``), in normalised units (x̃ = x / norm_scale):
+The loop, the learning-rate schedule and the checkpoint cadence are the shared ones of
+``pipeline.training``; this module supplies the SAE's step. The loss is a list of
+``Objective`` terms (``objectives``), each a loss of ``pipeline.sae.losses``' one signature
+with an optional weight, summed in order. One step (``Trainer.step``), in normalised units
+(x̃ = x / norm_scale):
 
     loss = recon(x̃, x̂) + λ·L1(f) + revival term
     recon   "token_norm" (reference, default): see ``losses.recon_loss_token_norm``;
@@ -23,13 +27,14 @@ so every step is applied.
 
 The one host sync per step is the finiteness check of the loss (plus a check for dead
 latents while revival is on); metrics are returned as tensors and turned into floats only
-every ``log_every`` steps in ``fit``.
+at log steps and checkpoints (``pipeline.training.fit``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -38,6 +43,7 @@ import torch
 from torch import Tensor
 
 from cache.errors import UserError
+from pipeline import training
 from pipeline.sae import losses
 from pipeline.sae.base import SAE, check_int, check_number
 from pipeline.sae.geometry import init_b_dec_, normalize_decoder_, remove_parallel_grad_
@@ -45,7 +51,7 @@ from pipeline.sae.metrics import FiringCounter
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STATE_VERSION = 1
+TRAIN_STATE_VERSION = 2  # 2: the version is stored as format_version (pipeline.runfiles.save_state)
 REVIVALS = ("auto", "ghost_grads", "auxk", "none")
 RECON_LOSSES = {"token_norm": losses.recon_loss_token_norm, "mse": losses.mse}
 
@@ -125,22 +131,52 @@ class TrainConfig:
         except RuntimeError as exc:
             raise UserError(f"unknown train device {self.device!r}: use cpu, cuda or cuda:N") from exc
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of step ``step`` (0-based): linear warm-up, then constant."""
-        if self.warmup_steps == 0:
-            return self.lr
-        return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+    @property
+    def schedule(self) -> training.Schedule:
+        """Linear warm-up over ``warmup_steps``, then constant ``lr``."""
+        return training.Schedule(lr=self.lr, warmup_steps=self.warmup_steps, ratio_first_ramp=True)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One term of the training loss: ``weight · loss(f)`` (``weight`` None: the loss as is)."""
+
+    name: str  # its metric: "recon" → recon_loss, "l1" → l1, "aux" → aux_loss
+    loss: Callable[[losses.Forward], Tensor]
+    weight: float | None = None
+    needs_dead: bool = False  # the loss reads Forward.dead_S
+
+
+def objectives(sae: SAE, cfg: TrainConfig) -> list[Objective]:
+    """The terms an SAE trains with: reconstruction, L1 when λ ≠ 0, then the revival term."""
+    recon = RECON_LOSSES[cfg.recon_loss]
+    terms = [Objective("recon", recon)]
+    if sae.config.l1:
+        terms.append(Objective("l1", losses.l1_penalty, sae.config.l1))
+    revival = sae.default_revival if cfg.revival == "auto" else cfg.revival
+    if revival == "auxk":
+        if not sae.uses_k:
+            raise UserError(
+                f"revival 'auxk' needs a TopK-family SAE (a dead {sae.arch} latent has no "
+                "positive pre-activation to learn from): use revival 'ghost_grads' or 'auto'"
+            )
+        aux = functools.partial(losses.auxk_loss, aux_k=sae.config.aux_k)
+        terms.append(Objective("aux", aux, sae.config.aux_coef, needs_dead=True))
+    elif revival == "ghost_grads":
+        terms.append(Objective("aux", functools.partial(losses.ghost_grads_loss, match=recon), needs_dead=True))
+    return terms
 
 
 class Trainer:
     """Owns the optimiser, LR schedule, firing counters, step count and resume state.
 
-    Resume: ``trainer.load_state_dict(state)`` on a Trainer built around an SAE of the same
-    config restores weights, Adam state, step, tokens seen, firing counters and RNG; the data
-    stream's position is the caller's (``tokens_seen`` says how far training got).
+    ``terms`` default to ``objectives(sae, cfg)``. Resume: ``trainer.load_state_dict(state)``
+    on a Trainer built around an SAE of the same config restores weights, Adam state, step,
+    tokens seen, firing counters and RNG; the data stream's position is the caller's
+    (``tokens_seen`` says how far training got).
     """
 
-    def __init__(self, sae: SAE, cfg: TrainConfig):
+    def __init__(self, sae: SAE, cfg: TrainConfig, terms: list[Objective] | None = None):
         if sae.W_enc.dtype not in (torch.float32, torch.float64):
             raise UserError(
                 f"SAE parameters are {sae.config.dtype}; train with float32 parameters "
@@ -149,16 +185,10 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.sae = sae.to(self.device)
-        revival = sae.default_revival if cfg.revival == "auto" else cfg.revival
-        if revival == "auxk" and not sae.uses_k:
-            raise UserError(
-                f"revival 'auxk' needs a TopK-family SAE (a dead {sae.arch} latent has no "
-                "positive pre-activation to learn from): use revival 'ghost_grads' or 'auto'"
-            )
-        self.revival = revival
-        self._recon = RECON_LOSSES[cfg.recon_loss]
+        self.terms = objectives(sae, cfg) if terms is None else terms
+        self.schedule = cfg.schedule
         self.optimizer = torch.optim.Adam(
-            self.sae.parameters(), lr=cfg.lr_at(0), betas=cfg.betas, eps=cfg.adam_eps
+            self.sae.parameters(), lr=self.schedule.lr_at(0), betas=cfg.betas, eps=cfg.adam_eps
         )
         self.firing = FiringCounter(
             sae.config.d_sae, window_tokens=sae.config.dead_window_tokens, device=self.device
@@ -194,9 +224,8 @@ class Trainer:
                 f"{self.cfg.batch_tokens}: make the loader yield full batches of that size"
             )
         sae.train()
-        lr = self.cfg.lr_at(self.n_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.schedule.lr_at(self.n_steps)
+        training.set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
 
         xn_BD = sae.to_normed(x_BD.to(self.device, non_blocking=True))
@@ -206,21 +235,16 @@ class Trainer:
             pre_BS = sae.pre_acts(xn_BD)
             codes = sae.activate(pre_BS)
             xn_hat_BD = sae.decode_normed(codes)
-        recon = self._recon(xn_BD, xn_hat_BD)
-        l1 = losses.l1_penalty(codes)
-        loss = recon + cfg.l1 * l1 if cfg.l1 else recon
-        aux = torch.zeros((), device=self.device)
-        if self.revival != "none":
-            dead_S = self.firing.dead_mask()
-            if self.revival == "auxk":
-                aux = cfg.aux_coef * losses.auxk_loss(
-                    xn_BD, xn_hat_BD, pre_BS, sae.W_dec, dead_S, aux_k=cfg.aux_k
-                )
-            else:
-                aux = losses.ghost_grads_loss(
-                    xn_BD, xn_hat_BD, pre_BS, sae.W_dec, dead_S, match=recon
-                )
-            loss = loss + aux
+        dead_S = self.firing.dead_mask() if any(t.needs_dead for t in self.terms) else None
+        f = losses.Forward(xn_BD, xn_hat_BD, pre_BS, codes, sae.W_dec, dead_S)
+        raw: dict[str, Tensor] = {}
+        values: dict[str, Tensor] = {}
+        loss = None
+        for term in self.terms:
+            raw[term.name] = term.loss(f)
+            values[term.name] = raw[term.name] if term.weight is None else term.weight * raw[term.name]
+            loss = values[term.name] if loss is None else loss + values[term.name]
+        l1 = raw["l1"] if "l1" in raw else losses.l1_penalty(f)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self.n_steps)
 
@@ -239,9 +263,9 @@ class Trainer:
             var = (xn_BD.float() - xn_BD.float().mean(dim=0)).pow(2).sum()
             return {
                 "loss": loss.detach(),
-                "recon_loss": recon.detach(),
+                "recon_loss": values["recon"].detach(),
                 "l1": l1.detach(),
-                "aux_loss": aux.detach(),
+                "aux_loss": values.get("aux", torch.zeros((), device=self.device)).detach(),
                 "l0": codes.l0().mean(),
                 "fvu": err / var.clamp_min(1e-12),
                 "lr": torch.tensor(lr),
@@ -256,44 +280,37 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_checkpoint: Callable[["Trainer"], None] | None = None,
     ) -> dict[str, float]:
-        """Train on ``batches`` until ``total_tokens`` or the iterator ends.
+        """Train on ``batches`` until ``total_tokens`` or the iterator ends (``pipeline.training.fit``).
 
-        Every ``log_every`` steps: metrics become floats, are logged and passed to
-        ``on_log(step, metrics)`` (step = number of steps applied). Every
-        ``checkpoint_every`` steps and at the end: ``on_checkpoint(trainer)``. A resumed
+        Every ``log_every`` steps and after the last: metrics become floats, are logged and
+        passed to ``on_log(step, metrics)`` (step = number of steps applied). Every
+        ``checkpoint_every`` steps and after the last: ``on_checkpoint(trainer)``. A resumed
         trainer continues its step and token counts; the iterator must resume the data.
         Returns the last metrics as floats ({} if no step ran).
         """
         total = self.cfg.total_tokens
         last: dict[str, float] = {}
-        out: dict[str, Tensor] | None = None
-        saved_at = self.n_steps
-        for x_BD in batches:
-            if total is not None and self.tokens_seen >= total:
-                break
-            out = self.step(x_BD)
-            if self.n_steps % self.cfg.log_every == 0:
-                last = self._log(out)
-                if on_log is not None:
-                    on_log(self.n_steps, last)
-            if on_checkpoint is not None and self.n_steps % self.cfg.checkpoint_every == 0:
-                on_checkpoint(self)
-                saved_at = self.n_steps
+
+        def log(step: int) -> None:
+            last.update(self._log(last))
+            if on_log is not None:
+                on_log(step, dict(last))
+
+        training.fit(
+            training.steps_until(batches, lambda: total is not None and self.tokens_seen >= total),
+            lambda _, x_BD: self.step(x_BD),
+            start_step=self.n_steps, log_every=self.cfg.log_every, checkpoint_every=self.cfg.checkpoint_every,
+            record=lambda metrics: last.update(metrics[-1]), on_log=log,
+            save=None if on_checkpoint is None else lambda _: on_checkpoint(self),
+        )
         if total is not None and self.tokens_seen < total:
             logger.warning(
                 "batches ran out after %d of %d tokens (step %d)", self.tokens_seen, total, self.n_steps
             )
-        if out is not None and self.n_steps % self.cfg.log_every != 0:
-            last = self._log(out)
-            if on_log is not None:
-                on_log(self.n_steps, last)
-        if on_checkpoint is not None and saved_at != self.n_steps:
-            on_checkpoint(self)
         return last
 
-    def _log(self, out: dict[str, Tensor]) -> dict[str, float]:
-        metrics = {k: v.item() for k, v in out.items()}
-        metrics["tokens_seen"] = float(self.tokens_seen)
+    def _log(self, metrics: dict[str, float]) -> dict[str, float]:
+        metrics = {**metrics, "tokens_seen": float(self.tokens_seen)}
         logger.info(
             "step %d tokens %d loss %.4g recon %.4g l1 %.4g aux %.4g l0 %.1f fvu %.4f dead %.3f",
             self.n_steps, self.tokens_seen, metrics["loss"], metrics["recon_loss"], metrics["l1"],
@@ -305,7 +322,6 @@ class Trainer:
     def state_dict(self) -> dict:
         """A snapshot of everything needed to resume bit-for-bit (given the same batches)."""
         return {
-            "version": TRAIN_STATE_VERSION,
             "sae_config": self.sae.config.to_dict(),
             "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -318,11 +334,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; the SAE must have the same config."""
-        if state.get("version") != TRAIN_STATE_VERSION:
-            raise UserError(
-                f"trainer state has version {state.get('version')!r}, this code reads "
-                f"{TRAIN_STATE_VERSION}: restart training or use the matching pipeline version"
-            )
         if state["sae_config"] != self.sae.config.to_dict():
             diff = sorted(
                 k for k in state["sae_config"]

@@ -166,8 +166,11 @@ def test_refusals(planted, tmp_path):
         train_stage.run(_cfg(store_dir, tmp_path / "a", layer=7))
     cfg = _cfg(store_dir, tmp_path / "sae", total_tokens=256 * 5)
     train_stage.run(cfg)
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"holds another SAE training run \(identity.total_tokens is 1280 there"):
         train_stage.run(_cfg(store_dir, tmp_path / "sae", total_tokens=256 * 6))
+    with pytest.raises(UserError, match="revival 'auxk' needs a TopK-family SAE"):
+        train_stage.run(_cfg(store_dir, tmp_path / "refused", revival="auxk"))
+    assert not (tmp_path / "refused").exists()  # a refused run leaves no file behind
     tiny = make_extract_config(tmp_path)  # width 64: does not fit an SAE of width 32
     from stages import extract
 

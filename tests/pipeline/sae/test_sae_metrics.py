@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.sae import Codes, FiringCounter, RunningMetrics, build, evaluate
-from pipeline.sae.losses import auxk_loss, ghost_grads_loss, l1_penalty, mse, recon_loss_token_norm
+from pipeline.sae.losses import Forward, auxk_loss, ghost_grads_loss, l1_penalty, mse, recon_loss_token_norm
 from sae_helpers import make_sae_config, random_batches
 
 
@@ -68,9 +68,10 @@ def test_losses_match_numpy():
     acts = torch.relu(torch.randn(20, 9, generator=g))
     xn, xhn = x.double().numpy(), x_hat.double().numpy()
     want = (((xn - xhn) ** 2).mean(axis=1) / np.linalg.norm(xn, axis=1)).mean()
-    assert recon_loss_token_norm(x, x_hat).item() == pytest.approx(want, rel=1e-5)
-    assert mse(x, x_hat).item() == pytest.approx(((xn - xhn) ** 2).mean(), rel=1e-5)
-    assert l1_penalty(Codes(d_sae=9, acts_BS=acts)).item() == pytest.approx(
+    f = Forward(x, x_hat, torch.zeros(20, 9), Codes(d_sae=9, acts_BS=acts), torch.zeros(9, 6))
+    assert recon_loss_token_norm(f).item() == pytest.approx(want, rel=1e-5)
+    assert mse(f).item() == pytest.approx(((xn - xhn) ** 2).mean(), rel=1e-5)
+    assert l1_penalty(f).item() == pytest.approx(
         acts.double().numpy().sum(axis=1).mean(), rel=1e-5
     )
 
@@ -84,7 +85,8 @@ def test_auxk_loss_matches_numpy_and_only_trains_dead_latents():
     dead = torch.zeros(S, dtype=torch.bool)
     dead[[1, 4, 7]] = True
 
-    loss = auxk_loss(x, x_hat, pre, W_dec, dead, aux_k=2)
+    codes = Codes(d_sae=S, acts_BS=torch.relu(pre))
+    loss = auxk_loss(Forward(x, x_hat, pre, codes, W_dec, dead), aux_k=2)
     e = (x - x_hat).double().numpy()
     p = pre.detach().double().numpy()
     e_hat = np.zeros_like(e)
@@ -100,7 +102,7 @@ def test_auxk_loss_matches_numpy_and_only_trains_dead_latents():
     alive = ~dead
     assert (W_dec.grad[alive] == 0).all() and (pre.grad[:, alive] == 0).all()
     assert W_dec.grad[dead].abs().sum() > 0
-    assert auxk_loss(x, x_hat, pre, W_dec, torch.zeros(S, dtype=torch.bool), aux_k=2).item() == 0
+    assert auxk_loss(Forward(x, x_hat, pre, codes, W_dec, torch.zeros(S, dtype=torch.bool)), aux_k=2).item() == 0
 
 
 def test_ghost_grads_loss_matches_recon_and_only_trains_dead_latents():
@@ -111,8 +113,8 @@ def test_ghost_grads_loss_matches_recon_and_only_trains_dead_latents():
     W_dec = torch.randn(S, D, generator=g, requires_grad=True)
     dead = torch.zeros(S, dtype=torch.bool)
     dead[[0, 3]] = True
-    match = torch.tensor(0.123)
-    loss = ghost_grads_loss(x, x_hat, pre, W_dec, dead, match=match)
+    f = Forward(x, x_hat, pre, Codes(d_sae=S, acts_BS=torch.relu(pre)), W_dec, dead)
+    loss = ghost_grads_loss(f, match=lambda _: torch.tensor(0.123))
     assert loss.item() == pytest.approx(0.123, rel=1e-5)  # value rescaled to the recon loss
     loss.backward()
     assert (W_dec.grad[~dead] == 0).all() and (pre.grad[:, ~dead] == 0).all()

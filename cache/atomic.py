@@ -1,0 +1,43 @@
+"""Atomic file writes: the one implementation every store, checkpoint and run file goes through.
+
+A crash (even SIGKILL or power loss) leaves either the old or the new file, never a torn
+one: the bytes go to a temporary file in the same folder, which is fsync'd, moved onto the
+target with ``os.replace``, and the folder is fsync'd so the rename itself is durable.
+Temporary files are named ``.<name>.tmp-<random>``; a writer killed mid-write leaves one
+behind, which the next writer may delete (``cache.store`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, fsync it, move it onto ``path``, fsync the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, record: Any) -> None:
+    """``record`` as indented JSON (numpy-like scalars as floats), atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=float) + "\n"))
