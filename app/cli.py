@@ -153,6 +153,7 @@ def _param(field: Field) -> click.Parameter:
     if field.required:
         return click.Option(decls, type=click_type, callback=callback, required=True, help=help_text)
     if multiple:
+        default = tuple("=".join(pair) if isinstance(pair, tuple) else pair for pair in default)
         return click.Option(decls, type=click_type, multiple=True, default=default, metavar="ATTR=VALUE",
                             show_default=bool(default) and _shown(default), help=help_text + " (repeatable)")
     optional_text = field.kind is not kind and default is not None

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import textwrap
 import tokenize
 import types
 import typing
@@ -101,7 +102,7 @@ def identity_fields(config: type) -> tuple[str, ...]:
 
 def _field_comments(config: type) -> dict[str, str]:
     """``name -> comment`` of each annotated line of the class body, continuation lines joined."""
-    source = inspect.getsource(config)
+    source = textwrap.dedent(inspect.getsource(config))
     comments: dict[str, str] = {}
     field = None  # the field whose comment may continue on the next line
     column = -1

@@ -56,3 +56,28 @@ def test_dvc_metrics_copies_keep_the_numbers_only():
               "eval": {"world": {"seed": 0, "task": "shape"}, "split": "test"}, "none": None,
               "provenance": {"layer": 3}, "config": {"k": 1}, "per_class": {"cat": {"high_high": 1.0}}}
     assert study._numbers(record) == {"accuracy": 0.5, "n": 3, "eval": {"world": {"seed": 0}}}
+
+
+@pytest.mark.parametrize("section, needle", [
+    ("sae:\n  batch_images: true\n", "sae.batch_images must be an integer (got True)"),
+    ("sae:\n  expansion: eight\n", "sae.expansion must be a number"),
+    ("sae:\n  total_tokens: '5000'\n", "sae.total_tokens must be an integer (got '5000')"),
+    ("sae:\n  arch: relux\n", "sae.arch must be one of relu, topk, batchtopk"),
+    ("stats:\n  top_k: 2.5\n", "stats.top_k must be an integer"),
+])
+def test_each_value_is_type_checked_against_its_field(tmp_path, section, needle):
+    step = "stats" if section.startswith("stats") else "train"
+    code, output = _run_stage(tmp_path, PARAMS + section, step, "--dataset", "synthetic", "--layer", "3")
+    assert_one_line_error(code, output, needle)
+
+
+def test_a_scalar_is_not_a_list(tmp_path):
+    code, output = _run_stage(tmp_path, "data:\n  datasets: [synthetic]\nextract:\n  layers: 3\n", "train",
+                              "--dataset", "synthetic", "--layer", "3")
+    assert_one_line_error(code, output, "extract.layers must be a list of integers (got 3)")
+
+
+def test_an_unknown_section_is_refused_by_name(tmp_path):
+    code, output = _run_stage(tmp_path, PARAMS + "sea:\n  l1: 0.1\n", "train", "--dataset", "synthetic",
+                              "--layer", "3")
+    assert_one_line_error(code, output, "unknown section 'sea'")

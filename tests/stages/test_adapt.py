@@ -20,7 +20,7 @@ from pipeline.datasets import open_dataset
 from cache.errors import UserError
 from pipeline.models import load_model
 from pipeline.sae import SAEConfig, build, save_sae
-from stages import adapt, encode, extract, mask, pretrain, stats
+from stages import adapt, encode, extract, pretrain, stats
 from tests.helpers import assert_one_line_error, sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -296,13 +296,3 @@ def test_batches_visit_every_few_shot_image_once_per_epoch_and_resume_mid_epoch(
     assert adapt.batches_from(5, cfg, 10) == batches[5:]
     lrs = [adapt.lr_at(s, cfg, 10) for s in range(8)]
     assert lrs[:4] == [cfg.warmup_lr] * 4 and lrs[4] == cfg.lr and lrs[4] > lrs[5] > lrs[6] > lrs[7] > 0
-
-
-def test_cli_defaults_match_the_stage_config():
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(adapt.Config)}
-    for param in main.commands["adapt"].params:
-        default = fields[param.name].default if param.name in fields else None
-        if default not in (None, dataclasses.MISSING) and not getattr(param, "is_flag", False):
-            assert param.default == default, param.name
