@@ -205,20 +205,12 @@ def main(verbose: bool) -> None:
         logging.getLogger("pipeline.sae.trainer").setLevel(logging.WARNING)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(store: Path, as_json: bool) -> None:
     """Describe what a store holds: model, layers, shapes, completeness, size, token norms."""
-    from cache.check import describe
+    from cache.check import describe, human_bytes
 
     d = describe(store)
     if as_json:
@@ -234,7 +226,7 @@ def info(store: Path, as_json: bool) -> None:
     t = d["token_layout"]
     click.echo(f"tokens       class token at {t['class_token_index']}, patch grid {t['patch_grid']} ({t['patch_order']})")
     click.echo(f"complete     {d['shards_complete']} shards; invalid rows: {d['invalid_rows']}")
-    click.echo(f"size         {_human_bytes(d['size_bytes'])}")
+    click.echo(f"size         {human_bytes(d['size_bytes'])}")
     for layer, s in d["token_norms"].items():
         if "class" not in s:
             continue

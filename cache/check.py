@@ -166,6 +166,15 @@ def token_norm_stats(store: ActivationStore, max_chunks: int = 16) -> dict[str, 
     return out
 
 
+def human_bytes(n: float) -> str:
+    """A size as people read it: 1.5 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cache import schema
-from cache.check import token_norm_stats
+from cache.check import human_bytes, token_norm_stats
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.writer import BackgroundWriter
 from pipeline import maple
@@ -320,18 +320,10 @@ def run(cfg: Config) -> Outputs:
                    seconds=time.perf_counter() - started, stream_seconds=stream_seconds, norms=norms)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def summary(out: Outputs) -> str:
     lines = [f"extracted {out.n_computed} of {out.n_images} images ({out.n_skipped} unreadable, skipped) "
              f"x {out.n_tokens // max(out.n_images, 1)} tokens, layers {list(out.layers)}: "
-             f"{_human_bytes(out.bytes_written)} in {out.seconds:.1f} s "
+             f"{human_bytes(out.bytes_written)} in {out.seconds:.1f} s "
              f"({out.n_computed / max(out.seconds, 1e-9):.1f} images/s) -> {out.store_dir}"]
     for layer, stats in out.norms.items():
         if "class" in stats:
