@@ -140,7 +140,7 @@ class SAEConfig:
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
-        """The flat record checkpoints save: arch, every field and ``format1_fill``, JSON-ready."""
+        """The flat record checkpoints save: arch, ``format1_fill`` and every field (fields win), JSON-ready."""
         record = {"arch": self.arch, **self.format1_fill(), **dataclasses.asdict(self)}
         rank = {key: i for i, key in enumerate(RECORD_ORDER)}
         return dict(sorted(record.items(), key=lambda item: rank.get(item[0], len(rank))))

@@ -50,7 +50,7 @@ class TopKConfig(SAEConfig):
         check_number("aux_coef", self.aux_coef)
 
     def format1_fill(self) -> dict:
-        return {"threshold_lr": 0.01}
+        return {"threshold_lr": 0.01}  # BatchTopK's own field takes its place
 
 
 @dataclass(frozen=True, kw_only=True)
