@@ -20,7 +20,7 @@ import torch
 from _util import peak_rss_mb, seconds
 from loader import make_store
 
-from pipeline.sae import SAEConfig, build, save_sae
+from pipeline.sae import ReLUConfig, build, save_sae
 from stages import encode
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     store = make_store(work / "store", args.images)
-    sae = build(SAEConfig.from_expansion(arch="relu", d_in=768, expansion=args.expansion, layer=10), seed=0).eval()
+    sae = build(ReLUConfig.from_expansion(d_in=768, expansion=args.expansion, layer=10), seed=0).eval()
     x_ND = torch.from_numpy(store.acts(10)[:]).reshape(-1, 768).float()
     with torch.no_grad():  # a per-latent threshold that leaves ~l0 active latents per token
         pre = sae.pre_acts(sae.to_normed(x_ND[:4096]))

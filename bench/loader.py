@@ -23,7 +23,7 @@ from _util import peak_rss_mb, seconds
 
 from cache.loader import LoaderConfig, TokenLoader
 from cache.store import StoreSpec, create_or_resume, plan_layout
-from pipeline.sae import SAEConfig, TrainConfig, Trainer, build
+from pipeline.sae import ReLUConfig, TrainConfig, Trainer, build
 
 
 def make_store(path: Path, n: int, t: int = 197, d: int = 768):
@@ -70,7 +70,7 @@ def main() -> None:
     loader_tps = n_loaded / seconds(drain)
     raw_tps = n_tokens / seconds(raw)
 
-    cfg = SAEConfig.from_expansion(arch="relu", d_in=768, expansion=args.expansion)
+    cfg = ReLUConfig.from_expansion(d_in=768, expansion=args.expansion)
     trainer = Trainer(build(cfg, seed=0), TrainConfig(batch_tokens=2048, warmup_steps=1, log_every=10**9))
     x_BD = torch.randn(2048, 768)
     trainer.step(x_BD)

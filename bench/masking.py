@@ -29,7 +29,7 @@ from _util import peak_rss_mb
 
 from cache.store import ActivationStore
 from pipeline.models import load_model
-from pipeline.sae import SAEConfig, build, save_sae
+from pipeline.sae import ReLUConfig, build, save_sae
 from stages import encode, extract, mask, stats
 
 
@@ -40,7 +40,7 @@ def build_inputs(work: Path, args: argparse.Namespace, layer: int) -> tuple[Path
                                progress=False))
     store = ActivationStore(store_dir, mode="r")
     d = store.d_model
-    sae = build(SAEConfig(d_in=d, d_sae=int(d * args.expansion), layer=layer, model=f"{args.model}/none",
+    sae = build(ReLUConfig(d_in=d, d_sae=int(d * args.expansion), layer=layer, model=f"{args.model}/none",
                           cache_config_sha256=store.config_sha256), seed=0).eval()
     x_ND = torch.from_numpy(store.acts(layer)[: min(args.images, 16)]).reshape(-1, d).float()
     with torch.no_grad():  # per-latent thresholds leaving ~l0 active latents per token

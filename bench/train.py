@@ -19,7 +19,7 @@ import statistics
 import torch
 from _util import peak_rss_mb, seconds
 
-from pipeline.sae import SAEConfig, TrainConfig, Trainer, build
+from pipeline.sae import TrainConfig, Trainer, build, config_class
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     step_s = {}
     for arch in ("relu", "topk"):
         extra = {"k": args.k} if arch == "topk" else {}
-        cfg = SAEConfig.from_expansion(arch=arch, d_in=d, expansion=args.expansion, **extra)
+        cfg = config_class(arch).from_expansion(d_in=d, expansion=args.expansion, **extra)
         trainer = Trainer(build(cfg, seed=0), TrainConfig(batch_tokens=b, warmup_steps=1, log_every=10**9))
         trainer.step(x_BD)
         step_s[arch] = statistics.median(seconds(lambda: trainer.step(x_BD)) for _ in range(args.steps))

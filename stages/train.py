@@ -30,10 +30,10 @@ from pipeline.configs import Option, Stage, identity_fields
 from pipeline.plots import plot_curves
 from pipeline.sae import (
     NonFiniteLossError,
-    SAEConfig,
     TrainConfig,
     Trainer,
     build,
+    config_class,
     estimate_norm_scale,
     evaluate,
     load_trainer,
@@ -164,11 +164,12 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
     else:
         sample_ND = next(train_loader.batches(0)).float()
         norm_scale = estimate_norm_scale(sample_ND) if cfg.normalize else 1.0
-        sae_cfg = SAEConfig.from_expansion(
-            arch=cfg.arch, d_in=store.d_model, expansion=cfg.expansion, k=cfg.k, l1=cfg.l1,
-            norm_scale=norm_scale, dead_window_tokens=cfg.dead_window_tokens, dtype="float32",
+        given = {name: value for name, value in (("k", cfg.k), ("l1", cfg.l1)) if value is not None}
+        sae_cfg = config_class(cfg.arch).from_expansion(
+            d_in=store.d_model, expansion=cfg.expansion, norm_scale=norm_scale,
+            dead_window_tokens=cfg.dead_window_tokens, dtype="float32",
             model=f"{store.attrs['model']['name']}/{store.attrs['model']['pretrained']}", layer=cfg.layer,
-            token_kind=cfg.token_kind, cache_config_sha256=store.config_sha256)
+            token_kind=cfg.token_kind, cache_config_sha256=store.config_sha256, **given)
         trainer = Trainer(build(sae_cfg, seed=cfg.seed).to(device), train_cfg)
         trainer.init_from_sample(sample_ND.to(device))
     resumed_from = trainer.n_steps

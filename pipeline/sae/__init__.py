@@ -1,6 +1,7 @@
 """Sparse autoencoders: architectures, losses, metrics, checkpoints and the trainer.
 
-Importing this package registers every architecture ("relu", "topk", "batchtopk").
+Importing this package registers every architecture ("relu", "topk", "batchtopk"), each with
+its config class.
 """
 
 from pipeline.sae.base import (
@@ -9,12 +10,13 @@ from pipeline.sae.base import (
     SAEConfig,
     arch_class,
     build,
+    config_class,
     estimate_norm_scale,
     register,
     registered_archs,
 )
-from pipeline.sae.relu import ReLUSAE
-from pipeline.sae.topk import BatchTopKSAE, TopKSAE
+from pipeline.sae.relu import ReLUConfig, ReLUSAE
+from pipeline.sae.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 from pipeline.sae.geometry import (
     geometric_median,
     init_b_dec_,
@@ -40,8 +42,9 @@ from pipeline.sae.io import (
 )
 
 __all__ = [
-    "SAE", "Codes", "SAEConfig", "arch_class", "build", "estimate_norm_scale", "register",
-    "registered_archs", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "geometric_median",
+    "SAE", "Codes", "SAEConfig", "arch_class", "build", "config_class", "estimate_norm_scale",
+    "register", "registered_archs", "ReLUConfig", "ReLUSAE", "TopKConfig", "TopKSAE",
+    "BatchTopKConfig", "BatchTopKSAE", "geometric_median",
     "init_b_dec_", "normalize_decoder_", "remove_parallel_grad_", "auxk_loss",
     "ghost_grads_loss", "l1_penalty", "mse", "recon_loss_token_norm", "DENSE_THRESHOLD",
     "FiringCounter", "RunningMetrics", "evaluate", "NonFiniteLossError", "Trainer",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Callable, ClassVar, TypeVar
 
 import torch
@@ -37,7 +37,11 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 TOKEN_KINDS = ("all", "patches", "cls")
-DEFAULT_AUX_K = 512
+RECORD_ORDER = (
+    "arch", "d_in", "d_sae", "k", "l1", "aux_k", "aux_coef", "dead_window_tokens", "norm_scale",
+    "dtype", "threshold_lr", "model", "layer", "token_kind", "cache_config_sha256",
+)
+"""Key order of ``SAEConfig.to_dict`` (checkpoint format 1); other fields follow in field order."""
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 _REGISTRY: dict[str, type["SAE"]] = {}
@@ -45,30 +49,26 @@ _REGISTRY: dict[str, type["SAE"]] = {}
 
 @dataclass(frozen=True, kw_only=True)
 class SAEConfig:
-    """Shape, sparsity and provenance of one SAE; saved verbatim in its checkpoint."""
+    """What every SAE has: shape, units, dtype, L1 weight and provenance.
 
-    arch: str = "relu"
-    """Architecture name, one of ``registered_archs()`` ("relu", "topk", "batchtopk")."""
+    Each architecture subclasses it with its own fields and defaults, next to its module, and
+    registers the pair (``register``), so the registry knows an architecture's config by name.
+    """
+
+    arch: ClassVar[str] = ""
+    """Architecture name, set by ``register``."""
     d_in: int
     """Input width D (the model width; read it from the cache, never guess it)."""
     d_sae: int
-    """Number of latents S (``SAEConfig.from_expansion`` computes it from an expansion)."""
-    k: int | None = None
-    """TopK: latents kept per token; BatchTopK: mean latents kept per token. None for relu."""
-    l1: float | None = None
-    """L1 coefficient λ; None = the architecture default (8e-5 for relu, 0 for TopK family)."""
-    aux_k: int | None = None
-    """AuxK (TopK family revival): dead latents used per token; None = min(512, d_sae)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight α of the AuxK loss (Gao et al. 2024 default 1/32)."""
+    """Number of latents S (``from_expansion`` computes it from an expansion)."""
+    l1: float = 0.0
+    """L1 coefficient λ (architectures set their default: 8e-5 for relu, 0 for the TopK family)."""
     dead_window_tokens: int = 10_000_000
     """A latent is dead if it has not fired in this many tokens (Gao et al. 2024: 10M)."""
     norm_scale: float = 1.0
     """Raw activations are divided by this before the SAE and outputs multiplied back."""
     dtype: str = "float32"
     """Parameter dtype: "float32", "float64", "bfloat16" or "float16" (train in float32)."""
-    threshold_lr: float = 0.01
-    """BatchTopK: rate of the running estimate of the inference threshold θ."""
     model: str = ""
     """Provenance: the model the activations came from, e.g. "ViT-B-16/openai"."""
     layer: int | None = None
@@ -79,38 +79,17 @@ class SAEConfig:
     """Provenance: sha256 of the activation cache's extraction config ("" = unknown)."""
 
     def __post_init__(self) -> None:
-        if self.arch not in _REGISTRY:
-            raise UserError(
-                f"unknown SAE arch {self.arch!r}: use one of {', '.join(registered_archs())}"
-            )
-        cls = _REGISTRY[self.arch]
+        if not self.arch:
+            raise TypeError(f"{type(self).__name__} is not registered: build an architecture's "
+                            "config (config_class(name)) or register yours with its SAE")
         check_int("d_in", self.d_in, minimum=1)
         check_int("d_sae", self.d_sae, minimum=1)
-        if cls.uses_k:
-            if self.k is None:
-                raise UserError(f"SAE arch {self.arch!r} needs k: set k (e.g. 32) to 1..d_sae")
-            check_int("k", self.k, minimum=1)
-            if self.k > self.d_sae:
-                raise UserError(f"k={self.k} exceeds d_sae={self.d_sae}: lower k or widen the SAE")
-        elif self.k is not None:
-            raise UserError(f"SAE arch {self.arch!r} takes no k: remove k or pick a TopK arch")
-        if self.l1 is None:
-            object.__setattr__(self, "l1", cls.default_l1)
         check_number("l1", self.l1)
-        if self.aux_k is None:
-            object.__setattr__(self, "aux_k", min(DEFAULT_AUX_K, self.d_sae))
-        check_int("aux_k", self.aux_k, minimum=1)
-        if self.aux_k > self.d_sae:
-            raise UserError(f"aux_k={self.aux_k} exceeds d_sae={self.d_sae}: lower aux_k")
-        check_number("aux_coef", self.aux_coef)
         check_int("dead_window_tokens", self.dead_window_tokens, minimum=1)
         check_number("norm_scale", self.norm_scale, strict=True)
         object.__setattr__(self, "norm_scale", float(self.norm_scale))
         if self.dtype not in DTYPES:
             raise UserError(f"unknown SAE dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        check_number("threshold_lr", self.threshold_lr, strict=True)
-        if self.threshold_lr > 1:
-            raise UserError(f"threshold_lr must be at most 1, got {self.threshold_lr}")
         if not isinstance(self.model, str):
             raise UserError(f"model must be a string, got {self.model!r}")
         if self.layer is not None:
@@ -126,6 +105,25 @@ class SAEConfig:
             )
 
     @classmethod
+    def from_fields(cls, **fields) -> "SAEConfig":
+        """``cls(**fields)`` with a one-line UserError for a field this architecture lacks or needs
+        (the fields come from users and files, not only from code)."""
+        declared = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - set(declared))
+        if unknown:
+            raise UserError(
+                f"SAE arch {cls.arch!r} takes no {', '.join(unknown)}: remove it or pick an arch "
+                "that has it"
+            )
+        missing = [
+            name for name, f in declared.items()
+            if name not in fields and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise UserError(f"SAE arch {cls.arch!r} needs {', '.join(missing)}: set it")
+        return cls(**fields)
+
+    @classmethod
     def from_expansion(cls, *, d_in: int, expansion: float, **fields) -> "SAEConfig":
         """Config with ``d_sae = d_in × expansion`` (must come out a whole number)."""
         d_sae = d_in * expansion
@@ -134,7 +132,7 @@ class SAEConfig:
                 f"expansion {expansion} × d_in {d_in} is not a positive whole number of latents: "
                 "pick an expansion such as 8, 16, 32 or 64"
             )
-        return cls(d_in=d_in, d_sae=int(d_sae), **fields)
+        return cls.from_fields(d_in=d_in, d_sae=int(d_sae), **fields)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -142,8 +140,18 @@ class SAEConfig:
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
-        """All fields as JSON-ready values (defaults already resolved)."""
-        return dataclasses.asdict(self)
+        """The flat record checkpoints save: arch, ``format1_fill`` and every field (fields win), JSON-ready."""
+        record = {"arch": self.arch, **self.format1_fill(), **dataclasses.asdict(self)}
+        rank = {key: i for i, key in enumerate(RECORD_ORDER)}
+        return dict(sorted(record.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+    def format1_fill(self) -> dict:
+        """Keys checkpoint format 1 holds for this architecture with no field behind them.
+
+        Format 1 gave every SAE the fields of all three first architectures; the ones an
+        architecture does not use keep their fixed values so its files stay byte-identical.
+        """
+        return {}
 
 
 def check_int(name: str, value, *, minimum: int) -> None:
@@ -244,17 +252,18 @@ class SAE(nn.Module):
     """
 
     arch: ClassVar[str]
-    uses_k: ClassVar[bool] = False
-    """Whether the architecture needs ``config.k``."""
-    default_l1: ClassVar[float] = 0.0
-    """The l1 used when the config leaves it None."""
+    config_class: ClassVar[type[SAEConfig]]
+    """The architecture's config class, set by ``register``."""
     default_revival: ClassVar[str] = "none"
     """Dead-latent revival the trainer uses by default ("ghost_grads" or "auxk")."""
 
     def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
-        if config.arch != self.arch:
-            raise ValueError(f"config.arch={config.arch!r} given to the {self.arch!r} class")
+        if type(config) is not self.config_class:
+            raise ValueError(
+                f"{type(config).__name__} given to the {self.arch!r} SAE, which takes "
+                f"{self.config_class.__name__}"
+            )
         self.config = config
         D, S, dtype = config.d_in, config.d_sae, config.torch_dtype
         self.W_enc = nn.Parameter(torch.empty(D, S, dtype=dtype))
@@ -342,20 +351,24 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        k = f", k={c.k}" if c.k is not None else ""
-        return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}{k}, norm_scale={c.norm_scale}"
+        common = {f.name for f in dataclasses.fields(SAEConfig)}
+        own = [f.name for f in dataclasses.fields(c) if f.name not in common]
+        return ", ".join(f"{n}={getattr(c, n)}" for n in ("arch", "d_in", "d_sae", *own, "norm_scale"))
 
 
 _SAE_T = TypeVar("_SAE_T", bound=type[SAE])
 
 
-def register(name: str) -> Callable[[_SAE_T], _SAE_T]:
-    """Class decorator: register an SAE subclass under an architecture name."""
+def register(name: str, config_class: type[SAEConfig]) -> Callable[[_SAE_T], _SAE_T]:
+    """Class decorator: register an SAE subclass and its config class under an architecture name."""
 
     def deco(cls: _SAE_T) -> _SAE_T:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"SAE arch {name!r} is already registered to {_REGISTRY[name]}")
-        cls.arch = name
+        if config_class.__dict__.get("arch", name) != name:
+            raise ValueError(f"{config_class.__name__} is already the config of {config_class.arch!r}")
+        cls.arch = config_class.arch = name
+        cls.config_class = config_class
         _REGISTRY[name] = cls
         return cls
 
@@ -369,13 +382,18 @@ def arch_class(name: str) -> type[SAE]:
     return _REGISTRY[name]
 
 
+def config_class(name: str) -> type[SAEConfig]:
+    """The config class of the architecture registered under ``name``."""
+    return arch_class(name).config_class
+
+
 def registered_archs() -> tuple[str, ...]:
     """Names of every registered architecture, sorted."""
     return tuple(sorted(_REGISTRY))
 
 
 def build(config: SAEConfig, *, seed: int | None = None) -> SAE:
-    """A freshly initialised SAE of ``config.arch``; ``seed`` makes the init reproducible."""
+    """A freshly initialised SAE of the config's architecture; ``seed`` makes the init reproducible."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return _REGISTRY[config.arch](config, generator=generator)
 

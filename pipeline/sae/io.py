@@ -2,10 +2,14 @@
 
 Format version 1:
 
-- ``config.json``: ``format_version`` (1), every ``SAEConfig`` field (arch, d_in, d_sae, k,
-  l1, aux_k, aux_coef, dead_window_tokens, norm_scale, dtype, threshold_lr, model, layer —
-  block index, 0-based, residual output —, token_kind, cache_config_sha256) under its own
-  name, and ``inference_threshold`` (BatchTopK's θ, else null).
+- ``config.json``: ``format_version`` (1), then ``SAEConfig.to_dict()`` of the architecture's
+  config: ``arch`` and every field under its own name (d_in, d_sae, l1, dead_window_tokens,
+  norm_scale, dtype, model, layer — block index, 0-based, residual output —, token_kind,
+  cache_config_sha256; TopK and BatchTopK add k, aux_k, aux_coef; BatchTopK threshold_lr),
+  in ``base.RECORD_ORDER``. Every relu and topk file also holds the keys of the other two
+  first architectures at fixed values (``format1_fill``: relu k null, aux_k min(512, d_sae),
+  aux_coef 1/32, threshold_lr 0.01; topk threshold_lr 0.01); they are read and ignored.
+  Last, ``inference_threshold`` (BatchTopK's θ, else null).
 - ``weights.safetensors``: the module's state dict (W_enc (D, S), b_enc (S,), W_dec (S, D),
   b_dec (D,), plus buffers such as BatchTopK's ``threshold``), in ``dtype``, normalised
   units. Its metadata repeats ``format_version`` and ``arch``.
@@ -20,6 +24,7 @@ Changing any of the above bumps ``FORMAT_VERSION``; other versions are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
 from pipeline import runfiles
-from pipeline.sae.base import SAE, SAEConfig, build
+from pipeline.sae.base import SAE, SAEConfig, build, config_class
 from pipeline.sae.trainer import TRAIN_STATE_VERSION, Trainer, TrainConfig
 
 FORMAT_VERSION = 1
@@ -81,14 +86,17 @@ def _read_config_json(dir_path: Path) -> tuple[SAEConfig, float | None]:
             f"version {FORMAT_VERSION}: use the pipeline version that wrote it, or re-train"
         )
     threshold = raw.pop("inference_threshold", None)
-    fields = set(SAEConfig.__dataclass_fields__)
-    unknown, missing = sorted(set(raw) - fields), sorted(fields - set(raw))
+    cls = config_class(raw.get("arch"))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    config = cls.from_fields(**{key: value for key, value in raw.items() if key in fields})
+    record = config.to_dict()
+    unknown, missing = sorted(set(raw) - set(record)), sorted(set(record) - set(raw))
     if unknown or missing:
         raise UserError(
             f"{config_path} has unknown fields {unknown} / lacks fields {missing}: "
             "the file was edited or written by other code; re-save the SAE"
         )
-    return SAEConfig(**raw), threshold
+    return config, threshold
 
 
 def load_sae(dir_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> SAE:

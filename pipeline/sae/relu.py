@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from pipeline.sae.base import SAE, Codes, register
+from pipeline.sae.base import SAE, Codes, SAEConfig, register
 
 
-@register("relu")
+@dataclass(frozen=True, kw_only=True)
+class ReLUConfig(SAEConfig):
+    """ReLU SAE: sparsity comes only from the L1 term, so λ defaults to the paper's."""
+
+    l1: float = 8e-5
+    """L1 coefficient λ (paper: 8e-5)."""
+
+    def format1_fill(self) -> dict:
+        return {"k": None, "aux_k": min(512, self.d_sae), "aux_coef": 1 / 32, "threshold_lr": 0.01}
+
+
+@register("relu", ReLUConfig)
 class ReLUSAE(SAE):
     """f = ReLU(pre); sparsity comes from the L1 term of the loss. Codes are dense (B, S).
 
     Dead latents are revived by ghost gradients by default (the reference method).
     """
 
-    default_l1 = 8e-5
+    config: ReLUConfig
     default_revival = "ghost_grads"
 
     def activate(self, pre_BS: Tensor) -> Codes:

@@ -15,17 +15,63 @@ active latents per token therefore varies (mean ≈ k), and before any training 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from pipeline.sae.base import SAE, Codes, SAEConfig, register
+from cache.errors import UserError
+from pipeline.sae.base import SAE, Codes, SAEConfig, check_int, check_number, register
+
+DEFAULT_AUX_K = 512
 
 
-@register("topk")
+@dataclass(frozen=True, kw_only=True)
+class TopKConfig(SAEConfig):
+    """TopK: k latents per token, no L1 needed; AuxK revives dead latents."""
+
+    k: int
+    """Latents kept per token (BatchTopK: on average over the batch), 1..d_sae."""
+    aux_k: int | None = None
+    """AuxK: dead latents used per token; None = min(512, d_sae)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight α of the AuxK loss (Gao et al. 2024 default 1/32)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("k", self.k, minimum=1)
+        if self.k > self.d_sae:
+            raise UserError(f"k={self.k} exceeds d_sae={self.d_sae}: lower k or widen the SAE")
+        if self.aux_k is None:
+            object.__setattr__(self, "aux_k", min(DEFAULT_AUX_K, self.d_sae))
+        check_int("aux_k", self.aux_k, minimum=1)
+        if self.aux_k > self.d_sae:
+            raise UserError(f"aux_k={self.aux_k} exceeds d_sae={self.d_sae}: lower aux_k")
+        check_number("aux_coef", self.aux_coef)
+
+    def format1_fill(self) -> dict:
+        return {"threshold_lr": 0.01}  # BatchTopK's own field takes its place
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK: TopK's fields plus the rate of its inference threshold θ."""
+
+    threshold_lr: float = 0.01
+    """Rate of the running estimate of the inference threshold θ, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("threshold_lr", self.threshold_lr, strict=True)
+        if self.threshold_lr > 1:
+            raise UserError(f"threshold_lr must be at most 1, got {self.threshold_lr}")
+
+
+@register("topk", TopKConfig)
 class TopKSAE(SAE):
     """Per-token TopK: exactly the k largest pre-activations, ReLU'd."""
 
-    uses_k = True
+    config: TopKConfig
     default_revival = "auxk"
 
     def activate(self, pre_BS: Tensor) -> Codes:
@@ -33,14 +79,14 @@ class TopKSAE(SAE):
         return Codes(d_sae=self.config.d_sae, vals_BK=torch.relu(vals_BK), idx_BK=idx_BK)
 
 
-@register("batchtopk")
+@register("batchtopk", BatchTopKConfig)
 class BatchTopKSAE(SAE):
     """Batch TopK in training mode; threshold θ (buffer ``threshold``) in eval mode."""
 
-    uses_k = True
+    config: BatchTopKConfig
     default_revival = "auxk"
 
-    def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None):
+    def __init__(self, config: BatchTopKConfig, *, generator: torch.Generator | None = None):
         super().__init__(config, generator=generator)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("n_threshold_updates", torch.zeros((), dtype=torch.int64))

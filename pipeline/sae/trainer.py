@@ -12,7 +12,7 @@ with an optional weight, summed in order. One step (``Trainer.step``), in normal
     L1      Σ_s |f_s| averaged over tokens, λ = ``SAEConfig.l1``
     revival "ghost_grads" (relu default, the PatchSAE reference's method) adds
             ``losses.ghost_grads_loss``; "auxk" (TopK-family default) adds
-            ``SAEConfig.aux_coef`` × ``losses.auxk_loss`` with ``SAEConfig.aux_k``;
+            ``TopKConfig.aux_coef`` × ``losses.auxk_loss`` with ``TopKConfig.aux_k``;
             "none" adds nothing. Dead = not fired in ``SAEConfig.dead_window_tokens``
             tokens, so revival starts only after one window of training.
 
@@ -48,6 +48,7 @@ from pipeline.sae import losses
 from pipeline.sae.base import SAE, check_int, check_number
 from pipeline.sae.geometry import init_b_dec_, normalize_decoder_, remove_parallel_grad_
 from pipeline.sae.metrics import FiringCounter
+from pipeline.sae.topk import TopKConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class NonFiniteLossError(UserError):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """How to train an SAE (the SAE's own shape and sparsity live in SAEConfig)."""
+    """How to train an SAE (its shape and sparsity live in its architecture's config)."""
 
     lr: float = 4e-4
     """Adam learning rate after warm-up (paper: 4e-4)."""
@@ -155,7 +156,7 @@ def objectives(sae: SAE, cfg: TrainConfig) -> list[Objective]:
         terms.append(Objective("l1", losses.l1_penalty, sae.config.l1))
     revival = sae.default_revival if cfg.revival == "auto" else cfg.revival
     if revival == "auxk":
-        if not sae.uses_k:
+        if not isinstance(sae.config, TopKConfig):
             raise UserError(
                 f"revival 'auxk' needs a TopK-family SAE (a dead {sae.arch} latent has no "
                 "positive pre-activation to learn from): use revival 'ghost_grads' or 'auto'"

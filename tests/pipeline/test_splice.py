@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline import splice
 from pipeline.models import load_model
-from pipeline.sae import Codes, SAEConfig, build
+from pipeline.sae import Codes, ReLUConfig, build
 from pipeline.masking import random_latents, top_latents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _random_sae(d_in: int, d_sae: int, layer: int, *, norm_scale: float = 1.0, seed: int = 0):
     """A random ReLU SAE with non-zero biases (so b_dec and the units matter)."""
-    sae = build(SAEConfig(d_in=d_in, d_sae=d_sae, layer=layer, norm_scale=norm_scale), seed=seed)
+    sae = build(ReLUConfig(d_in=d_in, d_sae=d_sae, layer=layer, norm_scale=norm_scale), seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=g))

@@ -19,8 +19,13 @@ from app.cli import main
 from pipeline.datasets import open_dataset
 from cache.errors import UserError
 from pipeline.models import load_model
+<<<<<<< HEAD
 from pipeline.sae import SAEConfig, build, save_sae
 from stages import adapt, encode, extract, pretrain, stats
+=======
+from pipeline.sae import ReLUConfig, build, save_sae
+from stages import adapt, encode, extract, mask, pretrain, stats
+>>>>>>> sae
 from tests.helpers import assert_one_line_error, sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,7 +216,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     extract.run(extract.Config(out_dir=root / "base", **common))
     extract.run(extract.Config(out_dir=root / "adapted", adapter=run.out_dir, **common))
     store = ActivationStore(root / "base", mode="r")
-    sae = build(SAEConfig(d_in=store.d_model, d_sae=64, layer=1, model="tiny-clip/none", norm_scale=1.0,
+    sae = build(ReLUConfig(d_in=store.d_model, d_sae=64, layer=1, model="tiny-clip/none", norm_scale=1.0,
                           cache_config_sha256=store.config_sha256), seed=0)
     save_sae(sae, root / "sae")
     encode.run(encode.Config(cache_dir=root / "base", sae_dir=root / "sae", out_dir=root / "codes", device="cpu",
@@ -243,7 +248,7 @@ def test_the_base_models_sae_encodes_the_adapted_store_and_another_models_sae_is
     out = encode.run(encode.Config(cache_dir=stores["adapted"], sae_dir=stores["sae"], out_dir=tmp_path / "codes",
                                    device="cpu", progress=False))
     assert out.n_images == 32 and out.n_tokens == 32 * 65
-    other = build(SAEConfig(d_in=128, d_sae=64, layer=1, model="tiny-clip/openai", norm_scale=1.0), seed=0)
+    other = build(ReLUConfig(d_in=128, d_sae=64, layer=1, model="tiny-clip/openai", norm_scale=1.0), seed=0)
     save_sae(other, tmp_path / "other")
     assert_one_line_error(*_cli("encode", "--cache", stores["adapted"], "--sae", tmp_path / "other", "--out",
                                 tmp_path / "codes2", "--device", "cpu", "--no-progress"),

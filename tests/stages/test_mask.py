@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pipeline import masking, splice
 from pipeline.latents import LatentStats
 from app.cli import main
 from pipeline.models import load_model
-from pipeline.sae import SAEConfig, build, load_sae, save_sae
+from pipeline.sae import ReLUConfig, build, load_sae, save_sae
 from stages import encode, extract, mask, stats
 from tests.helpers import TINY, assert_one_line_error, make_image_folder
 
@@ -42,7 +43,7 @@ def _random_sae(store: ActivationStore, *, seed: int = 0, **fields):
     config = dict(d_in=store.d_model, d_sae=256, layer=LAYER, model=f"{TINY}/none", norm_scale=1.5,
                   cache_config_sha256=store.config_sha256)
     config.update(fields)
-    sae = build(SAEConfig(**config), seed=seed)
+    sae = build(ReLUConfig(**config), seed=seed)
     with torch.no_grad():
         sae.b_enc.fill_(0.05)
         sae.b_dec.copy_(0.1 * torch.randn(store.d_model, generator=torch.Generator().manual_seed(seed)))
@@ -182,7 +183,7 @@ def _planted(root: Path, n_per_class: int = 20, n_classes: int = 3, amplitude: f
     for k in range(store.n_shards):
         sl = store.shard_slice(k)
         store.write_shard(k, {LAYER: x[sl].half().numpy()}, labels[sl], np.ones(sl.stop - sl.start, bool))
-    sae = build(SAEConfig(d_in=d, d_sae=dirs.shape[0], layer=LAYER, model=f"{TINY}/none",
+    sae = build(ReLUConfig(d_in=d, d_sae=dirs.shape[0], layer=LAYER, model=f"{TINY}/none",
                           cache_config_sha256=store.config_sha256))
     with torch.no_grad():
         sae.W_dec.copy_(dirs)
@@ -219,7 +220,7 @@ def test_refuses_another_layer(world, tmp_path):
 
 def test_refuses_an_sae_of_another_model(world, tmp_path):
     sae = load_sae(world["sae"])
-    other = build(SAEConfig(**{**sae.config.to_dict(), "model": "ViT-B-16/openai"}))
+    other = build(dataclasses.replace(sae.config, model="ViT-B-16/openai"))
     other.load_state_dict(sae.state_dict())
     save_sae(other, tmp_path / "sae")
     args = _base_args(world, tmp_path / "m")

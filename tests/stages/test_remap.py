@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cache.store import ActivationStore
 from app.cli import main
-from pipeline.sae import SAEConfig, build, save_sae
+from pipeline.sae import ReLUConfig, build, save_sae
 from stages import encode, remap, stats
 from tests.helpers import TINY, assert_one_line_error
 from tests.stages.test_stats import build_stores, run_stats
@@ -205,7 +205,7 @@ def _encode_and_stats(root: Path, store_dir: Path, sae_dir: Path) -> Path:
 
 
 def _random_sae(store: ActivationStore, root: Path, seed: int) -> Path:
-    sae = build(SAEConfig(d_in=store.d_model, d_sae=96, layer=3, model=f"{TINY}/none",
+    sae = build(ReLUConfig(d_in=store.d_model, d_sae=96, layer=3, model=f"{TINY}/none",
                           cache_config_sha256=store.config_sha256), seed=seed)
     with torch.no_grad():
         sae.b_enc.fill_(0.05)

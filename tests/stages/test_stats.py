@@ -261,7 +261,7 @@ def test_real_encode_output(tmp_path):
     """An imported store encoded by `pipeline encode` with a random SAE: the stats match its dense codes."""
     import torch
 
-    from pipeline.sae import SAEConfig, build, save_sae
+    from pipeline.sae import ReLUConfig, build, save_sae
     from stages import encode, importer
 
     rng = np.random.default_rng(1)
@@ -270,7 +270,7 @@ def test_real_encode_output(tmp_path):
     np.save(tmp_path / "y.npy", np.arange(30) % 4)
     importer.run(importer.Config(source_path=tmp_path / "x.npy", out_dir=tmp_path / "acts",
                                  labels_path=tmp_path / "y.npy", images_per_chunk=4, images_per_shard=8))
-    sae = build(SAEConfig.from_expansion(arch="relu", d_in=6, expansion=3, layer=0), seed=0)
+    sae = build(ReLUConfig.from_expansion(d_in=6, expansion=3, layer=0), seed=0)
     with torch.no_grad():
         sae.b_enc -= 0.3  # sparser codes
     save_sae(sae, tmp_path / "sae")

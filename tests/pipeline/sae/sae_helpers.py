@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from pipeline.sae import SAEConfig, TrainConfig, arch_class, registered_archs
+from pipeline.sae import SAEConfig, TrainConfig, config_class, registered_archs
 
 
 def arch_kwargs(arch: str, k: int = 4) -> dict:
-    """The arch-specific config fields every registered architecture needs."""
-    return {"arch": arch, "k": k if arch_class(arch).uses_k else None}
+    """The fields an architecture's config needs beyond the common ones (k for the TopK family)."""
+    return {"k": k} if "k" in {f.name for f in dataclasses.fields(config_class(arch))} else {}
 
 
 def make_sae_config(arch: str = "relu", **overrides) -> SAEConfig:
     fields = {"d_in": 16, "d_sae": 48, "dead_window_tokens": 1_000, **arch_kwargs(arch)}
     fields.update(overrides)
-    return SAEConfig(**fields)
+    return config_class(arch).from_fields(**fields)
 
 
 def make_train_config(**overrides) -> TrainConfig:

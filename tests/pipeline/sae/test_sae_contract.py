@@ -106,7 +106,6 @@ def test_save_load_round_trip(arch, tmp_path):
 
     assert type(loaded) is type(sae)
     assert loaded.config == sae.config
-    assert loaded.config.k == sae.config.k
     assert loaded.inference_threshold() == sae.inference_threshold()
     assert read_sae_config(tmp_path / "sae") == sae.config
     assert not loaded.training

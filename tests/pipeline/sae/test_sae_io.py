@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from cache.errors import UserError
 from pipeline.sae import (
     FORMAT_VERSION,
-    SAEConfig,
     Trainer,
     build,
     load_sae,
@@ -27,14 +27,56 @@ def test_config_json_records_everything(arch, tmp_path):
     sae = build(make_sae_config(arch, norm_scale=2.5, model="ViT-B-16/openai", layer=10))
     save_sae(sae, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["format_version"] == FORMAT_VERSION
-    assert config["arch"] == arch and config["k"] == sae.config.k
+    assert config == {"format_version": FORMAT_VERSION, **sae.config.to_dict(),
+                      "inference_threshold": sae.inference_threshold()}
+    assert config["arch"] == arch
     assert config["norm_scale"] == 2.5 and config["layer"] == 10 and config["dtype"] == "float32"
-    assert set(SAEConfig.__dataclass_fields__) <= set(config)
-    assert ("inference_threshold" in config)
+    assert {f.name for f in dataclasses.fields(sae.config)} <= set(config)
     assert (config["inference_threshold"] is None) == (arch != "batchtopk")
     assert sorted(load_file(tmp_path / "weights.safetensors")) == sorted(sae.state_dict())
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+FORMAT1_KEYS = ["format_version", "arch", "d_in", "d_sae", "k", "l1", "aux_k", "aux_coef",
+                "dead_window_tokens", "norm_scale", "dtype", "threshold_lr", "model", "layer",
+                "token_kind", "cache_config_sha256", "inference_threshold"]
+FORMAT1_RELU = """{
+  "format_version": 1,
+  "arch": "relu",
+  "d_in": 16,
+  "d_sae": 48,
+  "k": null,
+  "l1": 8e-05,
+  "aux_k": 48,
+  "aux_coef": 0.03125,
+  "dead_window_tokens": 1000,
+  "norm_scale": 2.5,
+  "dtype": "float32",
+  "threshold_lr": 0.01,
+  "model": "ViT-B-16/openai",
+  "layer": 10,
+  "token_kind": "all",
+  "cache_config_sha256": "",
+  "inference_threshold": null
+}
+"""
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_the_first_archs_write_every_format1_key_in_order(arch, tmp_path):
+    save_sae(build(make_sae_config(arch)), tmp_path)
+    assert list(json.loads((tmp_path / "config.json").read_text())) == FORMAT1_KEYS
+
+
+def test_a_format1_relu_file_loads_and_saves_back_byte_identical(tmp_path):
+    save_sae(build(make_sae_config("relu")), tmp_path / "weights")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(FORMAT1_RELU)
+    (tmp_path / "weights" / "weights.safetensors").rename(tmp_path / "old" / "weights.safetensors")
+    sae = load_sae(tmp_path / "old")
+    assert sae.config == make_sae_config("relu", norm_scale=2.5, model="ViT-B-16/openai", layer=10)
+    save_sae(sae, tmp_path / "new")
+    assert (tmp_path / "new" / "config.json").read_text() == FORMAT1_RELU
 
 
 def test_topk_is_not_loaded_back_as_relu(tmp_path):

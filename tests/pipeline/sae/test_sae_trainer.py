@@ -11,10 +11,12 @@ import torch
 from cache.errors import UserError
 from pipeline.sae import (
     NonFiniteLossError,
-    SAEConfig,
+    ReLUConfig,
+    TopKConfig,
     TrainConfig,
     Trainer,
     build,
+    config_class,
     evaluate,
     load_trainer,
     save_training_state,
@@ -146,17 +148,19 @@ def test_bad_batches_and_configs_give_user_errors():
     with pytest.raises(UserError, match="float32"):
         Trainer(build(make_sae_config("relu", dtype="bfloat16")), make_train_config())
     with pytest.raises(UserError, match="needs k"):
-        SAEConfig(arch="topk", d_in=8, d_sae=16)
+        TopKConfig.from_fields(d_in=8, d_sae=16)
     with pytest.raises(UserError, match="takes no k"):
-        SAEConfig(arch="relu", d_in=8, d_sae=16, k=4)
+        ReLUConfig.from_fields(d_in=8, d_sae=16, k=4)
+    with pytest.raises(UserError, match="k=17 exceeds d_sae=16"):
+        config_class("batchtopk")(d_in=8, d_sae=16, k=17)
     with pytest.raises(UserError, match="unknown SAE arch"):
-        SAEConfig(arch="gated", d_in=8, d_sae=16)
+        config_class("gated")
     with pytest.raises(UserError, match="dtype"):
         TrainConfig(dtype="float16")
-    assert SAEConfig.from_expansion(d_in=768, expansion=64).d_sae == 49_152
-    assert SAEConfig(d_in=8, d_sae=16).l1 == 8e-5
-    assert SAEConfig(arch="topk", d_in=8, d_sae=16, k=2).l1 == 0.0
-    assert SAEConfig(arch="topk", d_in=8, d_sae=16, k=2).aux_k == 16
+    assert ReLUConfig.from_expansion(d_in=768, expansion=64).d_sae == 49_152
+    assert ReLUConfig(d_in=8, d_sae=16).l1 == 8e-5
+    assert TopKConfig(d_in=8, d_sae=16, k=2).l1 == 0.0
+    assert TopKConfig(d_in=8, d_sae=16, k=2).aux_k == 16
 
 
 def test_lr_schedule_warms_up_then_stays_constant():
@@ -192,8 +196,8 @@ def test_recovers_planted_dictionary(arch):
     dict_FD = torch.randn(N_TRUE, D_PLANT, generator=g)
     dict_FD /= dict_FD.norm(dim=1, keepdim=True)
     setting = PLANT_SETTINGS[arch]
-    cfg = SAEConfig(d_in=D_PLANT, d_sae=128, dead_window_tokens=20_000,
-                    **{**arch_kwargs(arch), **setting["sae"]})
+    cfg = config_class(arch)(d_in=D_PLANT, d_sae=128, dead_window_tokens=20_000,
+                             **{**arch_kwargs(arch), **setting["sae"]})
     sae = build(cfg, seed=0)
     trainer = Trainer(sae, TrainConfig(lr=setting["lr"], warmup_steps=50, batch_tokens=256,
                                        log_every=250, checkpoint_every=10_000))
@@ -218,7 +222,7 @@ def test_revival_trains_dead_latents_only_when_on(arch):
         sae = build(make_sae_config(arch, dead_window_tokens=64), seed=0)
         trainer = Trainer(sae, make_train_config(revival=revival, warmup_steps=0))
         with torch.no_grad():
-            if sae.uses_k:  # out-competed: positive pre-activations, never in the top k
+            if isinstance(sae.config, TopKConfig):  # out-competed: positive pre-activations, never in the top k
                 sae.b_enc[:8], sae.b_enc[8:] = -0.5, 3.0
             else:  # a dead ReLU latent: pre-activations negative everywhere
                 sae.b_enc[:8] = -50.0
@@ -247,7 +251,7 @@ def test_ghost_grads_revive_killed_relu_latents():
     ever_fired = {}
     for revival in ("none", "ghost_grads"):
         g = torch.Generator().manual_seed(1)
-        sae = build(SAEConfig(d_in=D_PLANT, d_sae=64, l1=3e-3, dead_window_tokens=2560), seed=0)
+        sae = build(ReLUConfig(d_in=D_PLANT, d_sae=64, l1=3e-3, dead_window_tokens=2560), seed=0)
         trainer = Trainer(sae, TrainConfig(lr=1e-2, warmup_steps=50, batch_tokens=256,
                                            revival=revival, log_every=1000))
         trainer.init_from_sample(next(_planted_batches(g, dict_FD, 2048, 1)))
