@@ -19,13 +19,8 @@ from app.cli import main
 from pipeline.datasets import open_dataset
 from cache.errors import UserError
 from pipeline.models import load_model
-<<<<<<< HEAD
-from pipeline.sae import SAEConfig, build, save_sae
-from stages import adapt, encode, extract, pretrain, stats
-=======
 from pipeline.sae import ReLUConfig, build, save_sae
-from stages import adapt, encode, extract, mask, pretrain, stats
->>>>>>> sae
+from stages import adapt, encode, extract, pretrain, stats
 from tests.helpers import assert_one_line_error, sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")
