@@ -5,7 +5,7 @@ with the same SAE, so the adapted forward must be open_clip's forward plus promp
 nothing else (with no prompts it equals the base model; tested).
 
 Prompts: ``n_ctx`` tokens in layers ``0 … depth − 1`` of both towers. Shape letters as in
-CONTRIBUTING.md, plus X (context tokens) and E (joint embedding width).
+CONTRIBUTING.md: X (context tokens), E (joint embedding width), Q (text tokens).
 
 - text, layer 0: the prompt ``"<prefix> {class name}."`` is tokenised and the embeddings of
   the ``n_ctx`` tokens after SOS are replaced by the learnable ``ctx``. The prefix is

@@ -1,6 +1,6 @@
 """Zero-shot classification with a CLIP text tower: prompt-ensembled class embeddings.
 
-Shape letters as in CONTRIBUTING.md, plus E: the joint image–text embedding width
+Shape letters as in CONTRIBUTING.md; E is the joint image–text embedding width
 (``embed_dim`` of the open_clip config; 512 for ViT-B-16, 128 for tiny-clip).
 
 Classifier (SCIENCE.md): for each class, every template is filled with the class name and
