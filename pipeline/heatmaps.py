@@ -30,7 +30,7 @@ def _size_hw(preprocess: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def model_view(image: Image.Image, preprocess: dict[str, Any]) -> np.ndarray:
-    """``(H, W, 3)`` uint8: ``image`` resized and cropped like open_clip's preprocessing (no normalisation)."""
+    """``(H, W, R)`` uint8: ``image`` resized and cropped like open_clip's preprocessing (no normalisation)."""
     image = image.convert("RGB")
     hw = _size_hw(preprocess)
     if hw is None:
@@ -77,7 +77,7 @@ class ImageSource:
         return None
 
     def open(self, image_id: str) -> np.ndarray:
-        """``(H, W, 3)`` uint8 image as the model saw it; raises ImageUnavailable with the reason."""
+        """``(H, W, R)`` uint8 image as the model saw it; raises ImageUnavailable with the reason."""
         reason = self.problem()
         if reason:
             raise ImageUnavailable(reason)
@@ -120,7 +120,7 @@ def colormap_rgba(values: np.ndarray, vmax: float, cmap: str = "inferno") -> np.
     return (colormaps[cmap](scaled) * 255).astype(np.uint8)
 
 
-def render_heatmap(map_HW: np.ndarray, vmax: float, *, image_HW3: np.ndarray | None = None,
+def render_heatmap(map_HW: np.ndarray, vmax: float, *, image_HWR: np.ndarray | None = None,
                    size: int = 192, alpha: float = 0.65) -> Image.Image:
     """A ``size``-pixel-wide RGB picture of a patch map, over the image when one is given.
 
@@ -128,15 +128,15 @@ def render_heatmap(map_HW: np.ndarray, vmax: float, *, image_HW3: np.ndarray | N
     zero patches leave the image untouched and the overlay's opacity grows with the value.
     """
     gh, gw = map_HW.shape
-    if image_HW3 is not None:
-        height = max(1, round(size * image_HW3.shape[0] / image_HW3.shape[1]))
+    if image_HWR is not None:
+        height = max(1, round(size * image_HWR.shape[0] / image_HWR.shape[1]))
     else:
         height = max(1, round(size * gh / gw))
     rows, cols = np.arange(height) * gh // height, np.arange(size) * gw // size  # nearest patch of each pixel
     values = np.asarray(map_HW, float)[rows][:, cols]
     heat = colormap_rgba(values, vmax)[..., :3].astype(np.float32)
-    if image_HW3 is None:
+    if image_HWR is None:
         return Image.fromarray(heat.astype(np.uint8))
-    base = np.asarray(Image.fromarray(image_HW3).convert("RGB").resize((size, height), Image.BICUBIC), np.float32)
+    base = np.asarray(Image.fromarray(image_HWR).convert("RGB").resize((size, height), Image.BICUBIC), np.float32)
     weight = (np.clip(values / vmax, 0, 1) if vmax > 0 else np.zeros_like(values))[..., None] * alpha
     return Image.fromarray((base * (1 - weight) + heat * weight).round().astype(np.uint8))

@@ -5,7 +5,7 @@ with the same SAE, so the adapted forward must be open_clip's forward plus promp
 nothing else (with no prompts it equals the base model; tested).
 
 Prompts: ``n_ctx`` tokens in layers ``0 … depth − 1`` of both towers. Shape letters as in
-CONTRIBUTING.md, plus X (context tokens) and E (joint embedding width).
+CONTRIBUTING.md: X (context tokens), E (joint embedding width), Q (text tokens).
 
 - text, layer 0: the prompt ``"<prefix> {class name}."`` is tokenised and the embeddings of
   the ``n_ctx`` tokens after SOS are replaced by the learnable ``ctx``. The prefix is
@@ -148,13 +148,13 @@ def new_prompts(config: MapleConfig, clip: Any, tokenizer: Any, seed: int) -> Ma
         torch.manual_seed(seed)
         prompts = MaplePrompts(config.n_ctx, config.depth, d_text, d_vision)
     if config.ctx_init and config.n_ctx:
-        tokens_1T = tokenizer([config.ctx_init])
-        n_words = int((tokens_1T[0] != 0).sum()) - 2  # between SOS and EOT
+        tokens_1Q = tokenizer([config.ctx_init])
+        n_words = int((tokens_1Q[0] != 0).sum()) - 2  # between SOS and EOT
         if n_words < config.n_ctx:
             raise UserError(f"--ctx-init '{config.ctx_init}' has {n_words} tokens, fewer than --n-ctx "
                             f"{config.n_ctx}; give a longer phrase or fewer context tokens")
         with torch.no_grad():
-            embedding = clip.token_embedding(tokens_1T.to(clip.token_embedding.weight.device))
+            embedding = clip.token_embedding(tokens_1Q.to(clip.token_embedding.weight.device))
             prompts.ctx.copy_(embedding[0, 1:1 + config.n_ctx].float())
     return prompts.to(clip.token_embedding.weight.device)
 
@@ -189,9 +189,9 @@ class AdaptedCLIP:
         """Class embeddings ``(C, E)`` of the prompted text tower (differentiable in the prompts)."""
         clip, n = self.clip, self.n_ctx
         device = clip.token_embedding.weight.device
-        tokens_CT = self.tokenizer([self.config.template.format(name) for name in class_names]).to(device)
+        tokens_CQ = self.tokenizer([self.config.template.format(name) for name in class_names]).to(device)
         cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens_CT).to(cast)
+        x = clip.token_embedding(tokens_CQ).to(cast)
         text_prompts = self.prompts.text_prompts() if n else []
         c = x.shape[0]
         if text_prompts:
@@ -203,18 +203,18 @@ class AdaptedCLIP:
                 x = torch.cat([x[:, :1], text_prompts[i].to(cast).expand(c, -1, -1), x[:, 1 + n:]], dim=1)
             x = _block(block, x, batch_first, clip.attn_mask)
         x = clip.ln_final(x)
-        x = text_global_pool(x, tokens_CT, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        x = text_global_pool(x, tokens_CQ, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         if clip.text_projection is not None:
             x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
     # -- vision --------------------------------------------------------------------------------
 
-    def _embed(self, images_BCHW: Tensor, vision_prompts: list[Tensor]) -> Tensor:
+    def _embed(self, images_BRHW: Tensor, vision_prompts: list[Tensor]) -> Tensor:
         """Patch and class tokens with positions, the layer-0 vision prompts appended, then ``ln_pre``."""
         visual = self.clip.visual
         param = visual.conv1.weight
-        x = visual.conv1(images_BCHW.to(param.device, param.dtype))
+        x = visual.conv1(images_BRHW.to(param.device, param.dtype))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         x = torch.cat([visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = visual.patch_dropout(x + visual.positional_embedding.to(x.dtype))
@@ -241,33 +241,33 @@ class AdaptedCLIP:
         pooled_BE, _ = visual._pool(x)  # ln_post + the class token (prompt tokens are never pooled)
         return pooled_BE @ visual.proj if visual.proj is not None else pooled_BE
 
-    def encode_image(self, images_BCHW: Tensor, *, normalize: bool = False) -> Tensor:
+    def encode_image(self, images_BRHW: Tensor, *, normalize: bool = False) -> Tensor:
         """Image embeddings ``(B, E)`` of the prompted vision tower."""
         vision_prompts = self.prompts.vision_prompts() if self.n_ctx else []
-        x = self._embed(images_BCHW, vision_prompts)
+        x = self._embed(images_BRHW, vision_prompts)
         x, _ = self._blocks(x, 0, len(self.clip.visual.transformer.resblocks), vision_prompts)
         features_BE = self._head(x)
         return F.normalize(features_BE, dim=-1) if normalize else features_BE
 
-    def logits(self, images_BCHW: Tensor, text_CE: Tensor) -> Tensor:
+    def logits(self, images_BRHW: Tensor, text_CE: Tensor) -> Tensor:
         """CLIP's ``logit_scale · cosine`` of every image with every class embedding: ``(B, C)``."""
-        image_BE = self.encode_image(images_BCHW, normalize=True)
+        image_BE = self.encode_image(images_BRHW, normalize=True)
         return self.clip.logit_scale.exp() * image_BE @ F.normalize(text_CE, dim=-1).T
 
     @torch.inference_mode()
-    def tap(self, images_BCHW: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+    def tap(self, images_BRHW: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
         """Residual stream after each requested block at the base model's positions, ``(B, T, D)``.
 
         The appended vision prompt tokens are dropped; the forward stops after the last block asked.
         """
-        full = self.tap_with_prompts(images_BCHW, layers)
+        full = self.tap_with_prompts(images_BRHW, layers)
         return {layer: x_BTD for layer, (x_BTD, _) in full.items()}
 
     @torch.inference_mode()
-    def tap_with_prompts(self, images_BCHW: Tensor, layers: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
+    def tap_with_prompts(self, images_BRHW: Tensor, layers: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
         """Per requested block, ``(x_BTD, prompts_BXD)``: base positions and the prompt tokens after it."""
         vision_prompts = self.prompts.vision_prompts() if self.n_ctx else []
-        x = self._embed(images_BCHW, vision_prompts)
+        x = self._embed(images_BRHW, vision_prompts)
         _, taps = self._blocks(x, 0, max(layers) + 1, vision_prompts, taps=tuple(layers))
         t = x.shape[1] - self.n_ctx
         return {layer: (taps[layer][:, :t], taps[layer][:, t:]) for layer in sorted(layers)}

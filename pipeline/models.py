@@ -120,13 +120,13 @@ class LoadedModel:
                 f"0..{self.n_blocks - 1} (block index, 0-based, residual output)")
 
     @torch.inference_mode()
-    def tap(self, images_BCHW: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def tap(self, images_BRHW: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """Residual stream after each requested block, ``(B, T, D)``, class token first.
 
         The forward stops after the last requested block; the text tower is not touched.
         """
         out = self.visual.forward_intermediates(
-            images_BCHW.to(self.device, DTYPES[self.dtype]), indices=sorted(layers),
+            images_BRHW.to(self.device, DTYPES[self.dtype]), indices=sorted(layers),
             stop_early=True, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
         return {
             layer: torch.cat([prefix_BTD, patches_BPD], dim=1)

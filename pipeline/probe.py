@@ -1,6 +1,6 @@
 """A linear probe: multinomial logistic regression on CLIP image embeddings, in torch.
 
-Shape letters as in CONTRIBUTING.md, plus E: the image embedding width.
+Shape letters as in CONTRIBUTING.md; E is the (joint) image embedding width.
 
 Definition. Each embedding is L2-normalised (CLIP compares embeddings by cosine), then
 standardised with the training set's per-dimension mean and standard deviation; logits

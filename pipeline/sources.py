@@ -103,25 +103,25 @@ class ImageSource:
     def _loader(self, rows: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
         loader = DataLoader(_SafeRows(self.images.dataset, rows, self.model.image_size), batch_size=batch_size,
                             num_workers=self.workers, pin_memory=self.model.device.startswith("cuda"))
-        for images, labels, ok, rows_b in loader:
+        for images, labels, ok, rows_B in loader:
             ok = ok.numpy().astype(bool)
-            rows_b = rows_b.numpy()
-            self.valid[rows_b[~ok]] = False
-            self.labels[rows_b[ok]] = labels.numpy()[ok]
+            rows_B = rows_B.numpy()
+            self.valid[rows_B[~ok]] = False
+            self.labels[rows_B[ok]] = labels.numpy()[ok]
             if ok.any():
-                yield images[torch.from_numpy(ok)], rows_b[ok], labels.numpy()[ok]
+                yield images[torch.from_numpy(ok)], rows_B[ok], labels.numpy()[ok]
 
     def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
-        for images, rows_b, labels in self._loader(rows, batch_size):
+        for images, rows_B, labels in self._loader(rows, batch_size):
             x = splice.tap_forward(self.model.visual, images, self.layer).to(torch.float32)
-            yield Batch(rows=rows_b, labels=labels, x_BTD=x)
+            yield Batch(rows=rows_B, labels=labels, x_BTD=x)
 
     def plain_features(self, model: LoadedModel, rows: np.ndarray, batch_size: int, tail_rows: int,
                        class_token_only: bool = False) -> Iterator[tuple[Batch, torch.Tensor]]:
-        for images, rows_b, labels in self._loader(rows, batch_size):
+        for images, rows_B, labels in self._loader(rows, batch_size):
             with torch.inference_mode():
                 feats = model.model.encode_image(images.to(model.device, DTYPES[model.dtype]))
-            yield Batch(rows=rows_b, labels=labels), feats
+            yield Batch(rows=rows_B, labels=labels), feats
 
 
 class AdaptedImageSource(ImageSource):
@@ -137,16 +137,16 @@ class AdaptedImageSource(ImageSource):
         self.adapted = adapted
 
     def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
-        for images, rows_b, labels in self._loader(rows, batch_size):
+        for images, rows_B, labels in self._loader(rows, batch_size):
             x_BTD, prompts_BXD = self.adapted.tap_with_prompts(images, (self.layer,))[self.layer]
-            yield Batch(rows=rows_b, labels=labels, x_BTD=x_BTD.to(torch.float32), prompts_BXD=prompts_BXD)
+            yield Batch(rows=rows_B, labels=labels, x_BTD=x_BTD.to(torch.float32), prompts_BXD=prompts_BXD)
 
     def plain_features(self, model: LoadedModel, rows: np.ndarray, batch_size: int, tail_rows: int,
                        class_token_only: bool = False) -> Iterator[tuple[Batch, torch.Tensor]]:
-        for images, rows_b, labels in self._loader(rows, batch_size):
+        for images, rows_B, labels in self._loader(rows, batch_size):
             with torch.inference_mode():
                 feats = self.adapted.encode_image(images)
-            yield Batch(rows=rows_b, labels=labels), feats
+            yield Batch(rows=rows_B, labels=labels), feats
 
 
 def image_source(images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP | None, layer: int,

@@ -52,12 +52,12 @@ def check_layer(visual: Any, layer: int) -> None:
 
 
 @torch.inference_mode()
-def tap_forward(visual: Any, images_BCHW: Tensor, layer: int) -> Tensor:
+def tap_forward(visual: Any, images_BRHW: Tensor, layer: int) -> Tensor:
     """Residual stream after block ``layer``, ``(B, T, D)`` (class token first); stops there."""
     check_layer(visual, layer)
     param = next(visual.parameters())
     out = visual.forward_intermediates(
-        images_BCHW.to(param.device, param.dtype), indices=[layer], stop_early=True,
+        images_BRHW.to(param.device, param.dtype), indices=[layer], stop_early=True,
         intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
     return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
 

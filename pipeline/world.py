@@ -314,7 +314,7 @@ _EDGE = float(np.hypot(_SUB[-1] - 0.5, _SUB[-1] - 0.5)) + 1e-3
 
 @functools.lru_cache(maxsize=16)
 def _centres(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates as a column (n, 1) and a row (1, n), float32."""
+    """Pixel-centre coordinates as a column (H, 1) and a row (1, W), float32 (H = W = n)."""
     c = np.arange(n, dtype=np.float32) + np.float32(0.5)
     c.setflags(write=False)
     return c[:, None], c[None, :]
@@ -329,14 +329,15 @@ def _coverage(f: Implicit, n: int, box: tuple[int, int, int, int] | None = None)
     y_H1, x_1W = _centres(n)
     r0, r1, c0, c1 = box if box is not None else (0, n, 0, n)
     cover_HW = np.zeros((n, n), np.float32)
-    value_hw = np.broadcast_to(f(y_H1[r0:r1], x_1W[:, c0:c1]), (r1 - r0, c1 - c0))
-    cover_hw = cover_HW[r0:r1, c0:c1]
-    cover_hw[...] = value_hw < 0
-    rows, cols = np.nonzero(np.abs(value_hw) < _EDGE)
+    # box_*: the rows and columns of ``box`` only (a subset of H and W)
+    box_value_HW = np.broadcast_to(f(y_H1[r0:r1], x_1W[:, c0:c1]), (r1 - r0, c1 - c0))
+    box_cover_HW = cover_HW[r0:r1, c0:c1]
+    box_cover_HW[...] = box_value_HW < 0
+    rows, cols = np.nonzero(np.abs(box_value_HW) < _EDGE)
     if rows.size:
         y = (rows + r0).astype(np.float32)[:, None] + _SUB_Y
         x = (cols + c0).astype(np.float32)[:, None] + _SUB_X
-        cover_hw[rows, cols] = (f(y, x) < 0).mean(axis=1, dtype=np.float32)
+        box_cover_HW[rows, cols] = (f(y, x) < 0).mean(axis=1, dtype=np.float32)
     return cover_HW
 
 
@@ -406,7 +407,7 @@ def _texture_implicit(scene: dict[str, Any], n: int) -> Implicit | None:
 
 
 def scene_colours(scene: dict[str, Any]) -> dict[str, np.ndarray]:
-    """RGB (0–255, float32 (3,)) of the scene's 'object', 'background' and 'pattern'."""
+    """RGB (0–255, float32 (R,)) of the scene's 'object', 'background' and 'pattern'."""
     obj = np.asarray(OBJECT_RGB[scene["colour"]], np.float32) + np.asarray(scene["object_jitter"], np.float32)
     back = (np.asarray(BACKGROUND_RGB[scene["background"]], np.float32)
             + np.asarray(scene["background_jitter"], np.float32))
@@ -428,7 +429,7 @@ def object_coverage(scene: dict[str, Any], image_size: int) -> np.ndarray:
 
 def render_scene(scene: dict[str, Any], image_size: int,
                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Draw a scene: (uint8 (H, W, 3) image, bool (H, W) object mask).
+    """Draw a scene: (uint8 (H, W, R) image, bool (H, W) object mask).
 
     ``rng`` supplies the pixel noise; None draws no noise.  Edit a scene (e.g. its colour)
     and render it again to get a counterfactual image with the same geometry.
@@ -438,21 +439,22 @@ def render_scene(scene: dict[str, Any], image_size: int,
     back, pattern, obj = colours["background"], colours["pattern"], colours["object"]
     # Coverages are multiples of 1/SUPERSAMPLE², so every pixel is one of (levels)² blends of
     # the three colours: build that palette once and look pixels up in it.
+    # The coverage levels are an axis of this function only (no key letter): shapes in comments.
     levels = SUPERSAMPLE**2 + 1
-    frac_L = np.arange(levels, dtype=np.float32) / np.float32(levels - 1)
-    ground_L3 = back + frac_L[:, None] * (pattern - back)
-    palette_LL3 = ground_L3[:, None, :] + frac_L[None, :, None] * (obj - ground_L3[:, None, :])
-    palette_Q3 = np.rint(palette_LL3).astype(np.int16).reshape(levels * levels, 3)
+    frac = np.arange(levels, dtype=np.float32) / np.float32(levels - 1)  # (levels,)
+    ground = back + frac[:, None] * (pattern - back)  # (texture level, R)
+    blend = ground[:, None, :] + frac[None, :, None] * (obj - ground[:, None, :])  # (texture, object level, R)
+    palette = np.rint(blend).astype(np.int16).reshape(levels * levels, 3)  # (levels², R), row = code
     obj_HW = object_coverage(scene, n)
     code_HW = np.rint(obj_HW * np.float32(levels - 1)).astype(np.intp)
     texture = _texture_implicit(scene, n)
     if texture is not None:
         code_HW += levels * np.rint(_coverage(texture, n) * np.float32(levels - 1)).astype(np.intp)
-    image_HW3 = palette_Q3.take(code_HW, axis=0)
+    image_HWR = palette.take(code_HW, axis=0)
     if rng is not None:
-        image_HW3 += rng.integers(-NOISE, NOISE + 1, size=(n, n, 3), dtype=np.int16)
-    np.clip(image_HW3, 0, 255, out=image_HW3)
-    return image_HW3.astype(np.uint8), obj_HW >= 0.5
+        image_HWR += rng.integers(-NOISE, NOISE + 1, size=(n, n, 3), dtype=np.int16)
+    np.clip(image_HWR, 0, 255, out=image_HWR)
+    return image_HWR.astype(np.uint8), obj_HW >= 0.5
 
 
 # ---------------------------------------------------------------------------------------
@@ -546,7 +548,7 @@ class SyntheticWorld:
         return caption_for(self.partial_caption_values(i))
 
     def render(self, i) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 (H, W, 3) image, bool (H, W) object mask) of image i."""
+        """(uint8 (H, W, R) image, bool (H, W) object mask) of image i."""
         i = self._index(i)
         rng = self._rng(i)
         scene = _sample_scene(rng, self.class_attributes[i % self.n_classes], self._allowed)
@@ -562,8 +564,8 @@ class SyntheticWorld:
 
     def __getitem__(self, i) -> tuple[Any, int]:
         i = self._index(i)
-        pixels_HW3, _ = self.render(i)
-        image = Image.fromarray(pixels_HW3)
+        pixels_HWR, _ = self.render(i)
+        image = Image.fromarray(pixels_HWR)
         if self.transform is not None:
             image = self.transform(image)
         return image, i % self.n_classes

@@ -1,6 +1,6 @@
 """Zero-shot classification with a CLIP text tower: prompt-ensembled class embeddings.
 
-Shape letters as in CONTRIBUTING.md, plus E: the joint image–text embedding width
+Shape letters as in CONTRIBUTING.md; E is the joint image–text embedding width
 (``embed_dim`` of the open_clip config; 512 for ViT-B-16, 128 for tiny-clip).
 
 Classifier (SCIENCE.md): for each class, every template is filled with the class name and
@@ -112,8 +112,8 @@ def text_classifier(model: Any, tokenizer: Any, class_names: Sequence[str], temp
     prompts = [template.format(name) for name in class_names for template in templates]
     rows = []
     for start in range(0, len(prompts), batch_size):
-        tokens_BT = tokenizer(prompts[start:start + batch_size]).to(device)
-        rows.append(F.normalize(model.encode_text(tokens_BT).float(), dim=-1))
+        tokens_BQ = tokenizer(prompts[start:start + batch_size]).to(device)
+        rows.append(F.normalize(model.encode_text(tokens_BQ).float(), dim=-1))
     per_template = torch.cat(rows).reshape(len(class_names), len(templates), -1)  # (C, templates, E)
     return F.normalize(per_template.mean(dim=1), dim=-1)
 
@@ -193,15 +193,15 @@ def zero_shot_accuracy(model: LoadedModel, dataset: Dataset, class_names: Sequen
                        cache_dir: str | os.PathLike | None = None, workers: int = 0) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of the zero-shot classifier on ``dataset``.
 
-    ``dataset[i]`` must give ``(preprocessed image (3, H, W), label)`` with labels indexing
+    ``dataset[i]`` must give ``(preprocessed image (R, H, W), label)`` with labels indexing
     ``class_names`` (e.g. a ``SyntheticWorld`` with ``transform=model.preprocess``).
     """
     if len(dataset) == 0:
         raise UserError("zero-shot evaluation needs at least one image")
     W_CE = cached_text_classifier(model, class_names, templates, cache_dir=cache_dir)
     n_correct = torch.zeros((), dtype=torch.long)
-    for images_BCHW, labels_B in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        features_BE = model.model.encode_image(images_BCHW.to(model.device, DTYPES[model.dtype]))
+    for images_BRHW, labels_B in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        features_BE = model.model.encode_image(images_BRHW.to(model.device, DTYPES[model.dtype]))
         predicted_B = zero_shot_logits(features_BE, W_CE).argmax(dim=-1).cpu()
         n_correct += (predicted_B == labels_B).sum()
     return int(n_correct) / len(dataset)

@@ -396,9 +396,9 @@ def _train(cfg: Config, run: runfiles.RunFolder, adapted: maple.AdaptedCLIP, opt
     resumed = time.perf_counter()
 
     def step(i: int, batch: tuple[torch.Tensor, torch.Tensor]) -> training.Metrics:
-        images_BCHW, labels_B = batch
+        images_BRHW, labels_B = batch
         training.set_lr(optimizer, lr_at(i, cfg, n_train))
-        logits_BC = adapted.logits(images_BCHW, adapted.encode_text(names))
+        logits_BC = adapted.logits(images_BRHW, adapted.encode_text(names))
         loss = F.cross_entropy(logits_BC.float(), labels_B.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -436,8 +436,8 @@ def _eval_record(cfg: Config, test: ImageSet, prompts_path: Path) -> dict[str, A
 @torch.inference_mode()
 def _base_features(model: LoadedModel, data: Dataset, batch_size: int, workers: int) -> tuple[torch.Tensor, ...]:
     feats, labels = [], []
-    for images_BCHW, labels_B in DataLoader(data, batch_size=batch_size, num_workers=workers):
-        feats.append(model.model.encode_image(images_BCHW.to(model.device)).float().cpu())
+    for images_BRHW, labels_B in DataLoader(data, batch_size=batch_size, num_workers=workers):
+        feats.append(model.model.encode_image(images_BRHW.to(model.device)).float().cpu())
         labels.append(labels_B)
     return torch.cat(feats), torch.cat(labels)
 
@@ -455,25 +455,25 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
     shot_feats, shot_labels = _base_features(model, _Images(train.dataset, shot_rows), cfg.eval_batch_size,
                                              cfg.workers)
     probe = fit_linear_probe(shot_feats, shot_labels, len(names))
-    correct_KC = torch.zeros(3, len(names), dtype=torch.int64)  # base, probe, adapted x true class
+    correct_by_model = torch.zeros(3, len(names), dtype=torch.int64)  # (base/probe/adapted, C true class)
     seen_C = torch.zeros(len(names), dtype=torch.int64)
     all_rows = np.arange(len(test))
     bar = tqdm(total=len(test), desc="evaluate", unit="img", disable=not cfg.progress, dynamic_ncols=True)
-    for images_BCHW, labels_B in DataLoader(_Images(test.dataset, all_rows), batch_size=cfg.eval_batch_size,
+    for images_BRHW, labels_B in DataLoader(_Images(test.dataset, all_rows), batch_size=cfg.eval_batch_size,
                                             num_workers=cfg.workers):
-        base_BE = model.model.encode_image(images_BCHW.to(model.device)).float()
-        adapted_BE = adapted.encode_image(images_BCHW).float()
+        base_BE = model.model.encode_image(images_BRHW.to(model.device)).float()
+        adapted_BE = adapted.encode_image(images_BRHW).float()
         predictions = {"base": zeroshot.zero_shot_logits(base_BE, W_CE), "probe": probe.logits(base_BE.cpu()),
                        "adapted": F.normalize(adapted_BE, dim=-1) @ adapted_CE.T}
         for k, logits_BC in enumerate(predictions.values()):
             hit_B = (logits_BC.argmax(-1).cpu() == labels_B).long()
-            correct_KC[k].index_add_(0, labels_B, hit_B)
+            correct_by_model[k].index_add_(0, labels_B, hit_B)
         seen_C += torch.bincount(labels_B, minlength=len(names))
         bar.update(len(labels_B))
     bar.close()
     n = len(test)
-    correct = dict(zip(("base", "probe", "adapted"), correct_KC.sum(1).tolist()))
-    per_class = {name: {key: (int(correct_KC[k, c]) / int(seen_C[c]) if seen_C[c] else None)
+    correct = dict(zip(("base", "probe", "adapted"), correct_by_model.sum(1).tolist()))
+    per_class = {name: {key: (int(correct_by_model[k, c]) / int(seen_C[c]) if seen_C[c] else None)
                         for k, key in enumerate(("base", "probe", "adapted"))} | {"n_images": int(seen_C[c])}
                  for c, name in enumerate(test.class_names)}
     return {"base_accuracy": correct["base"] / n, "probe_accuracy": correct["probe"] / n,

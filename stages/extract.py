@@ -38,7 +38,7 @@ from pipeline.configs import Option, Stage
 
 log = logging.getLogger(__name__)
 
-Tap = Callable[[torch.Tensor, tuple[int, ...]], dict[int, torch.Tensor]]  # images_BCHW, layers -> acts_BTD per layer
+Tap = Callable[[torch.Tensor, tuple[int, ...]], dict[int, torch.Tensor]]  # images_BRHW, layers -> acts_BTD per layer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,9 +214,9 @@ def _fill_shard(model: LoadedModel, tap: Tap, batches: Iterator[Any], store: Act
     valid_N = np.empty(n, bool)
     row = 0
     while row < n:
-        images_BCHW, labels_B, ok_B = next(batches)
+        images_BRHW, labels_B, ok_B = next(batches)
         b = len(labels_B)
-        for layer, acts_BTD in tap(images_BCHW, layers).items():
+        for layer, acts_BTD in tap(images_BRHW, layers).items():
             acts_BTD = acts_BTD * ok_B.to(acts_BTD.device)[:, None, None]  # unreadable rows -> 0
             acts[layer][row:row + b] = _to_store_dtype(layer, acts_BTD, sl.start + row)
         labels_N[row:row + b] = labels_B.numpy()

@@ -173,7 +173,7 @@ class Outputs:
 
 
 class PairBatches(Dataset):
-    """Item ``s`` is training step ``s``'s batch: ``(images_BCHW float32 normalised, tokens_BT int64,
+    """Item ``s`` is training step ``s``'s batch: ``(images_BRHW float32 normalised, tokens_BQ int64,
     true_BB bool)``, ``true_BB[i, j]`` = caption j is true of image i (its diagonal is all true).
 
     Images ``s·B … (s+1)·B − 1`` of ``world`` and their tokenised captions (``world.partial_caption``).
@@ -185,23 +185,23 @@ class PairBatches(Dataset):
     def __init__(self, world: SyntheticWorld, batch_size: int, tokenizer: Callable,
                  mean: tuple[float, ...], std: tuple[float, ...]):
         self.world, self.batch_size, self.tokenizer = world, batch_size, tokenizer
-        self.mean_C11 = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        self.std_C11 = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.mean_R11 = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std_R11 = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
     def __len__(self) -> int:
         return len(self.world) // self.batch_size
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         indices = range(step * self.batch_size, (step + 1) * self.batch_size)
-        pixels_BHW3 = np.stack([self.world.render(i)[0] for i in indices])
-        images_BCHW = torch.from_numpy(pixels_BHW3).permute(0, 3, 1, 2).float().div_(255.0)
-        images_BCHW = (images_BCHW - self.mean_C11) / self.std_C11
+        pixels_BHWR = np.stack([self.world.render(i)[0] for i in indices])
+        images_BRHW = torch.from_numpy(pixels_BHWR).permute(0, 3, 1, 2).float().div_(255.0)
+        images_BRHW = (images_BRHW - self.mean_R11) / self.std_R11
         named = [self.world.partial_caption_values(i) for i in indices]  # what each caption says
-        tokens_BT = self.tokenizer([caption_for(values) for values in named])
+        tokens_BQ = self.tokenizer([caption_for(values) for values in named])
         scenes = [self.world.scene(i) for i in indices]
         true_BB = torch.tensor([[all(scene[a] == v for a, v in values.items()) for values in named]
                                 for scene in scenes])
-        return images_BCHW, tokens_BT, true_BB
+        return images_BRHW, tokens_BQ, true_BB
 
 
 def train_world(cfg: Config, image_size: int) -> WorldConfig:
@@ -233,13 +233,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def contrastive_loss(model: torch.nn.Module, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
+def contrastive_loss(model: torch.nn.Module, images_BRHW: torch.Tensor, tokens_BQ: torch.Tensor,
                      positive_BB: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE of one batch with the model's learnable logit scale; image i's
     target is spread evenly over the captions j with ``positive_BB[i, j]``, caption j's over
     those images (with the identity it is CLIP's own loss)."""
-    image_BE = model.encode_image(images_BCHW, normalize=True)
-    text_BE = model.encode_text(tokens_BT, normalize=True)
+    image_BE = model.encode_image(images_BRHW, normalize=True)
+    text_BE = model.encode_text(tokens_BQ, normalize=True)
     logits_BB = model.logit_scale.exp() * image_BE @ text_BE.T
     target_BB = positive_BB.float()
     image_loss = -(target_BB / target_BB.sum(1, keepdim=True) * logits_BB.log_softmax(1)).sum(1).mean()
@@ -372,10 +372,10 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
     resumed = time.perf_counter()
 
     def step(i: int, batch: tuple[torch.Tensor, ...]) -> training.Metrics:
-        images_BCHW, tokens_BT, true_BB = batch
+        images_BRHW, tokens_BQ, true_BB = batch
         training.set_lr(optimizer, lr_at(i, cfg))
         positive_BB = true_BB if cfg.positives == "attributes" else torch.eye(len(true_BB), dtype=torch.bool)
-        loss = contrastive_loss(model, images_BCHW.to(device), tokens_BT.to(device), positive_BB.to(device))
+        loss = contrastive_loss(model, images_BRHW.to(device), tokens_BQ.to(device), positive_BB.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -388,7 +388,7 @@ def _latent_page(stats: LatentStats, j: int, source: ImageSource, cache: dict, o
             except ImageUnavailable as err:
                 cache[image_id] = err
         opened = cache[image_id]
-        picture = render_heatmap(map_HW, vmax, image_HW3=None if isinstance(opened, ImageUnavailable) else opened,
+        picture = render_heatmap(map_HW, vmax, image_HWR=None if isinstance(opened, ImageUnavailable) else opened,
                                  size=image_px)
         file_name = f"latent_{j:06d}_r{rank:02d}.png"
         picture.save(out / PAGES_DIR / IMAGES_DIR / file_name, compress_level=1)  # level 6 is 4x slower

@@ -50,9 +50,9 @@ def _check_parity(lm, sae, layer: int, images) -> None:
         torch.testing.assert_close(splice.finish_forward(visual, x_BTD, layer, class_token_only=True), ref_BE,
                                    rtol=1e-5, atol=1e-5)
         text = open_clip.get_tokenizer(lm.name)(["a photo of a cat.", "a photo of a dog.", "a map."])
-        img_f, txt_f, scale = lm.model(images, text)
-        ref_logits = scale * img_f @ txt_f.T
-        ours_logits = scale * F.normalize(ours_BE, dim=-1) @ txt_f.T
+        unit_image_BE, unit_text_CE, scale = lm.model(images, text)
+        ref_logits = scale * unit_image_BE @ unit_text_CE.T
+        ours_logits = scale * F.normalize(ours_BE, dim=-1) @ unit_text_CE.T
         torch.testing.assert_close(ours_logits, ref_logits)
         # Without the error term: decode(encode(x)) substituted by hand in a hook on resblocks[layer].
         handle = _hook_reconstruction(

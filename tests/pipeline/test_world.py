@@ -65,9 +65,9 @@ def test_different_seed_or_split_gives_different_images():
         assert sum(base.caption(i) != other.caption(i) for i in range(20)) >= 10
     # Noise makes two images of one scene differ; the scene itself does not depend on the size.
     assert make_world(5, image_size=32).scene(4) == make_world(5, image_size=64).scene(4)
-    pixels_HW3 = make_world(1).render(0)[0].astype(int)
-    clean_HW3 = render_scene(make_world(1).scene(0), 32)[0].astype(int)
-    assert 0 < np.abs(pixels_HW3 - clean_HW3).max() <= W.NOISE
+    pixels_HWR = make_world(1).render(0)[0].astype(int)
+    clean_HWR = render_scene(make_world(1).scene(0), 32)[0].astype(int)
+    assert 0 < np.abs(pixels_HWR - clean_HWR).max() <= W.NOISE
 
 
 # 2. Masks match the drawn objects -------------------------------------------------------
@@ -77,9 +77,9 @@ def test_masks_match_drawn_objects():
     areas = {"small": [], "large": []}
     for i in range(len(world)):
         scene = world.scene(i)
-        pixels_HW3, mask_HW = world.render(i)
+        pixels_HWR, mask_HW = world.render(i)
         colours = scene_colours(scene)
-        pixels_HW3 = pixels_HW3.astype(np.float32)
+        pixels_HWR = pixels_HWR.astype(np.float32)
         assert mask_HW.dtype == bool and mask_HW.shape == (32, 32)
         assert mask_HW.sum() >= 12
         # Fully inside: the object never touches the image border.
@@ -93,23 +93,23 @@ def test_masks_match_drawn_objects():
         assert np.array_equal(mask_HW, cover_HW >= 0.5)
         obj, back, pattern = colours["object"], colours["background"], colours["pattern"]
         # Inside the mask: on average the object colour (edge pixels mix in a little background).
-        mean = pixels_HW3[mask_HW].mean(0)
+        mean = pixels_HWR[mask_HW].mean(0)
         assert np.linalg.norm(mean - obj) < 0.3 * min(np.linalg.norm(obj - back), np.linalg.norm(obj - pattern))
         assert np.abs(mean - OBJECT_RGB[scene["colour"]]).max() <= W.OBJECT_JITTER + 35
         # Fully covered pixels (most of the mask) are exactly the object colour up to the noise.
         full = cover_HW == 1
         assert full.sum() >= 0.4 * mask_HW.sum() and not (full & ~mask_HW).any()
-        assert np.abs(pixels_HW3[full] - obj).max() <= W.NOISE + 0.5
+        assert np.abs(pixels_HWR[full] - obj).max() <= W.NOISE + 0.5
         # Outside: pixels the object does not touch (nearly all) mix background and pattern colours.
         empty = cover_HW == 0
         assert empty.sum() >= 0.9 * (~mask_HW).sum() and not (empty & mask_HW).any()
         step = pattern - back
-        t = np.clip((pixels_HW3[empty] - back) @ step / (step @ step), 0, 1)
-        gap = np.linalg.norm(pixels_HW3[empty] - (back + t[:, None] * step), axis=1)
+        t = np.clip((pixels_HWR[empty] - back) @ step / (step @ step), 0, 1)
+        gap = np.linalg.norm(pixels_HWR[empty] - (back + t[:, None] * step), axis=1)
         assert gap.max() <= math.sqrt(3) * (W.NOISE + 0.5)
         if scene["texture"] == "plain":
-            assert np.abs(pixels_HW3[empty] - back).max() <= W.NOISE + 0.5
-        assert np.linalg.norm(pixels_HW3[~mask_HW].mean(0) - obj) > 2 * np.linalg.norm(mean - obj)
+            assert np.abs(pixels_HWR[empty] - back).max() <= W.NOISE + 0.5
+        assert np.linalg.norm(pixels_HWR[~mask_HW].mean(0) - obj) > 2 * np.linalg.norm(mean - obj)
         areas[scene["size"]].append(mask_HW.sum())
     assert len(areas["small"]) > 20 and len(areas["large"]) > 20
     assert np.mean(areas["large"]) > 2.5 * np.mean(areas["small"])
@@ -271,8 +271,8 @@ def test_object_colours_are_vivid_and_backgrounds_muted():
 def test_nearest_class_mean_on_colour_histograms_beats_chance():
     train_x, train_y = colour_histograms(make_world(400, task="colour", seed=1))
     test_x, test_y = colour_histograms(make_world(400, task="colour", seed=1, split="val"))
-    means_CF = np.stack([train_x[train_y == c].mean(0) for c in range(4)])
-    guess = np.argmin(((test_x[:, None, :] - means_CF[None]) ** 2).sum(-1), axis=1)
+    class_means = np.stack([train_x[train_y == c].mean(0) for c in range(4)])  # (C, histogram bins)
+    guess = np.argmin(((test_x[:, None, :] - class_means[None]) ** 2).sum(-1), axis=1)
     assert (guess == test_y).mean() >= 0.9  # chance is 0.25
 
 

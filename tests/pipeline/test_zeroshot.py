@@ -32,12 +32,12 @@ class _LookupTokenizer:
 class _LookupTextModel(torch.nn.Module):
     """``encode_text`` returns a fixed, unnormalised vector per prompt id."""
 
-    def __init__(self, vectors_PE: torch.Tensor):
+    def __init__(self, vectors: torch.Tensor):  # (prompt id, E)
         super().__init__()
-        self.table = torch.nn.Parameter(vectors_PE.clone(), requires_grad=False)
+        self.table = torch.nn.Parameter(vectors.clone(), requires_grad=False)
 
-    def encode_text(self, tokens_B1: torch.Tensor) -> torch.Tensor:
-        return self.table[tokens_B1[:, 0]]
+    def encode_text(self, tokens_BQ: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens_BQ[:, 0]]
 
 
 @pytest.fixture(scope="module")

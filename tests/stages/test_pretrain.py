@@ -104,12 +104,12 @@ def test_training_batches_match_the_eval_transform_and_are_deterministic():
     world = SyntheticWorld(WorldConfig(seed=1), n_images=64, split="train")
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
     pairs = pretrain.PairBatches(world, 16, open_clip.get_tokenizer("tiny-clip"), mean, std)
-    images_BCHW, tokens_BT, true_BB = pairs[2]
+    images_BRHW, tokens_BQ, true_BB = pairs[2]
     reference = torch.stack([model.preprocess(world[i][0]) for i in range(32, 48)])
-    torch.testing.assert_close(images_BCHW, reference, rtol=0, atol=1e-6)
-    assert tokens_BT.shape == (16, 32) and tokens_BT.dtype == torch.int64
-    assert torch.equal(pairs[2][1], tokens_BT) and torch.equal(pairs[2][2], true_BB) and len(pairs) == 4
-    assert torch.equal(tokens_BT, open_clip.get_tokenizer("tiny-clip")([world.partial_caption(i) for i in range(32, 48)]))
+    torch.testing.assert_close(images_BRHW, reference, rtol=0, atol=1e-6)
+    assert tokens_BQ.shape == (16, 32) and tokens_BQ.dtype == torch.int64
+    assert torch.equal(pairs[2][1], tokens_BQ) and torch.equal(pairs[2][2], true_BB) and len(pairs) == 4
+    assert torch.equal(tokens_BQ, open_clip.get_tokenizer("tiny-clip")([world.partial_caption(i) for i in range(32, 48)]))
 
 
 def test_a_caption_is_true_of_the_images_that_show_everything_it_names():

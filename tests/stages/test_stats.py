@@ -24,9 +24,9 @@ from stages import stats
 # Builders (also used by test_report.py)
 
 
-def csr_of(f_nTS: np.ndarray) -> ShardCodes:
-    """CSR codes of dense ``(n, T, S)`` activations (latents ascending within a token)."""
-    flat = f_nTS.reshape(-1, f_nTS.shape[-1])
+def csr_of(f_NTS: np.ndarray) -> ShardCodes:
+    """CSR codes of dense ``(N, T, S)`` activations (N: a shard's images; latents ascending within a token)."""
+    flat = f_NTS.reshape(-1, f_NTS.shape[-1])
     rows, cols = np.nonzero(flat)
     ptr = np.zeros(len(flat) + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=len(flat)), out=ptr[1:])

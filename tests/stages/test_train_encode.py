@@ -37,15 +37,15 @@ def planted(tmp_path_factory):
     """A store of x = sparse codes x unit dictionary + noise, (n, d) tokens, plus the dictionary."""
     tmp = tmp_path_factory.mktemp("planted")
     rng = np.random.default_rng(0)
-    dict_FD = rng.standard_normal((N_TRUE, D))
-    dict_FD /= np.linalg.norm(dict_FD, axis=1, keepdims=True)
+    planted_dirs = rng.standard_normal((N_TRUE, D))  # (planted features, D); no key letter for them
+    planted_dirs /= np.linalg.norm(planted_dirs, axis=1, keepdims=True)
     n = 40_000
     coef = (rng.random((n, N_TRUE)) < P_ACTIVE) * (0.5 + rng.random((n, N_TRUE)))
-    x_ND = coef @ dict_FD + NOISE * rng.standard_normal((n, D))
+    x_ND = coef @ planted_dirs + NOISE * rng.standard_normal((n, D))
     np.save(tmp / "x.npy", x_ND.astype(np.float16))
     importer.run(importer.Config(source_path=tmp / "x.npy", out_dir=tmp / "store", images_per_chunk=512,
                                  images_per_shard=4096))
-    return tmp / "store", dict_FD
+    return tmp / "store", planted_dirs
 
 
 def _cfg(store, out, arch="relu", **overrides) -> Config:
@@ -59,12 +59,12 @@ def _cfg(store, out, arch="relu", **overrides) -> Config:
 
 @pytest.mark.parametrize("arch", sorted(SETTINGS))
 def test_planted_dictionary_is_recovered_from_a_store(planted, tmp_path, arch):
-    store, dict_FD = planted
+    store, planted_dirs = planted
     out = train_stage.run(_cfg(store, tmp_path / arch, arch))
     sae = load_sae(out.sae_dir)
     assert sae.config.arch == arch and sae.config.d_sae == 128
-    max_cos_F = (torch.from_numpy(dict_FD).float() @ sae.W_dec.detach().T).max(dim=1).values
-    assert max_cos_F.mean() >= MIN_MEAN_MAX_COS, max_cos_F
+    max_cos = (torch.from_numpy(planted_dirs).float() @ sae.W_dec.detach().T).max(dim=1).values
+    assert max_cos.mean() >= MIN_MEAN_MAX_COS, max_cos
     assert out.metrics["fvu"] < MAX_FVU and out.metrics["eval_split"] == "val"
     metrics = json.loads(out.metrics_path.read_text())
     for key in ("mse", "fvu", "l0", "l1", "token_norm_loss", "dead_fraction", "dense_fraction", "lr", "tokens_per_s"):
