@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from app import study
+from stages import adapt as adapt_stage
+from stages import pretrain
 from cache.errors import UserError
 from pipeline.latents import json_safe
 from pipeline.configs import Stage
@@ -127,7 +129,7 @@ def _study_params(cfg: Config, loaded: dict[str, Any], task: str) -> dict[str, A
     params.setdefault("data", {}).update(datasets=[study.WORLD_DATASET], task=task,
                                          allow_held_out=any(a in TASKS[task] for a, _ in cfg.held_out))
     params["model"] = {"name": params["pretrain"].get("model", "tiny-clip"),
-                       "pretrained": str(study.resolve(study.PRETRAIN, cfg.out_dir, None, None) / "model.pt")}
+                       "pretrained": str(study.resolve(study.PRETRAIN, cfg.out_dir, None, None) / pretrain.MODEL_NAME)}
     return params
 
 
@@ -173,7 +175,7 @@ def _side(task: str, where: dict[str, Any], held_out: tuple[tuple[str, str], ...
     remap_dir = study.resolve(study.STEP["remap"].paths["out_dir"], **where)
     adapter = study.resolve(study.STEP["adapt"].paths["out_dir"], **where)
     remap = read_results(remap_dir)
-    adapt = json.loads((adapter / "metrics.json").read_text())
+    adapt = json.loads((adapter / adapt_stage.METRICS_NAME).read_text())
     accuracy = adapt.get("per_class") or {}
     per_class = {name: {"relevant": row["relevant"], "low_high": row["low_high"],
                         "n_low_high": (round(row["low_high"] * row["relevant"])
