@@ -210,32 +210,10 @@ def main(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(store: Path, as_json: bool) -> None:
     """Describe what a store holds: model, layers, shapes, completeness, size, token norms."""
-    from cache.check import describe, human_bytes
+    from cache.check import describe, describe_lines
 
     d = describe(store)
-    if as_json:
-        click.echo(json.dumps(d, indent=2))
-        return
-    m = d["model"]
-    click.echo(f"store        {d['path']}  (format {d['format_version']}, config {d['config_sha256'][:12]})")
-    click.echo(f"model        {m['name']} / {m['pretrained']}  ({m['n_blocks']} blocks, width {m['d_model']}, {m['dtype']})")
-    ds = d["dataset"]
-    click.echo(f"dataset      {ds['name']} split={ds['split']} root={ds['root']}  ({d['n_classes']} classes)")
-    click.echo(f"layers       {d['layers']}  ({m['layer_convention']})")
-    click.echo(f"shape NTD    {d['shape_NTD']} {d['dtype']}; chunks of {d['chunk_images']} images, shards of {d['shard_images']}")
-    t = d["token_layout"]
-    click.echo(f"tokens       class token at {t['class_token_index']}, patch grid {t['patch_grid']} ({t['patch_order']})")
-    click.echo(f"complete     {d['shards_complete']} shards; invalid rows: {d['invalid_rows']}")
-    click.echo(f"size         {human_bytes(d['size_bytes'])}")
-    for layer, s in d["token_norms"].items():
-        if "class" not in s:
-            continue
-        click.echo(f"layer {layer} norms ({s['n_images_sampled']} images sampled):")
-        for kind in ("class", "patches"):
-            k = s[kind]
-            click.echo(f"  {kind:8s} mean {k['mean']:8.2f}  median {k['median']:8.2f}  p99 {k['p99']:8.2f}  max {k['max']:8.2f}")
-        dims = ", ".join(f"{o['dim']} ({o['mean_abs_over_median']:.1f}x)" for o in s["outlier_dims"])
-        click.echo(f"  largest patch dims by mean |x| (x median dim): {dims}")
+    click.echo(json.dumps(d, indent=2) if as_json else "\n".join(describe_lines(d)))
 
 
 @main.command()

@@ -202,3 +202,29 @@ def describe(path: Path | str) -> dict[str, Any]:
         "format_version": a[schema.ATTR_FORMAT_VERSION],
         "token_norms": token_norm_stats(store),
     }
+
+
+def describe_lines(d: dict[str, Any]) -> list[str]:
+    """``describe``'s record as the lines ``pipeline info`` prints."""
+    m, ds, t = d["model"], d["dataset"], d["token_layout"]
+    lines = [f"store        {d['path']}  (format {d['format_version']}, config {d['config_sha256'][:12]})",
+             f"model        {m['name']} / {m['pretrained']}  ({m['n_blocks']} blocks, width {m['d_model']}, "
+             f"{m['dtype']})",
+             f"dataset      {ds['name']} split={ds['split']} root={ds['root']}  ({d['n_classes']} classes)",
+             f"layers       {d['layers']}  ({m['layer_convention']})",
+             f"shape NTD    {d['shape_NTD']} {d['dtype']}; chunks of {d['chunk_images']} images, "
+             f"shards of {d['shard_images']}",
+             f"tokens       class token at {t['class_token_index']}, patch grid {t['patch_grid']} ({t['patch_order']})",
+             f"complete     {d['shards_complete']} shards; invalid rows: {d['invalid_rows']}",
+             f"size         {human_bytes(d['size_bytes'])}"]
+    for layer, s in d["token_norms"].items():
+        if "class" not in s:
+            continue
+        lines.append(f"layer {layer} norms ({s['n_images_sampled']} images sampled):")
+        for kind in ("class", "patches"):
+            k = s[kind]
+            lines.append(f"  {kind:8s} mean {k['mean']:8.2f}  median {k['median']:8.2f}  p99 {k['p99']:8.2f}  "
+                         f"max {k['max']:8.2f}")
+        dims = ", ".join(f"{o['dim']} ({o['mean_abs_over_median']:.1f}x)" for o in s["outlier_dims"])
+        lines.append(f"  largest patch dims by mean |x| (x median dim): {dims}")
+    return lines
