@@ -38,16 +38,16 @@ from typing import Any
 import numpy as np
 
 from app import study
-from stages import adapt as adapt_stage
-from stages import pretrain
-from cache.errors import UserError
-from pipeline.latents import json_safe
-from pipeline.configs import Stage
 from app.params import load_params
+from cache.atomic import atomic_write, write_json
+from cache.errors import UserError
+from pipeline.configs import Stage
+from pipeline.latents import json_safe
 from pipeline.plots import plt
 from pipeline.remap import GROUP_LABELS, GROUPS, percent, read_results, results_path
-from cache.atomic import atomic_write, write_json
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
+from stages import adapt as adapt_stage
+from stages import pretrain
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from cache import schema
-from cache.store import _clear_dir, _is_kind
 from cache.errors import UserError
+from cache.store import _clear_dir, _is_kind
 
 
 def shard_group(k: int) -> str:

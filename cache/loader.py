@@ -19,9 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from cache.errors import UserError
 from cache.shardfile import read_rows
 from cache.store import ActivationStore
-from cache.errors import UserError
 
 TOKEN_KINDS = ("all", "patches", "cls")
 

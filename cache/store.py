@@ -23,8 +23,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from cache import schema
-from cache.shardfile import write_rows
 from cache.errors import UserError
+from cache.shardfile import write_rows
 
 log = logging.getLogger(__name__)
 

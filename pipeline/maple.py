@@ -50,9 +50,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from cache.atomic import atomic_write
 from cache.errors import UserError, require_integers
 from pipeline.models import LoadedModel, file_sha256
-from cache.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -58,11 +58,11 @@ from tqdm import tqdm
 from cache.atomic import write_json
 from cache.errors import UserError, require_integers, require_threads
 from pipeline import maple, runfiles, training, zeroshot
+from pipeline.configs import Option, Stage
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
 from pipeline.runfiles import plot_losses
-from pipeline.configs import Option, Stage
 from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from cache import schema
 from cache.codes import CodeStore, ShardCodes
+from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
-from cache.errors import UserError
-from pipeline.models import file_sha256, resolve_device
 from pipeline.configs import Stage
+from pipeline.models import file_sha256, resolve_device
 from pipeline.sae import SAE, Codes, load_sae
 
 log = logging.getLogger(__name__)

@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from cache import schema
 from cache.check import human_bytes, token_norm_stats
+from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.writer import BackgroundWriter
 from pipeline import maple
+from pipeline.configs import Option, Stage
 from pipeline.datasets import ImageSet, open_dataset
-from cache.errors import UserError
 from pipeline.models import LoadedModel, load_model
 from pipeline.world import TASKS, held_out_of
-from pipeline.configs import Option, Stage
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import numpy as np
 
 from cache import schema
 from cache.codes import CodeStore
+from cache.errors import UserError
 from cache.store import ActivationStore
 from pipeline import groundtruth as gt
-from cache.errors import UserError
 from pipeline.configs import Stage
 from pipeline.latents import LatentStats
 from pipeline.world import SyntheticWorld, object_coverage

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cache import schema
-from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.errors import UserError
+from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
 from pipeline.configs import Option, Stage
 
 log = logging.getLogger(__name__)

@@ -60,9 +60,9 @@ import torch
 
 from cache import schema
 from cache.errors import UserError
-from pipeline.configs import Option, Stage
 from cache.store import ActivationStore
 from pipeline import maple, masking, runfiles, splice, zeroshot
+from pipeline.configs import Option, Stage
 from pipeline.datasets import open_dataset, synthetic_options
 from pipeline.heads import TEMPLATE_CHOICES, adapted_head, probe_head, zero_shot_head
 from pipeline.latents import LatentStats

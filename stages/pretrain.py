@@ -58,9 +58,9 @@ from tqdm import tqdm
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError, require_integers, require_threads
 from pipeline import runfiles, training, zeroshot
+from pipeline.configs import Stage
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.runfiles import plot_losses
-from pipeline.configs import Stage
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, caption_for, parse_held_out
 
 log = logging.getLogger(__name__)

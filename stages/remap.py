@@ -12,15 +12,27 @@ import dataclasses
 import logging
 import math
 import time
-from typing import ClassVar, Literal
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from cache.errors import UserError
-from pipeline.configs import Option, Stage
 from pipeline import masking
+from pipeline.configs import Option, Stage
 from pipeline.latents import LatentStats, json_safe
-from pipeline.remap import (DEFINITIONS, GROUPS, NORMALISATIONS, check_pair, group_latents, masking_side_by_side,
-                            normalised, sae_of, summarise, table_lines, write_plot, write_results)
+from pipeline.remap import (
+    DEFINITIONS,
+    GROUPS,
+    NORMALISATIONS,
+    check_pair,
+    group_latents,
+    masking_side_by_side,
+    normalised,
+    sae_of,
+    summarise,
+    table_lines,
+    write_plot,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 

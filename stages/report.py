@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline import latents as files
 from cache.errors import UserError
+from pipeline import latents as files
 from pipeline.configs import Option, Stage
 from pipeline.groundtruth import PLOT_FILE as GT_PLOT
 from pipeline.groundtruth import GroundTruthResults

@@ -20,17 +20,17 @@ import dataclasses
 import logging
 import math
 import time
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError
-from pipeline.configs import Option, Stage
 from cache.store import ActivationStore
 from pipeline import latents as files
+from pipeline.configs import Option, Stage
 from pipeline.statistics import Plan, compute, label_statistics, latent_table, maps_graph, statistics_graph
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from cache.errors import UserError
 from cache.loader import LoaderConfig, TokenLoader, token_indices
 from cache.store import ActivationStore, config_sha256
 from pipeline import runfiles
-from pipeline.models import resolve_device
 from pipeline.configs import Option, Stage, identity_fields
+from pipeline.models import resolve_device
 from pipeline.plots import plot_curves
 from pipeline.sae import (
     NonFiniteLossError,
@@ -40,7 +40,8 @@ from pipeline.sae import (
     save_sae,
     save_training_state,
 )
-from pipeline.sae.io import CONFIG_NAME as SAE_CONFIG_NAME, TRAINER_NAME, WEIGHTS_NAME
+from pipeline.sae.io import CONFIG_NAME as SAE_CONFIG_NAME
+from pipeline.sae.io import TRAINER_NAME, WEIGHTS_NAME
 from pipeline.sae.trainer import TRAIN_STATE_VERSION
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,19 @@ from pipeline.sae.base import (
     register,
     registered_archs,
 )
-from pipeline.sae.relu import ReLUConfig, ReLUSAE
-from pipeline.sae.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 from pipeline.sae.geometry import (
     geometric_median,
     init_b_dec_,
     normalize_decoder_,
     remove_parallel_grad_,
+)
+from pipeline.sae.io import (
+    FORMAT_VERSION,
+    load_sae,
+    load_trainer,
+    read_sae_config,
+    save_sae,
+    save_training_state,
 )
 from pipeline.sae.losses import (
     auxk_loss,
@@ -31,15 +37,9 @@ from pipeline.sae.losses import (
     recon_loss_token_norm,
 )
 from pipeline.sae.metrics import DENSE_THRESHOLD, FiringCounter, RunningMetrics, evaluate
-from pipeline.sae.trainer import NonFiniteLossError, Trainer, TrainConfig
-from pipeline.sae.io import (
-    FORMAT_VERSION,
-    load_sae,
-    load_trainer,
-    read_sae_config,
-    save_sae,
-    save_training_state,
-)
+from pipeline.sae.relu import ReLUConfig, ReLUSAE
+from pipeline.sae.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
+from pipeline.sae.trainer import NonFiniteLossError, TrainConfig, Trainer
 
 __all__ = [
     "SAE", "Codes", "SAEConfig", "arch_class", "build", "config_class", "estimate_norm_scale",

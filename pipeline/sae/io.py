@@ -38,7 +38,7 @@ from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
 from pipeline import runfiles
 from pipeline.sae.base import SAE, SAEConfig, build, config_class
-from pipeline.sae.trainer import TRAIN_STATE_VERSION, Trainer, TrainConfig
+from pipeline.sae.trainer import TRAIN_STATE_VERSION, TrainConfig, Trainer
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"

@@ -13,11 +13,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from cache.store import ActivationStore
+from app import concept
 from app.cli import main
 from cache.errors import UserError
+from cache.store import ActivationStore
 from pipeline.world import SyntheticWorld, WorldConfig
-from app import concept
 from stages import extract, pretrain
 from tests.helpers import assert_one_line_error
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from cache.errors import UserError
 from cache.loader import LoaderConfig, TokenLoader, split_rows
 from cache.store import ActivationStore
-from cache.errors import UserError
 from stages import importer
 
 

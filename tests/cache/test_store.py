@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app.cli import main
 from cache import schema
 from cache.check import describe, verify
-from cache.store import ActivationStore, StoreLock, plan_layout
-from app.cli import main
 from cache.errors import UserError
+from cache.store import ActivationStore, StoreLock, plan_layout
 
 
 @given(bytes_per_image=st.integers(100, 5_000_000), n_images=st.integers(1, 2_000_000))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import groundtruth as gt
 from cache.errors import UserError
+from pipeline import groundtruth as gt
 from pipeline.world import SyntheticWorld, WorldConfig, object_coverage
 from tests.stages.test_stats import csr_of
 

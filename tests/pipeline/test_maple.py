@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import maple, zeroshot
 from cache.errors import UserError
+from pipeline import maple, zeroshot
 from pipeline.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

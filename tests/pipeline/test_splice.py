@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import splice
+from pipeline.masking import random_latents, top_latents
 from pipeline.models import load_model
 from pipeline.sae import Codes, ReLUConfig, build
-from pipeline.masking import random_latents, top_latents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import world as W
 from cache.errors import UserError
-from pipeline.world import (ATTRIBUTES, OBJECT_RGB, TASKS, SyntheticWorld, WorldConfig, caption_for,
-                            object_coverage, render_scene, scene_colours)
+from pipeline import world as W
+from pipeline.world import (
+    ATTRIBUTES,
+    OBJECT_RGB,
+    TASKS,
+    SyntheticWorld,
+    WorldConfig,
+    caption_for,
+    object_coverage,
+    render_scene,
+    scene_colours,
+)
 
 
 def make_world(n_images=40, *, split="train", transform=None, allow_held_out=False, **overrides):

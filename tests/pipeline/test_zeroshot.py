@@ -11,8 +11,8 @@ import open_clip
 import pytest
 import torch
 
-from pipeline import zeroshot
 from cache.errors import UserError
+from pipeline import zeroshot
 from pipeline.models import load_model
 from pipeline.world import SyntheticWorld, WorldConfig
 

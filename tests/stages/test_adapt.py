@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from app.cli import main
+from cache.errors import UserError
 from cache.store import ActivationStore
 from pipeline import maple, masking
-from app.cli import main
 from pipeline.datasets import open_dataset
-from cache.errors import UserError
 from pipeline.models import load_model
 from pipeline.sae import ReLUConfig, build, save_sae
 from stages import adapt, encode, extract, pretrain, stats

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from cache.store import ActivationStore
-from tests.helpers import TINY, make_extract_config, make_image_folder, tree_digest
 from pipeline.datasets import open_dataset
 from pipeline.models import load_model
 from stages import extract
+from tests.helpers import TINY, make_extract_config, make_image_folder, tree_digest
 
 
 def _reference_acts(model_name: str, cfg: extract.Config) -> dict[int, np.ndarray]:

@@ -12,12 +12,12 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+from app.cli import main
 from cache import schema
 from cache.store import StoreLock
-from tests.helpers import TINY, assert_one_line_error, make_extract_config, sigkill_when, tree_digest
-from app.cli import main
 from pipeline.models import load_model
 from stages import extract
+from tests.helpers import TINY, assert_one_line_error, make_extract_config, sigkill_when, tree_digest
 
 TINY_ARGS = ["--dataset", "synthetic", "--limit", "48", "--model", TINY, "--pretrained", "none",
              "--layers", "1,3", "--batch-size", "8", "--device", "cpu", "--chunk-images", "4",

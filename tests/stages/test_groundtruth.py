@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import groundtruth as gt
 from app.cli import main
+from pipeline import groundtruth as gt
 from pipeline.world import SyntheticWorld, WorldConfig, object_coverage
 from stages import encode, extract, groundtruth, report, stats
 from stages import train as train_stage

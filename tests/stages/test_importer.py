@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from app.cli import main
 from cache.check import verify
 from cache.store import ActivationStore
-from app.cli import main
 
 
 @pytest.mark.parametrize("kind", ["npy", "npz", "raw"])

@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from app.cli import main
 from cache.store import ActivationStore, StoreSpec, create_or_resume
 from pipeline import masking, splice
 from pipeline.latents import LatentStats
-from app.cli import main
 from pipeline.models import load_model
 from pipeline.sae import ReLUConfig, build, load_sae, save_sae
 from stages import encode, extract, mask, stats

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.store import ActivationStore
 from app.cli import main
+from cache.store import ActivationStore
 from pipeline.sae import ReLUConfig, build, save_sae
 from stages import encode, remap, stats
 from tests.helpers import TINY, assert_one_line_error

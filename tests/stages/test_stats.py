@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from dask.callbacks import Callback
 
+from app.cli import main
 from cache.codes import CodeStore, ShardCodes
 from cache.store import StoreSpec, create_or_resume
-from app.cli import main
 from pipeline import latents as files
 from pipeline import statistics
 from pipeline.latents import LatentStats

@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 
 import stages.train as train_stage
+from app.cli import main
 from cache.check import verify
 from cache.codes import CodeStore
-from cache.store import ActivationStore
-from app.cli import main
 from cache.errors import UserError
+from cache.store import ActivationStore
 from pipeline.sae import load_sae
 from stages import encode, importer
 from stages.train import Config

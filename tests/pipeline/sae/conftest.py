@@ -1,9 +1,8 @@
 """Fixtures for the SAE tests (helpers live in sae_helpers.py)."""
 
 import pytest
-import torch
-
 import test_arch  # noqa: F401  registers "test_jumprelu" before sae_helpers lists every arch
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sae_helpers import ALL_ARCHS, make_sae_config, random_batches
 
 from pipeline.sae import (
     Codes,
@@ -14,7 +15,6 @@ from pipeline.sae import (
     registered_archs,
     save_sae,
 )
-from sae_helpers import ALL_ARCHS, make_sae_config, random_batches
 
 
 def test_every_known_arch_is_registered():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sae_helpers import make_sae_config, make_train_config, random_batches
 
 from cache.errors import UserError
 from pipeline.sae import (
@@ -14,7 +15,6 @@ from pipeline.sae import (
     normalize_decoder_,
     remove_parallel_grad_,
 )
-from sae_helpers import make_sae_config, make_train_config, random_batches
 
 
 def _sum_dist(x: np.ndarray, y: np.ndarray) -> float:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from sae_helpers import ALL_ARCHS, make_sae_config, make_train_config, random_batches
 from safetensors.torch import load_file, save_file
 
 from cache.errors import UserError
@@ -19,7 +20,6 @@ from pipeline.sae import (
     save_sae,
     save_training_state,
 )
-from sae_helpers import ALL_ARCHS, make_sae_config, make_train_config, random_batches
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from sae_helpers import make_sae_config, random_batches
 
 from pipeline.sae import Codes, FiringCounter, RunningMetrics, build, evaluate
 from pipeline.sae.losses import Forward, auxk_loss, ghost_grads_loss, l1_penalty, mse, recon_loss_token_norm
-from sae_helpers import make_sae_config, random_batches
 
 
 def _batches_with_different_means():

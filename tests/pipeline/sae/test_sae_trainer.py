@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from sae_helpers import ALL_ARCHS, arch_kwargs, make_sae_config, make_train_config, random_batches
 
 from cache.errors import UserError
 from pipeline.sae import (
@@ -21,7 +22,6 @@ from pipeline.sae import (
     load_trainer,
     save_training_state,
 )
-from sae_helpers import ALL_ARCHS, arch_kwargs, make_sae_config, make_train_config, random_batches
 
 
 def _params(sae):
