@@ -505,15 +505,9 @@ class GroundTruthResults:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        record = self.path / GROUNDTRUTH_FILE
-        if not record.is_file():
-            raise UserError(f"{self.path} is not a complete ground-truth folder (no {GROUNDTRUTH_FILE}); "
-                            "write one with `pipeline groundtruth`")
-        self.record: dict[str, Any] = json.loads(record.read_text())
-        version = self.record.get("groundtruth_format_version")
-        if version != GROUNDTRUTH_FORMAT_VERSION:
-            raise UserError(f"{self.path} holds ground-truth format {version}, this pipeline reads "
-                            f"{GROUNDTRUTH_FORMAT_VERSION}; rerun `pipeline groundtruth`")
+        self.record: dict[str, Any] = runfiles.read_record(
+            self.path, GROUNDTRUTH_FILE, version_key="groundtruth_format_version",
+            version=GROUNDTRUTH_FORMAT_VERSION, what="ground-truth", command="pipeline groundtruth")
 
     @property
     def latents(self):

@@ -103,15 +103,9 @@ class LatentStats:
 
     def __init__(self, stats_dir: Path | str):
         self.path = Path(stats_dir)
-        meta_path = self.path / META_FILE
-        if not meta_path.is_file():
-            raise UserError(f"{self.path} is not a complete statistics folder (no {META_FILE}); "
-                            "write one with `pipeline stats`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        version = self.meta.get("stats_format_version")
-        if version != STATS_FORMAT_VERSION:
-            raise UserError(f"{self.path} holds statistics format {version}, this pipeline reads "
-                            f"{STATS_FORMAT_VERSION}; rerun `pipeline stats`")
+        self.meta: dict[str, Any] = runfiles.read_record(
+            self.path, META_FILE, version_key="stats_format_version", version=STATS_FORMAT_VERSION,
+            what="statistics", command="pipeline stats")
         self.summary: dict[str, Any] = json.loads((self.path / SUMMARY_FILE).read_text())
         self.class_names: list[str] = json.loads((self.path / CLASS_NAMES_FILE).read_text())
         self._table = None

@@ -193,3 +193,16 @@ class RunFolder:
         """Write the trainer state (a checkpoint), atomically."""
         self.start()
         save_state(self.out_dir / self.state_name, state, self.format_version)
+
+
+def read_record(folder: Path, name: str, *, version_key: str, version: int, what: str, command: str) -> dict[str, Any]:
+    """A results folder's record file, refused in one line when it is missing (the folder was never
+    finished) or written by another format version."""
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"{folder} is not a complete {what} folder (no {name}); write one with `{command}`")
+    record = json.loads(path.read_text())
+    found = record.get(version_key)
+    if found != version:
+        raise UserError(f"{folder} holds {what} format {found}, this pipeline reads {version}; rerun `{command}`")
+    return record
