@@ -17,6 +17,7 @@ from typing import Any, Literal
 import click
 
 import stages
+from app import study
 from cache.errors import UserError
 from pipeline.configs import CONFIG_DEFAULT, Field, Stage, fields
 
@@ -241,20 +242,18 @@ def show_latent(stats_dir: Path, latent: int) -> None:
 
 
 @main.command("run-stage")
-@click.argument("name", metavar="NAME")
+@click.argument("name", type=click.Choice([step.name for step in study.STEPS]))
 @click.option("--dataset", help="Which of data.datasets (every stage but pretrain).")
 @click.option("--layer", type=int, help="Which of extract.layers (the stages that read an SAE).")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
 def run_stage(name: str, dataset: str | None, layer: int | None, params_path: Path) -> None:
     """Run one stage instance of dvc.yaml with its settings from params.yaml (what `dvc repro` calls).
 
-    NAME is a stage of the study (`pipeline dvc-yaml` lists them in dvc.yaml's order). Outputs
-    go under work/ (layout: app/study.py).
+    Outputs go under work/ (layout: app/study.py).
     """
     from app.params import load_params
-    from app.study import run_stage as run
 
-    click.echo(run(name, load_params(params_path), dataset, layer))
+    click.echo(study.run_stage(name, load_params(params_path), dataset, layer))
 
 
 @main.command("dvc-yaml")

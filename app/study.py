@@ -37,7 +37,6 @@ from typing import Any
 
 import stages
 from cache.errors import UserError
-from pipeline import groundtruth as gt
 from pipeline.configs import from_section
 
 WORK = Path("work")
@@ -201,6 +200,8 @@ def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, 
     the stage's summary."""
     spec = stages.load(step.stage)
     if step.stage == "groundtruth" and dataset != WORLD_DATASET:
+        from pipeline import groundtruth as gt
+
         out_dir = resolve(step.paths["out_dir"], work, dataset, layer)
         path = gt.write_not_applicable(out_dir, f"{dataset} has no ground-truth attributes; only the synthetic "
                                                 "world does")
