@@ -77,19 +77,34 @@ def _drop_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
+def _open_lock_file(path: Path) -> tuple[int, bool] | None:
+    """(descriptor, whether this call made the file), or None when the last holder removed the file
+    or its folder meanwhile (the caller tries again)."""
+    for flags, made in ((os.O_CREAT | os.O_EXCL, True), (0, False)):
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o644), made
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None
+    return None
+
+
 class StoreLock:
     """Exclusive advisory lock on an output folder (a store, a run or a results folder); the kernel
     drops it if the holder dies.
 
     A second writer gets a UserError instead of interleaving writes with the first. A holder that
-    wrote nothing (a refused run) removes the lock file, and the folder if it made it, so a refusal
-    leaves nothing behind. Forked children do not inherit it (``_drop_locks_in_child``).
+    added nothing to the folder (a refused run) removes the lock file and the folder if it made
+    them, so a refusal leaves nothing behind. Forked children do not inherit it
+    (``_drop_locks_in_child``).
     """
 
     def __init__(self, store_dir: Path):
         self.path = Path(store_dir) / schema.LOCK_FILE
         self._fd: int | None = None
-        self._made_dir = False
+        self._made_dir = self._made_file = False
+        self._found: set[str] = set()
 
     def __enter__(self) -> StoreLock:
         folder = self.path.parent
@@ -98,10 +113,10 @@ class StoreLock:
         while True:
             self._made_dir = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the last holder removed the folder it had made: make it again
+            opened = _open_lock_file(self.path)
+            if opened is None:
                 continue
+            fd, self._made_file = opened
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -117,7 +132,11 @@ class StoreLock:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         _HELD_LOCK_FDS.add(fd)
+        self._found = self._entries()
         return self
+
+    def _entries(self) -> set[str]:
+        return {p.name for p in self.path.parent.iterdir()} - {schema.LOCK_FILE}
 
     def _still_linked(self, fd: int) -> bool:
         try:
@@ -129,11 +148,10 @@ class StoreLock:
         if self._fd is None:
             return
         _HELD_LOCK_FDS.discard(self._fd)
-        folder = self.path.parent
-        if [p.name for p in folder.iterdir()] == [schema.LOCK_FILE]:  # nothing written: leave nothing behind
+        if self._made_file and self._entries() == self._found:  # nothing added: leave nothing behind
             self.path.unlink()  # while still locked, so no one else locks the file being removed
             if self._made_dir:
-                folder.rmdir()
+                self.path.parent.rmdir()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
