@@ -152,6 +152,8 @@ class StoreLock:
             self.path.unlink()  # while still locked, so no one else locks the file being removed
             if self._made_dir:
                 self.path.parent.rmdir()
+        else:  # the pid is only news while it is held: a finished folder hashes the same every run (DVC)
+            os.ftruncate(self._fd, 0)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

@@ -191,3 +191,12 @@ def test_a_lock_that_guarded_nothing_leaves_nothing(tmp_path):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # it existed before: kept, without the lock file
     assert not any((tmp_path / "new").iterdir())
+
+
+def test_a_released_lock_leaves_an_empty_file(tmp_path):
+    """The holder's pid is only written while the lock is held, so a finished folder's bytes do not
+    depend on which process wrote it (DVC hashes outputs whole)."""
+    with StoreLock(tmp_path):
+        assert (tmp_path / schema.LOCK_FILE).read_text() == str(os.getpid())
+        (tmp_path / "x").write_text("written under the lock")
+    assert (tmp_path / schema.LOCK_FILE).read_text() == ""
