@@ -27,7 +27,7 @@ from zarr.codecs import ZstdCodec
 
 from cache import schema
 from cache.errors import UserError
-from cache.store import _clear_dir, _is_kind
+from cache.store import _clear_dir, _creating, _cut_short, _is_kind
 
 
 def shard_group(k: int) -> str:
@@ -71,7 +71,9 @@ class CodeStore:
         """Resume a store with the same ``identity`` (sha256 of what defines its content), else create."""
         path = Path(path)
         existing = [p for p in path.iterdir() if p.name != schema.LOCK_FILE] if path.exists() else []
-        if existing:
+        if _cut_short(path):
+            _clear_dir(path)
+        elif existing:
             if not _is_kind(path, schema.KIND_CODES):
                 raise UserError(f"{path} exists and is not a code store; choose a new --out path")
             store = cls(path, mode="r+")
@@ -80,13 +82,14 @@ class CodeStore:
             if not overwrite:
                 raise UserError(f"{path} holds codes of another SAE or store; pass --overwrite or choose a new --out")
             _clear_dir(path)
-        group = zarr.open_group(path, mode="w")
         n_shards = -(-n_images // images_per_shard)
-        group.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
-        group.attrs.update({**attrs, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
-                            schema.ATTR_KIND: schema.KIND_CODES, schema.ATTR_CONFIG_SHA256: identity,
-                            schema.ATTR_N_IMAGES: n_images, "n_tokens": n_tokens, "d_sae": d_sae,
-                            schema.ATTR_IMAGES_PER_SHARD: images_per_shard})
+        with _creating(path) as group:
+            group.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
+                               compressors=None)
+            group.attrs.update({**attrs, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
+                                schema.ATTR_KIND: schema.KIND_CODES, schema.ATTR_CONFIG_SHA256: identity,
+                                schema.ATTR_N_IMAGES: n_images, "n_tokens": n_tokens, "d_sae": d_sae,
+                                schema.ATTR_IMAGES_PER_SHARD: images_per_shard})
         return cls(path, mode="r+")
 
     @property

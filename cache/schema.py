@@ -61,6 +61,8 @@ ATTRS = (
 
 LOCK_FILE = ".lock"
 """Advisory lock (``flock``) held by the one process allowed to write the store."""
+CREATING_FILE = ".creating"
+"""Present while a store is being created; a store still holding it was cut short and is recreated."""
 
 ACTS_DTYPE = "float16"
 TARGET_CHUNK_BYTES = 3 * 2**20

@@ -7,6 +7,7 @@ is written in one write per array, and its ``done`` flag is set only after those
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,40 +77,86 @@ def _drop_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
-class StoreLock:
-    """Exclusive advisory lock on a store directory; the kernel drops it if the holder dies.
+def _open_lock_file(path: Path) -> tuple[int, bool] | None:
+    """(descriptor, whether this call made the file), or None when the last holder removed the file
+    or its folder meanwhile (the caller tries again)."""
+    for flags, made in ((os.O_CREAT | os.O_EXCL, True), (0, False)):
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o644), made
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None
+    return None
 
-    A second writer gets a UserError instead of interleaving writes with the first.
-    Forked children do not inherit it (``_drop_locks_in_child``).
+
+class StoreLock:
+    """Exclusive advisory lock on an output folder (a store, a run or a results folder); the kernel
+    drops it if the holder dies.
+
+    A second writer gets a UserError instead of interleaving writes with the first. A holder that
+    added nothing to the folder (a refused run) removes the lock file and the folder if it made
+    them, so a refusal leaves nothing behind. Forked children do not inherit it
+    (``_drop_locks_in_child``).
     """
 
     def __init__(self, store_dir: Path):
         self.path = Path(store_dir) / schema.LOCK_FILE
         self._fd: int | None = None
+        self._made_dir = self._made_file = False
+        self._found: set[str] = set()
 
     def __enter__(self) -> StoreLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(
-                f"{self.path.parent} is being written by another process (pid {holder}); "
-                "wait for it to finish or write to another --out") from None
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file; choose a folder for --out")
+        while True:
+            self._made_dir = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            opened = _open_lock_file(self.path)
+            if opened is None:
+                continue
+            fd, self._made_file = opened
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(
+                    f"{folder} is being written by another process (pid {holder}); "
+                    "wait for it to finish or write to another --out") from None
+            if self._still_linked(fd):
+                break
+            os.close(fd)  # its holder removed the file between our open and our flock: lock a new one
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         _HELD_LOCK_FDS.add(fd)
+        self._found = self._entries()
         return self
 
+    def _entries(self) -> set[str]:
+        return {p.name for p in self.path.parent.iterdir()} - {schema.LOCK_FILE}
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            _HELD_LOCK_FDS.discard(self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        _HELD_LOCK_FDS.discard(self._fd)
+        if self._made_file and self._entries() == self._found:  # nothing added: leave nothing behind
+            self.path.unlink()  # while still locked, so no one else locks the file being removed
+            if self._made_dir:
+                self.path.parent.rmdir()
+        else:  # the pid is only news while it is held: a finished folder hashes the same every run (DVC)
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -147,6 +194,7 @@ def _is_kind(path: Path, kind: str) -> bool:
 
 
 def _clear_dir(path: Path) -> None:
+    """Remove everything in ``path`` but the lock file, which its writer holds."""
     for child in path.iterdir():
         if child.name == schema.LOCK_FILE:
             continue
@@ -154,6 +202,29 @@ def _clear_dir(path: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _cut_short(path: Path) -> bool:
+    """True when a writer was killed while creating the store at ``path`` (``_creating``'s marker is
+    left): nothing in it is complete, so the next writer recreates it."""
+    if not (path / schema.CREATING_FILE).exists():
+        return False
+    log.warning("%s was cut short while being created; creating it again", path)
+    return True
+
+
+@contextlib.contextmanager
+def _creating(path: Path) -> Iterator[zarr.Group]:
+    """A new group at ``path``, marked as being created until the caller's block completes.
+
+    ``zarr.create_group`` adds to the folder; ``open_group(mode="w")`` would empty it, lock file
+    included, and so admit a second writer.
+    """
+    marker = path / schema.CREATING_FILE
+    path.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    yield zarr.create_group(path)
+    marker.unlink()
 
 
 def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) -> ActivationStore:
@@ -164,7 +235,9 @@ def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) ->
     """
     path = Path(path)
     existing = [p for p in path.iterdir() if p.name != schema.LOCK_FILE] if path.exists() else []
-    if existing:
+    if _cut_short(path):
+        _clear_dir(path)
+    elif existing:
         if not _is_kind(path, schema.KIND_ACTIVATIONS):
             raise UserError(
                 f"{path} exists and is not an activation store; choose a new --out path "
@@ -182,14 +255,14 @@ def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) ->
                 f"{spec.config_sha256[:12]}); pass --overwrite to replace it or choose a new --out")
         log.warning("--overwrite: deleting the store at %s written with another config", path)
         _clear_dir(path)
-    _create(path, spec)
+    with _creating(path) as group:
+        _create(group, spec)
     return ActivationStore(path)
 
 
-def _create(path: Path, spec: StoreSpec) -> None:
+def _create(group: zarr.Group, spec: StoreSpec) -> None:
     n, s, c = spec.n_images, spec.images_per_shard, spec.images_per_chunk
     n_shards = -(-n // s)
-    group = zarr.open_group(path, mode="w")
     for layer in spec.layers:
         group.create_array(
             schema.acts_path(layer), shape=(n, spec.n_tokens, spec.d_model),

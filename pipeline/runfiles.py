@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from cache import schema
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
+from cache.store import StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +85,16 @@ def plot_losses(path: Path, losses: Sequence[float], title: str, *, ylabel: str,
 
 
 def refuse_foreign_files(out_dir: Path, our_files: Sequence[str], *, ignore_hidden: bool = False) -> None:
-    """A stage's output folder may hold only the stage's own files: anything else is refused, never touched.
+    """A stage's output folder may hold only the stage's own files and its writer lock: anything else is
+    refused, never touched.
 
-    ``ignore_hidden`` lets a run folder keep its lock file and temporary files of atomic writes.
+    ``ignore_hidden`` lets a run folder keep the temporary files of atomic writes.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; choose a folder for --out")
     if out_dir.exists():
-        foreign = sorted(p.name for p in out_dir.iterdir()
-                         if p.name not in our_files and not (ignore_hidden and p.name.startswith(".")))
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in (*our_files, schema.LOCK_FILE)
+                         and not (ignore_hidden and p.name.startswith(".")))
         if foreign:
             raise UserError(f"{out_dir} holds other files ({foreign[0]}, ...); choose an empty or new --out")
 
@@ -125,29 +128,19 @@ class RunFolder:
         self.format_version = format_version
         self.resumes = False
         self._started = False
-        self._created = False
-        self._lock = None
+        self._lock = StoreLock(self.out_dir)
 
     def __enter__(self) -> RunFolder:
-        from cache.store import StoreLock
-
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise UserError(f"{self.out_dir} is a file; choose a folder for --out")
-        self._created = not self.out_dir.exists()
-        self._lock = StoreLock(self.out_dir).__enter__()
+        self._lock.__enter__()
         try:
             self._check()
         except BaseException:
-            self.__exit__(UserError, None, None)
+            self._lock.__exit__()
             raise
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self._lock.__exit__()
-        if exc_type is not None and self._created and not self._started:
-            self._lock.path.unlink(missing_ok=True)
-            if not any(self.out_dir.iterdir()):
-                self.out_dir.rmdir()
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__()  # a run that wrote nothing leaves nothing, not even the lock file
 
     def _check(self) -> None:
         """Decide resume / refuse / replace; nothing is written here."""

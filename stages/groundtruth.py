@@ -24,7 +24,7 @@ import numpy as np
 from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError
-from cache.store import ActivationStore
+from cache.store import ActivationStore, StoreLock
 from pipeline import groundtruth as gt
 from pipeline.configs import Stage
 from pipeline.latents import LatentStats
@@ -106,6 +106,11 @@ def _open(cfg: Config) -> tuple[LatentStats, CodeStore, ActivationStore]:
 
 
 def run(cfg: Config) -> Outputs:
+    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     stats, codes, store = _open(cfg)
     world = gt.store_world(store.attrs.get(schema.ATTR_DATASET) or {}, store.attrs.get(schema.ATTR_PREPROCESS) or {},

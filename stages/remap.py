@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from cache.errors import UserError
+from cache.store import StoreLock
 from pipeline import masking
 from pipeline.configs import Option, Stage
 from pipeline.latents import LatentStats, json_safe
@@ -90,14 +91,17 @@ class Outputs:
 
 
 def run(cfg: Config) -> Outputs:
+    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     base, adapted = LatentStats(cfg.base_dir), LatentStats(cfg.adapted_dir)
     check_pair(base, adapted)
     sae_sha = sae_of(base)
     masked = {side: masking.read_accuracies(path, sae_sha, base.class_names, side)
               for side, path in (("base", cfg.base_masking), ("adapted", cfg.adapted_masking)) if path is not None}
-    if cfg.out_dir.exists() and not cfg.out_dir.is_dir():
-        raise UserError(f"{cfg.out_dir} is a file; choose a folder for --out")
 
     class_names = base.class_names
     norm_base_CS, images_base_C = normalised(base, cfg.normalise)

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cache.errors import UserError
+from cache.schema import LOCK_FILE
+from cache.store import StoreLock
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
 from pipeline.groundtruth import PLOT_FILE as GT_PLOT
@@ -115,7 +117,7 @@ def dedicated_latents(truth: GroundTruthResults) -> dict[int, str]:
 
 
 def _prepare(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
+    if any(p.name != LOCK_FILE for p in out.iterdir()):
         if not (out / MARKER).exists():
             raise UserError(f"{out} is not empty and holds no report; choose an empty or new --out")
         for sub in (PAGES_DIR, PLOTS_DIR):
@@ -126,6 +128,11 @@ def _prepare(out: Path) -> None:
 
 
 def run(cfg: Config) -> Outputs:
+    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     stats = LatentStats(cfg.stats_dir)
     table = stats.table

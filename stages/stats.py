@@ -28,7 +28,7 @@ import numpy as np
 from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError
-from cache.store import ActivationStore
+from cache.store import ActivationStore, StoreLock
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
 from pipeline.statistics import Plan, compute, label_statistics, latent_table, maps_graph, statistics_graph
@@ -110,6 +110,11 @@ def open_inputs(cfg: Config) -> tuple[CodeStore, ActivationStore]:
 
 
 def run(cfg: Config) -> Outputs:
+    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     codes, store = open_inputs(cfg)
     layout = dict(codes.attrs.get("token_layout") or store.token_layout)

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from app.cli import main
 from cache import schema
 from cache.check import describe, verify
+from cache.codes import CodeStore
 from cache.errors import UserError
-from cache.store import ActivationStore, StoreLock, plan_layout
+from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
+from tests.helpers import tree_digest
 
 
 @given(bytes_per_image=st.integers(100, 5_000_000), n_images=st.integers(1, 2_000_000))
@@ -126,3 +128,75 @@ def test_a_forked_child_does_not_keep_a_killed_writers_lock(tmp_path):
     finally:
         writer.kill()
         os.kill(child, signal.SIGKILL)
+
+
+def _spec(n_images=6) -> StoreSpec:
+    return StoreSpec(layers=(0,), n_tokens=2, d_model=3, image_ids=[f"img/{i}" for i in range(n_images)],
+                     class_names=["a"], images_per_chunk=2, images_per_shard=4, config={"n": n_images},
+                     attrs={"model": {"name": "test"}})
+
+
+def _create_codes(path: Path) -> CodeStore:
+    return CodeStore.create_or_resume(path, n_images=4, n_tokens=2, d_sae=5, images_per_shard=2, attrs={},
+                                      identity="test", overwrite=False)
+
+
+@pytest.mark.parametrize("create", [lambda path: create_or_resume(path, _spec()), _create_codes],
+                         ids=["activations", "codes"])
+def test_the_lock_holds_through_creating_a_store(tmp_path, create):
+    """Creating the group must not remove the held lock file, or a second writer is admitted."""
+    out = tmp_path / "new"
+    with StoreLock(out) as lock:
+        create(out)
+        assert lock.path.read_text() == str(os.getpid())
+        with pytest.raises(UserError, match="being written by another process"):
+            StoreLock(out).__enter__()
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("create", [lambda path: create_or_resume(path, _spec()), _create_codes],
+                         ids=["activations", "codes"])
+def test_a_store_cut_short_while_being_created_is_created_again(tmp_path, monkeypatch, create):
+    with StoreLock(tmp_path / "fresh"):
+        create(tmp_path / "fresh")
+    with monkeypatch.context() as patch:  # stop right after the group appeared, as a SIGKILL would
+        patch.setattr(zarr.Group, "create_array", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed), StoreLock(tmp_path / "cut"):
+            create(tmp_path / "cut")
+    assert zarr.open_group(tmp_path / "cut", mode="r").attrs.asdict() == {}  # the state the issue reports
+    with StoreLock(tmp_path / "cut"):
+        create(tmp_path / "cut")
+    assert tree_digest(tmp_path / "cut") == tree_digest(tmp_path / "fresh")
+
+
+def test_a_zarr_group_that_is_not_ours_is_still_refused(tmp_path):
+    zarr.create_group(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree_digest(tmp_path)
+    with pytest.raises(UserError, match="is not an activation store"), StoreLock(tmp_path):
+        create_or_resume(tmp_path, _spec(), overwrite=True)
+    with pytest.raises(UserError, match="is not a code store"), StoreLock(tmp_path):
+        _create_codes(tmp_path)
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_lock_that_guarded_nothing_leaves_nothing(tmp_path):
+    with pytest.raises(UserError, match="refused"), StoreLock(tmp_path / "new" / "store"):
+        raise UserError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # only the folder it made is removed
+    with StoreLock(tmp_path / "new"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # it existed before: kept, without the lock file
+    assert not any((tmp_path / "new").iterdir())
+
+
+def test_a_released_lock_leaves_an_empty_file(tmp_path):
+    """The holder's pid is only written while the lock is held, so a finished folder's bytes do not
+    depend on which process wrote it (DVC hashes outputs whole)."""
+    with StoreLock(tmp_path):
+        assert (tmp_path / schema.LOCK_FILE).read_text() == str(os.getpid())
+        (tmp_path / "x").write_text("written under the lock")
+    assert (tmp_path / schema.LOCK_FILE).read_text() == ""

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from app.cli import main
 from cache import schema
-from cache.store import StoreLock
+from cache.store import StoreLock, StoreSpec, create_or_resume
 from pipeline.models import load_model
 from stages import extract
 from tests.helpers import TINY, assert_one_line_error, make_extract_config, sigkill_when, tree_digest
@@ -79,7 +79,7 @@ def test_a_directory_that_is_not_a_store_is_never_touched(tmp_path):
     (tmp_path / "thesis" / "chapter1.tex").write_text("precious")
     code, out = _cli("extract", *TINY_ARGS, "--out", str(tmp_path / "thesis"), "--overwrite")
     assert_one_line_error(code, out, "is not an activation store")
-    assert sorted(p.name for p in (tmp_path / "thesis").iterdir() if p.name != ".lock") == ["chapter1.tex"]
+    assert sorted(p.name for p in (tmp_path / "thesis").iterdir()) == ["chapter1.tex"]  # not even a lock file
 
 
 def test_second_concurrent_writer_is_refused(tiny_store):
@@ -88,6 +88,19 @@ def test_second_concurrent_writer_is_refused(tiny_store):
         code, out = _cli("extract", *TINY_ARGS, "--out", str(tiny_store))
     assert_one_line_error(code, out, "being written by another process")
     assert tree_digest(tiny_store) == before
+
+
+def test_a_writer_into_a_new_store_being_created_is_refused(tmp_path):
+    """Creating the group once emptied the folder, lock file included, and let a second writer in."""
+    out = tmp_path / "s"
+    spec = StoreSpec(layers=(1,), n_tokens=2, d_model=3, image_ids=["a", "b"], class_names=["c"], images_per_chunk=1,
+                     images_per_shard=2, config={"first": "writer"}, attrs={})
+    with StoreLock(out):
+        create_or_resume(out, spec)
+        before = tree_digest(out)
+        code, output = _cli("extract", *TINY_ARGS, "--out", str(out))
+        assert_one_line_error(code, output, "being written by another process")
+        assert tree_digest(out) == before
 
 
 def test_nan_activations_are_refused(tmp_path):

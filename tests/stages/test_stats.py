@@ -14,7 +14,8 @@ from dask.callbacks import Callback
 
 from app.cli import main
 from cache.codes import CodeStore, ShardCodes
-from cache.store import StoreSpec, create_or_resume
+from cache.errors import UserError
+from cache.store import StoreLock, StoreSpec, create_or_resume
 from pipeline import latents as files
 from pipeline import statistics
 from pipeline.latents import LatentStats
@@ -152,6 +153,20 @@ def random_case(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------
 # Acceptance 1: every statistic against plain numpy
+
+
+def test_a_statistics_folder_being_written_is_refused_and_a_refusal_leaves_nothing(random_case):
+    """Two stats runs into one folder mixed their files (meta.json of one beside the table of the other)."""
+    tmp, f, labels, valid, acts, codes, out = random_case
+    locked = tmp / "locked"
+    with StoreLock(locked):
+        with pytest.raises(UserError, match="being written by another process"):
+            run_stats(acts, codes, locked)
+        assert [p.name for p in locked.iterdir()] == [".lock"]
+    assert not locked.exists()
+    with pytest.raises(UserError, match="not a sparse code store"):
+        run_stats(acts, acts, tmp / "refused")
+    assert not (tmp / "refused").exists()
 
 
 def test_every_statistic_matches_numpy(random_case):
