@@ -20,6 +20,8 @@ from typing import Any
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file next to ``path``, fsync it, move it onto ``path``, fsync the folder."""
     path = Path(path)
+    # the random part after the last dot: torch.save names its archive after the file's stem, so the
+    # bytes of a checkpoint (whose sha256 stores record) do not change from run to run
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:

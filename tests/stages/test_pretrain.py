@@ -207,6 +207,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     assert resumed.start_step == 4 and whole.start_step == 0
     a, b = _weights(whole.model_path), _weights(resumed.model_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # byte for byte: stores record the checkpoint's sha256, so it must not vary from run to run
+    assert whole.model_path.read_bytes() == resumed.model_path.read_bytes()
     sa, sb = _weights(whole.trainer_state_path), _weights(resumed.trainer_state_path)
     assert sa["losses"] == sb["losses"]
     assert all(torch.equal(x, y) for x, y in zip(sa["optimizer"]["state"][0].values(),
