@@ -63,8 +63,11 @@ def direct_imports(module: str) -> frozenset[str]:
 
 
 def closure(module: str) -> frozenset[str]:
-    """``module`` and everything of ours it imports, transitively."""
-    seen, todo = {module}, [module]
+    """``module``, its packages (importing it runs their __init__) and everything of ours they import,
+    transitively."""
+    parts = module.split(".")
+    seen = {name for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if module_file(name)}
+    todo = list(seen)
     while todo:
         for name in direct_imports(todo.pop()):
             if name not in seen:
