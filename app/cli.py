@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,8 +74,7 @@ def _flag(field: Field) -> str:
 def _inner(kind: Any) -> Any:
     """``X`` of ``X | None``."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
-    return args[0] if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType) and len(args) == 1 \
-        else kind
+    return args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1 else kind
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -105,7 +106,7 @@ def _parser(kind: Any, flag: str):
                         from None
             return tuple(int(v) if item != str and v.lstrip("-").isdigit() else v for v in items)
         return str, parse
-    if kind in (typing.Mapping, dict) or origin in (dict, typing.Mapping, __import__("collections.abc").abc.Mapping):
+    if kind in (typing.Mapping, dict) or origin in (dict, typing.Mapping, Mapping):
         return str, lambda ctx, param, value: None if value is None else _record(value)
     raise TypeError(f"{flag}: no command-line form for {kind!r}")
 
