@@ -231,6 +231,23 @@ def verify(store: Path) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def repair(store: Path) -> None:
+    """Recompute exactly the damaged shards of an activation or code store (what `verify` reports).
+
+    Reruns the command that created the store (recorded in it), which resumes and rewrites
+    only those shards; exit 1 if the store is still not OK afterwards.
+    """
+    from app.repair import run
+
+    lines = run(store)
+    for line in lines:
+        click.echo(line)
+    if lines[-1] == "FAILED":
+        sys.exit(1)
+
+
 @main.command("show-latent")
 @click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path), help="Folder from pipeline stats.")
 @click.option("--latent", required=True, type=int, help="Latent id.")

@@ -9,17 +9,28 @@ from typing import Any
 import numpy as np
 
 from cache import schema
+from cache.errors import UserError
 from cache.store import ActivationStore, _is_kind
+
+
+def _repair_line(path: Path, shards: list[int]) -> str:
+    return (f"REPAIR: `pipeline repair {path}` recomputes the {len(shards)} damaged shard"
+            f"{'s' if len(shards) > 1 else ''} ({_listing(shards)})")
+
+
+def _listing(items: list[int], limit: int = 20) -> str:
+    return ", ".join(map(str, items[:limit])) + (" ..." if len(items) > limit else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifyReport:
-    """What ``verify`` found; ``ok`` only when every shard is complete and every valid row is sane."""
+    """What ``verify`` found; ``ok`` only when every shard is complete, intact and sane."""
 
     path: Path
     n_images: int
     n_shards: int
     incomplete_shards: list[int]
+    damaged: dict[int, list[str]]  # shard -> why it cannot be trusted (unreadable, checksum mismatch)
     nan_rows: dict[int, list[int]]  # layer -> rows holding NaN inside completed shards
     zero_rows: dict[int, list[int]]  # layer -> valid rows that are all zeros
     bad_labels: list[int]  # valid rows whose label is outside the class list
@@ -28,27 +39,35 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.incomplete_shards or any(self.nan_rows.values()) or any(self.zero_rows.values())
-                    or self.bad_labels or self.row_count_mismatch)
+        return not (self.incomplete_shards or self.damaged or any(self.nan_rows.values())
+                    or any(self.zero_rows.values()) or self.bad_labels or self.row_count_mismatch)
+
+    @property
+    def repairable(self) -> list[int]:
+        """Shards that recomputing fixes: the damaged ones (NaN or zero rows that match their digests
+        were written that way, and would be again)."""
+        return sorted(self.damaged)
 
     def lines(self) -> list[str]:
         out = [f"{self.path}: {self.n_images} images in {self.n_shards} shards"]
         if self.incomplete_shards:
-            shown = ", ".join(map(str, self.incomplete_shards[:20]))
-            more = " ..." if len(self.incomplete_shards) > 20 else ""
-            out.append(f"INCOMPLETE: {len(self.incomplete_shards)} shards never finished ({shown}{more}); "
-                       "rerun the same extract command to finish them")
+            out.append(f"INCOMPLETE: {len(self.incomplete_shards)} shards never finished "
+                       f"({_listing(self.incomplete_shards)}); rerun the command that wrote the store to finish them")
+        for shard, why in self.damaged.items():
+            out.append(f"DAMAGED: shard {shard}: {'; '.join(why)}")
         for kind, rows_by_layer in (("NaN", self.nan_rows), ("all-zero", self.zero_rows)):
             for layer, rows in rows_by_layer.items():
                 if rows:
                     out.append(f"BAD: layer {layer} has {len(rows)} {kind} rows in completed shards "
-                               f"(first: {rows[:10]}); re-extract with --overwrite")
+                               f"(first: {rows[:10]})")
         if self.bad_labels:
             out.append(f"BAD: {len(self.bad_labels)} rows have labels outside the class list (first: {self.bad_labels[:10]})")
         if self.row_count_mismatch:
             out.append(f"BAD: {self.row_count_mismatch}")
         if self.n_invalid:
             out.append(f"note: {self.n_invalid} rows are unreadable source images, marked invalid and skipped by readers")
+        if self.repairable:
+            out.append(_repair_line(self.path, self.repairable))
         out.append("OK" if self.ok else "FAILED")
         return out
 
@@ -60,71 +79,104 @@ class CodeVerifyReport:
     path: Path
     n_shards: int
     incomplete_shards: list[int]
-    problems: list[str]  # one line per damaged shard
+    damaged: dict[int, list[str]]  # shard -> what is wrong with it
 
     @property
     def ok(self) -> bool:
-        return not (self.incomplete_shards or self.problems)
+        return not (self.incomplete_shards or self.damaged)
+
+    @property
+    def repairable(self) -> list[int]:
+        return sorted(self.damaged)
 
     def lines(self) -> list[str]:
         out = [f"{self.path}: sparse codes in {self.n_shards} shards"]
         if self.incomplete_shards:
             out.append(f"INCOMPLETE: {len(self.incomplete_shards)} shards never encoded "
-                       f"({', '.join(map(str, self.incomplete_shards[:20]))}); rerun `pipeline encode`")
-        out += [f"BAD: {p}" for p in self.problems]
+                       f"({_listing(self.incomplete_shards)}); rerun `pipeline encode`")
+        out += [f"DAMAGED: shard {k}: {'; '.join(why)}" for k, why in self.damaged.items()]
+        if self.repairable:
+            out.append(_repair_line(self.path, self.repairable))
         out.append("OK" if self.ok else "FAILED")
         return out
 
 
+def _problem(err: UserError) -> str:
+    """The reason inside a reader's refusal ("shard 3 is damaged (REASON); ...")."""
+    text = str(err)
+    return text[text.find("(") + 1:text.rfind(");")] if "damaged (" in text else text
+
+
 def verify_codes(path: Path | str) -> CodeVerifyReport:
-    """Pointers monotone and sized to the shard, latent ids in range, values finite and positive."""
+    """Every completed shard readable and equal to its digest; pointers monotone and sized to the shard,
+    latent ids in range, values finite and positive."""
     from cache.codes import CodeStore
 
     codes = CodeStore(path)
-    problems = []
-    for k in np.flatnonzero(codes.done):
+    damaged: dict[int, list[str]] = {}
+    for k in map(int, np.flatnonzero(codes.done)):
         n_img = min(codes.images_per_shard, codes.n_images - k * codes.images_per_shard)
-        c = codes.read_shard(int(k))
+        try:
+            c = codes.read_shard(k)
+        except UserError as err:
+            damaged[k] = [_problem(err)]
+            continue
         if len(c.token_ptr) != n_img * codes.n_tokens + 1 or c.token_ptr[0] != 0 or np.any(np.diff(c.token_ptr) < 0):
-            problems.append(f"shard {k}: token pointers do not describe {n_img} images x {codes.n_tokens} tokens")
+            damaged[k] = [f"token pointers do not describe {n_img} images x {codes.n_tokens} tokens"]
         elif c.token_ptr[-1] != len(c.indices) or len(c.indices) != len(c.values):
-            problems.append(f"shard {k}: {c.token_ptr[-1]} entries announced, {len(c.indices)} stored")
+            damaged[k] = [f"{c.token_ptr[-1]} entries announced, {len(c.indices)} stored"]
         elif len(c.indices) and (c.indices.min() < 0 or c.indices.max() >= codes.d_sae):
-            problems.append(f"shard {k}: latent ids outside 0..{codes.d_sae - 1}")
+            damaged[k] = [f"latent ids outside 0..{codes.d_sae - 1}"]
         elif not (np.isfinite(c.values).all() and (c.values > 0).all()):
-            problems.append(f"shard {k}: values that are NaN, inf or not positive")
+            damaged[k] = ["values that are NaN, inf or not positive"]
     return CodeVerifyReport(path=codes.path, n_shards=codes.n_shards, incomplete_shards=codes.incomplete_shards(),
-                            problems=problems)
+                            damaged=damaged)
 
 
 def verify(path: Path | str) -> VerifyReport | CodeVerifyReport:
-    """Read every completed shard once and check it; memory is one shard of one layer."""
+    """Read every completed shard once, check it against its digests and for NaN/zero rows; memory is
+    one shard of one layer."""
     if _is_kind(Path(path), schema.KIND_CODES):
         return verify_codes(path)
     store = ActivationStore(path, mode="r")
     n = store.n_images
-    labels, valid, done = store.labels, store.valid, store.done
+    done = store.done
     lengths = {name: store.group[name].shape[0] for name in (schema.LABELS, schema.VALID, schema.IMAGE_IDS)}
     lengths.update({f"acts/{layer}": store.acts(layer).shape[0] for layer in store.layers})
+    empty: dict[int, list[int]] = {}
     if any(v != n for v in lengths.values()):  # rows cannot be checked against each other
         return VerifyReport(path=store.path, n_images=n, n_shards=store.n_shards,
-                            incomplete_shards=store.incomplete_shards(), nan_rows={}, zero_rows={}, bad_labels=[],
-                            row_count_mismatch=f"row counts disagree with n_images={n}: {lengths}", n_invalid=0)
+                            incomplete_shards=store.incomplete_shards(), damaged={}, nan_rows=empty,
+                            zero_rows=empty, bad_labels=[], n_invalid=0,
+                            row_count_mismatch=f"row counts disagree with n_images={n}: {lengths}")
+    damaged: dict[int, list[str]] = {}
     nan_rows: dict[int, list[int]] = {layer: [] for layer in store.layers}
     zero_rows: dict[int, list[int]] = {layer: [] for layer in store.layers}
-    for shard in np.flatnonzero(done):
-        sl = store.shard_slice(int(shard))
+    labels = np.full(n, -1, np.int64)
+    valid = np.zeros(n, bool)
+    for shard in map(int, np.flatnonzero(done)):
+        sl = store.shard_slice(shard)
+        try:
+            labels[sl], valid[sl] = store.group[schema.LABELS][sl], store.group[schema.VALID][sl]
+            store.check_labels(shard, labels[sl], valid[sl].astype(np.uint8))
+        except Exception as err:  # noqa: BLE001 - zarr/zstd errors of a damaged chunk, or our refusal
+            damaged.setdefault(shard, []).append(_problem(err) if isinstance(err, UserError) else
+                                                 f"labels or valid flags cannot be read: {type(err).__name__}")
         for layer in store.layers:
-            acts_NTD = store.acts(layer)[sl]
+            try:
+                acts_NTD = store.read(layer, sl.start, sl.stop)
+            except UserError as err:
+                damaged.setdefault(shard, []).append(_problem(err))
+                continue
             rows = np.arange(sl.start, sl.stop)
             nan_rows[layer] += rows[np.isnan(acts_NTD).any(axis=(1, 2))].tolist()
-            zero = ~acts_NTD.any(axis=(1, 2)) & valid[sl]
-            zero_rows[layer] += rows[zero].tolist()
+            zero_rows[layer] += rows[~acts_NTD.any(axis=(1, 2)) & valid[sl]].tolist()
     in_done = np.repeat(done, store.images_per_shard)[:n]
     bad_labels = np.flatnonzero(in_done & valid & ((labels < 0) | (labels >= len(store.class_names)))).tolist()
     return VerifyReport(path=store.path, n_images=n, n_shards=store.n_shards,
-                        incomplete_shards=store.incomplete_shards(), nan_rows=nan_rows, zero_rows=zero_rows,
-                        bad_labels=bad_labels, row_count_mismatch=None, n_invalid=int((in_done & ~valid).sum()))
+                        incomplete_shards=store.incomplete_shards(), damaged=damaged, nan_rows=nan_rows,
+                        zero_rows=zero_rows, bad_labels=bad_labels, row_count_mismatch=None,
+                        n_invalid=int((in_done & ~valid).sum()))
 
 
 def _sample_rows(store: ActivationStore, max_chunks: int) -> list[slice]:

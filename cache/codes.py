@@ -10,8 +10,9 @@ activation store map one to one onto code shards. Shard ``k`` is a group
 - ``values`` float32 ``(nnz,)``: their activations (the SAE's ``encode`` output).
 
 Since the number of nonzeros is unknown until a shard is encoded, each shard's arrays are
-created by the one process that writes it, and ``done[k]`` is set only afterwards; a killed
-shard is rewritten whole by the next run.
+created by the one process that writes it, then its digest is recorded in ``checksums[k]``
+and ``done[k]`` is set; a killed shard is rewritten whole by the next run, and every read of
+a shard is checked against its digest.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
 from cache import schema
+from cache.digest import digest
 from cache.errors import UserError
 from cache.store import _clear_dir, _creating, _cut_short, _is_kind
 
@@ -86,6 +88,8 @@ class CodeStore:
         with _creating(path) as group:
             group.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
                                compressors=None)
+            group.create_array(schema.CHECKSUMS, shape=(n_shards,), chunks=(1,), dtype="uint64", fill_value=0,
+                               compressors=None)
             group.attrs.update({**attrs, schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
                                 schema.ATTR_KIND: schema.KIND_CODES, schema.ATTR_CONFIG_SHA256: identity,
                                 schema.ATTR_N_IMAGES: n_images, "n_tokens": n_tokens, "d_sae": d_sae,
@@ -132,11 +136,29 @@ class CodeStore:
             arr = getattr(codes, name)
             g.create_array(name, shape=arr.shape, chunks=(max(1, min(len(arr), 2**20)),), dtype=arr.dtype,
                            compressors=ZstdCodec(level=3), overwrite=True)[:] = arr
+        self.group[schema.CHECKSUMS][k] = digest(*(getattr(codes, name) for name in schema.CODES_ARRAYS))
         self.group[schema.DONE][k] = 1
 
+    def invalidate(self, shards: list[int]) -> None:
+        """Mark shards incomplete, so the next `pipeline encode` into this store recomputes them."""
+        for k in shards:
+            self.group[schema.DONE][int(k)] = 0
+
     def read_shard(self, k: int) -> ShardCodes:
-        g = self.group[shard_group(k)]
-        return ShardCodes(*(g[name][:] for name in schema.CODES_ARRAYS))
+        """Shard ``k``'s codes, checked against the digest recorded when it was written."""
+        try:
+            g = self.group[shard_group(k)]
+            codes = ShardCodes(*(g[name][:] for name in schema.CODES_ARRAYS))
+            recorded = int(self.group[schema.CHECKSUMS][k])
+        except Exception as err:  # noqa: BLE001 - a damaged chunk raises anything from zarr or zstd
+            self._damaged(k, f"it cannot be read: {type(err).__name__}: {err}")
+        if digest(codes.token_ptr, codes.indices, codes.values) != recorded:
+            self._damaged(k, "its content does not match its checksum")
+        return codes
+
+    def _damaged(self, k: int, why: str) -> NoReturn:
+        raise UserError(f"{self.path}: shard {k} is damaged ({why}); `pipeline repair {self.path}` "
+                        "recomputes the damaged shards")
 
     def image(self, i: int) -> np.ndarray:
         """Dense ``(T, S)`` float32 codes of image ``i``: one shard's pointers and one slice read."""

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from cache.errors import UserError
-from cache.shardfile import read_rows
 from cache.store import ActivationStore
 
 TOKEN_KINDS = ("all", "patches", "cls")
@@ -111,10 +110,10 @@ class TokenLoader:
             rows = self.rows[start:stop]
             if every_token and rows.all():  # the common case: straight from the file into the window
                 n = (stop - start) * t
-                read_rows(self.array, start, stop, out=buf_ND[pos:pos + n].reshape(stop - start, t, d))
+                self.store.read(self.cfg.layer, start, stop, out=buf_ND[pos:pos + n].reshape(stop - start, t, d))
                 pos += n
                 continue
-            acts_NTD = read_rows(self.array, start, stop)[rows][:, self.tokens_T]
+            acts_NTD = self.store.read(self.cfg.layer, start, stop)[rows][:, self.tokens_T]
             n = acts_NTD.shape[0] * acts_NTD.shape[1]
             buf_ND[pos:pos + n] = acts_NTD.reshape(n, d)
             pos += n

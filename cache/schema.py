@@ -4,7 +4,7 @@ FORMAT.md beside this file is the normative description; ``tests/cache/test_form
 fails if a name below is missing from it or the document names something not listed here.
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever an array, attribute or layout below changes meaning; readers refuse other versions."""
 
 KIND_ACTIVATIONS = "activations"
@@ -21,8 +21,10 @@ LABELS = "labels"
 IMAGE_IDS = "image_ids"
 VALID = "valid"
 DONE = "done"
+CHECKSUMS = "checksums"
+"""xxh3-64 digests of every chunk's content, written with its shard; readers check what they read."""
 
-ARRAYS = (ACTS_GROUP, LABELS, IMAGE_IDS, VALID, DONE)
+ARRAYS = (ACTS_GROUP, LABELS, IMAGE_IDS, VALID, DONE, CHECKSUMS)
 
 # Group attributes.
 ATTR_FORMAT_VERSION = "format_version"
@@ -40,6 +42,8 @@ ATTR_IMAGES_PER_CHUNK = "images_per_chunk"
 ATTR_IMAGES_PER_SHARD = "images_per_shard"
 ATTR_VERSIONS = "versions"
 ATTR_SKIPPED = "skipped_images"
+ATTR_WRITER = "writer"
+"""The command that created the store (stage, settings, working folder): what `pipeline repair` reruns."""
 
 ATTRS = (
     ATTR_FORMAT_VERSION,
@@ -57,6 +61,7 @@ ATTRS = (
     ATTR_IMAGES_PER_SHARD,
     ATTR_VERSIONS,
     ATTR_SKIPPED,
+    ATTR_WRITER,
 )
 
 LOCK_FILE = ".lock"

@@ -3,6 +3,8 @@
 Layout and meaning of every array and attribute: FORMAT.md beside this file.
 Crash safety comes from three rules: arrays are created full size with a NaN fill, a shard
 is written in one write per array, and its ``done`` flag is set only after those writes.
+Integrity comes from a fourth: each chunk's content digest is recorded with its shard, and
+every read checks the chunks it returns.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
 from cache import schema
+from cache.digest import digest
 from cache.errors import UserError
-from cache.shardfile import write_rows
+from cache.shardfile import read_rows, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +278,8 @@ def _create(group: zarr.Group, spec: StoreSpec) -> None:
                        compressors=ZstdCodec(), dimension_names=("N",))
     group.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
                        compressors=None, dimension_names=("shard",))
+    group.create_array(schema.CHECKSUMS, shape=(-(-n // c), len(spec.layers) + 1), chunks=(s // c, len(spec.layers) + 1),
+                       dtype="uint64", fill_value=0, compressors=None, dimension_names=("chunk", "array"))
     ids = group.create_array(schema.IMAGE_IDS, shape=(n,), chunks=(s,), dtype=str,
                              compressors=ZstdCodec(), dimension_names=("N",))
     ids[:] = np.asarray(list(spec.image_ids), dtype=object)
@@ -312,6 +317,8 @@ class ActivationStore:
                 f"{self.path} uses store format {version}, this pipeline reads format "
                 f"{schema.FORMAT_VERSION}; re-extract it with this version")
         self.attrs: dict[str, Any] = attrs
+        self._sums: np.ndarray | None = None
+        self._meta: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- metadata -----------------------------------------------------------------
     @property
@@ -363,11 +370,85 @@ class ActivationStore:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group[schema.LABELS][:]
+        return self._labels_valid()[0]
 
     @property
     def valid(self) -> np.ndarray:
-        return self.group[schema.VALID][:].astype(bool)
+        return self._labels_valid()[1].astype(bool)
+
+    def _labels_valid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's label and valid flag, checked against the digests of completed shards."""
+        if self._meta is None:
+            try:
+                labels, valid = self.group[schema.LABELS][:], self.group[schema.VALID][:]
+            except Exception:  # noqa: BLE001 - name the damaged shard
+                for k in range(self.n_shards):
+                    self.check_labels(k)
+                raise
+            for k in np.flatnonzero(self.done):
+                self.check_labels(int(k), labels[self.shard_slice(int(k))], valid[self.shard_slice(int(k))])
+            self._meta = labels, valid
+        return self._meta
+
+    def check_labels(self, shard: int, labels_N: np.ndarray | None = None, valid_N: np.ndarray | None = None) -> None:
+        """Refuse a shard whose labels or valid flags cannot be read or do not match their digests."""
+        sl, c = self.shard_slice(shard), self.images_per_chunk
+        try:
+            if labels_N is None:
+                labels_N, valid_N = self.group[schema.LABELS][sl], self.group[schema.VALID][sl]
+        except Exception as err:  # noqa: BLE001 - a truncated or overwritten chunk raises anything
+            self._damaged(sl.start // c, f"its labels or valid flags cannot be read: {type(err).__name__}")
+        sums = self.checksums[sl.start // c:, -1]
+        for i in range(0, len(labels_N), c):
+            if digest(labels_N[i:i + c], valid_N[i:i + c]) != sums[i // c]:
+                self._damaged(sl.start // c, "its labels or valid flags do not match their checksum")
+
+    @property
+    def checksums(self) -> np.ndarray:
+        """``(n_chunks, n_layers + 1)`` digests: one column per layer (``layers`` order), then labels+valid."""
+        if self._sums is None:
+            array = self.group[schema.CHECKSUMS]
+            try:
+                self._sums = array[:]
+            except Exception:  # noqa: BLE001 - a damaged chunk: read shard by shard, its shards' digests
+                self._sums = np.zeros(array.shape, np.uint64)  # stay 0 and so never match (p = 2^-64)
+                for lo in range(0, array.shape[0], array.chunks[0]):
+                    with contextlib.suppress(Exception):
+                        self._sums[lo:lo + array.chunks[0]] = array[lo:lo + array.chunks[0]]
+        return self._sums
+
+    def _damaged(self, chunk: int, why: str) -> NoReturn:
+        shard = chunk * self.images_per_chunk // self.images_per_shard
+        raise UserError(f"{self.path}: shard {shard} is damaged ({why}); `pipeline repair {self.path}` "
+                        "recomputes the damaged shards")
+
+    def read(self, layer: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (whole chunks) of a layer's activations, each chunk checked against its digest.
+
+        With ``out`` (C-contiguous, shaped like the rows) the bytes land there without a copy.
+        """
+        c = self.images_per_chunk
+        if start % c or (stop % c and stop != self.n_images):
+            raise ValueError(f"rows {start}:{stop} are not whole chunks of {c} images")
+        array, column = self.acts(layer), self.layers.index(layer)
+        shard_rows = self.images_per_shard
+        if out is None:
+            out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+        lo = start
+        while lo < stop:  # one shard (one file) per read
+            hi = min(stop, (lo // shard_rows + 1) * shard_rows)
+            try:
+                read_rows(array, lo, hi, out=out[lo - start:hi - start])
+            except Exception as err:  # noqa: BLE001 - a truncated or overwritten file raises anything
+                self._damaged(lo // c, f"layer {layer} cannot be read: {type(err).__name__}: {err}")
+            lo = hi
+        sums = self.checksums
+        for j in range(start // c, -(-stop // c)):
+            rows = out[j * c - start:min((j + 1) * c, stop) - start]
+            if digest(rows) != sums[j, column]:
+                self._damaged(j, f"layer {layer}, images {j * c}..{j * c + len(rows) - 1} do not match "
+                                 "their checksum")
+        return out
 
     @property
     def done(self) -> np.ndarray:
@@ -395,16 +476,30 @@ class ActivationStore:
     # -- writing --------------------------------------------------------------------
     def write_shard(self, shard: int, acts_by_layer: Mapping[int, np.ndarray],
                     labels_N: np.ndarray, valid_N: np.ndarray) -> None:
-        """Write one whole shard (one write per array), then mark it complete."""
+        """Write one whole shard (one write per array) and its chunks' digests, then mark it complete."""
         sl = self.shard_slice(shard)
-        n = sl.stop - sl.start
-        for layer, acts_NTD in acts_by_layer.items():
+        n, c = sl.stop - sl.start, self.images_per_chunk
+        if set(acts_by_layer) != set(self.layers):
+            raise ValueError(f"shard {shard} holds layers {sorted(acts_by_layer)}, the store {self.layers}")
+        labels_N, valid_N = np.asarray(labels_N, np.int64), np.asarray(valid_N).astype(np.uint8)
+        sums = np.zeros((-(-n // c), len(self.layers) + 1), np.uint64)
+        for column, layer in enumerate(self.layers):
+            acts_NTD = np.asarray(acts_by_layer[layer], dtype=schema.ACTS_DTYPE)
             if acts_NTD.shape[0] != n:
                 raise ValueError(f"shard {shard} of layer {layer} has {acts_NTD.shape[0]} rows, expected {n}")
             write_rows(self.acts(layer), sl.start, acts_NTD)
+            sums[:, column] = [digest(acts_NTD[i:i + c]) for i in range(0, n, c)]
+        sums[:, -1] = [digest(labels_N[i:i + c], valid_N[i:i + c]) for i in range(0, n, c)]
         self.group[schema.LABELS][sl] = labels_N
-        self.group[schema.VALID][sl] = valid_N.astype(np.uint8)
+        self.group[schema.VALID][sl] = valid_N
+        self.group[schema.CHECKSUMS][sl.start // c:sl.start // c + len(sums)] = sums
         self.group[schema.DONE][shard] = 1
+
+    def invalidate(self, shards: Sequence[int]) -> None:
+        """Mark shards incomplete, so the next run of the command that wrote the store recomputes them."""
+        done = self.group[schema.DONE]
+        for k in shards:
+            done[int(k)] = 0
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update group attributes; only the single process holding the lock may call this."""

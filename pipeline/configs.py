@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import os
 import textwrap
 import tokenize
 import types
@@ -98,6 +99,19 @@ def fields(config: type) -> tuple[Field, ...]:
 
 def identity_fields(config: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(config) if f.identity)
+
+
+def writer_record(stage: str, cfg: Any) -> dict[str, Any]:
+    """What `pipeline repair` reruns to recompute a store's damaged shards: the stage, its config's
+    identity fields (what defines the content; the other fields only change how fast) and the
+    folder its relative paths start from."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {"stage": stage, "cwd": os.getcwd(),
+            "config": {name: plain(getattr(cfg, name)) for name in identity_fields(type(cfg))}}
 
 
 def _field_comments(config: type) -> dict[str, str]:

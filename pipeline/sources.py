@@ -49,14 +49,14 @@ class CacheSource:
         want = np.zeros(self.n_rows, bool)
         want[rows] = True
         want &= self.valid
-        acts = self.store.acts(self.layer)
-        step = max(batch_size, self.store.images_per_chunk)  # whole chunks per read
+        c = self.store.images_per_chunk
+        step = -(-batch_size // c) * c  # whole chunks per read, each checked against its digest
         for start in range(0, self.n_rows, step):
             stop = min(start + step, self.n_rows)
             keep = np.flatnonzero(want[start:stop])
             if not len(keep):
                 continue
-            block = acts[start:stop]
+            block = self.store.read(self.layer, start, stop)
             for s in range(0, len(keep), batch_size):
                 local = keep[s:s + batch_size]
                 x = torch.from_numpy(np.ascontiguousarray(block[local])).to(torch.float32)

@@ -22,7 +22,7 @@ from cache.codes import CodeStore, ShardCodes
 from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
-from pipeline.configs import Stage
+from pipeline.configs import Stage, writer_record
 from pipeline.models import file_sha256, resolve_device
 from pipeline.sae import SAE, Codes, load_sae
 
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    cache_dir: Path  # activation store to encode
-    sae_dir: Path  # trained SAE folder (config.json + weights.safetensors)
+    cache_dir: Path  # identity: activation store to encode
+    sae_dir: Path  # identity: trained SAE folder (config.json + weights.safetensors)
     out_dir: Path  # code store to create or resume
     batch_tokens: int | None = None  # tokens per SAE forward; default keeps a dense batch near 256 MB
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
@@ -123,14 +123,14 @@ def run(cfg: Config) -> Outputs:
              "sae_dir": str(cfg.sae_dir.resolve()), "sae_weights_sha256": weights_sha,
              "sae_config": sae.config.to_dict(), "class_names": store.class_names,
              "token_layout": store.token_layout,
-             "values": "SAE codes as returned by encode (the SAE's normalised units)"}
+             "values": "SAE codes as returned by encode (the SAE's normalised units)",
+             schema.ATTR_WRITER: writer_record("encode", cfg)}
     t = store.n_tokens
     with StoreLock(cfg.out_dir):
         codes = CodeStore.create_or_resume(cfg.out_dir, n_images=store.n_images, n_tokens=t, d_sae=d_sae,
                                            images_per_shard=store.images_per_shard, attrs=attrs,
                                            identity=identity, overwrite=cfg.overwrite)
         pending = codes.incomplete_shards()
-        acts = store.acts(layer)
         valid = store.valid
         n_pending = sum(store.shard_slice(k).stop - store.shard_slice(k).start for k in pending)
         bar = tqdm(total=n_pending * t, unit="tok", unit_scale=True, desc=f"encode {cfg.out_dir.name}",
@@ -138,7 +138,7 @@ def run(cfg: Config) -> Outputs:
         with BackgroundWriter(codes.write_shard) as writer, torch.inference_mode():
             for k in pending:
                 sl = store.shard_slice(k)
-                x_ND = torch.from_numpy(acts[sl]).reshape(-1, store.d_model)
+                x_ND = torch.from_numpy(store.read(layer, sl.start, sl.stop)).reshape(-1, store.d_model)
                 keep_N = torch.from_numpy(np.repeat(valid[sl], t))
                 parts = []
                 for s in range(0, len(x_ND), batch_tokens):

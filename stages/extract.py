@@ -31,7 +31,7 @@ from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.writer import BackgroundWriter
 from pipeline import maple
-from pipeline.configs import Option, Stage
+from pipeline.configs import Option, Stage, writer_record
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.models import LoadedModel, load_model
 from pipeline.world import TASKS, held_out_of
@@ -183,6 +183,7 @@ def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
                               "limit": cfg.limit, "seed": cfg.seed,
                               **({"world": images.world} if images.world is not None else {})},
         schema.ATTR_VERSIONS: _versions(),
+        schema.ATTR_WRITER: writer_record("extract", cfg),
     }
     return StoreSpec(layers=cfg.layers, n_tokens=model.n_tokens, d_model=model.width,
                      image_ids=images.image_ids, class_names=images.class_names,

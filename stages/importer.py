@@ -19,7 +19,7 @@ import numpy as np
 from cache import schema
 from cache.errors import UserError
 from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
-from pipeline.configs import Option, Stage
+from pipeline.configs import Option, Stage, writer_record
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,18 @@ class Config:
 
     OPTIONS: ClassVar = {"source_path": Option("SOURCE"), "n_prefix_tokens": Option("--prefix-tokens")}
 
-    source_path: Path  # .npy, .npz or raw file
+    source_path: Path  # identity: .npy, .npz or raw file
     out_dir: Path  # store directory to create or resume
-    shape: tuple[int, ...] | None = None  # raw files: n,d (tokens) or n,t,d (images x tokens)
-    dtype: str = "float16"  # raw files only: element type
-    key: str | None = None  # .npz only: which array (default: the only one)
-    labels_path: Path | None = None  # .npy of one integer label per row
-    class_names: tuple[str, ...] = ()  # comma-separated names of the labels (default: class_0, class_1, ...)
-    n_prefix_tokens: int | None = None  # tokens before the patches (default 1 = class token first for n,t,d; 0 for n,d)
-    layer: int = 0  # block index to file the activations under
-    model: str = "imported"  # name of the model that produced them, recorded in the store
-    images_per_chunk: int | None = None  # rows per Zarr chunk (default: ~3 MB chunks)
-    images_per_shard: int | None = None  # rows per shard file (default: ~64 MB shards)
+    shape: tuple[int, ...] | None = None  # identity: raw files: n,d (tokens) or n,t,d (images x tokens)
+    dtype: str = "float16"  # identity: raw files only: element type
+    key: str | None = None  # identity: .npz only: which array (default: the only one)
+    labels_path: Path | None = None  # identity: .npy of one integer label per row
+    class_names: tuple[str, ...] = ()  # identity: comma-separated names of the labels (default: class_0, class_1, ...)
+    n_prefix_tokens: int | None = None  # identity: tokens before the patches (default 1 = class token first for n,t,d; 0 for n,d)
+    layer: int = 0  # identity: block index to file the activations under
+    model: str = "imported"  # identity: name of the model that produced them, recorded in the store
+    images_per_chunk: int | None = None  # identity: rows per Zarr chunk (default: ~3 MB chunks)
+    images_per_shard: int | None = None  # identity: rows per shard file (default: ~64 MB shards)
     overwrite: bool = False  # replace a store written from another source
 
 
@@ -124,7 +124,8 @@ def run(cfg: Config) -> Outputs:
                                    "layer_convention": "as given to pipeline import"},
                schema.ATTR_TOKEN_LAYOUT: layout, schema.ATTR_PREPROCESS: {},
                schema.ATTR_DATASET: {"name": "imported", "split": "all", "root": str(src), "limit": None, "seed": 0},
-               schema.ATTR_VERSIONS: {"numpy": np.__version__}})
+               schema.ATTR_VERSIONS: {"numpy": np.__version__},
+               schema.ATTR_WRITER: writer_record("import", cfg)})
     with StoreLock(cfg.out_dir):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         for s in store.incomplete_shards():

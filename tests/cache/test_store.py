@@ -46,19 +46,34 @@ def test_plan_layout_for_vit_b16():
     assert (chunk, shard) == (10, 220)  # 3.0 MB chunks, 66.6 MB shards
 
 
-def test_verify_flags_nan_and_zero_rows_and_bad_labels(tiny_store):
+def test_verify_flags_nan_and_zero_rows_and_bad_labels_the_writer_wrote(tiny_store):
+    """Rows that match their digests were written that way: reported, but not as damage to repair."""
     assert verify(tiny_store).ok
-    group = zarr.open_group(tiny_store, mode="r+")
-    acts = group[schema.acts_path(3)]
-    acts[5] = np.full(acts.shape[1:], np.nan, np.float16)
-    acts[20] = np.zeros(acts.shape[1:], np.float16)
-    group[schema.LABELS][30] = 99
+    store = ActivationStore(tiny_store)
+    sl = store.shard_slice(1)
+    acts = {layer: store.read(layer, sl.start, sl.stop) for layer in store.layers}
+    acts[3][21 - sl.start] = np.nan
+    acts[3][20 - sl.start] = 0
+    labels = store.labels[sl].copy()
+    labels[30 - sl.start] = 99
+    store.write_shard(1, acts, labels, store.valid[sl])
     report = verify(tiny_store)
-    assert not report.ok
-    assert report.nan_rows[3] == [5] and report.zero_rows[3] == [20] and report.bad_labels == [30]
+    assert not report.ok and report.damaged == {} and report.repairable == []
+    assert report.nan_rows[3] == [21] and report.zero_rows[3] == [20] and report.bad_labels == [30]
     assert report.nan_rows[1] == [] and report.zero_rows[1] == []
     result = CliRunner().invoke(main, ["verify", str(tiny_store)])
     assert result.exit_code == 1 and "NaN rows" in result.output and "FAILED" in result.output
+
+
+def test_verify_reports_rows_changed_behind_the_writer_as_damaged(tiny_store):
+    group = zarr.open_group(tiny_store, mode="r+")
+    group[schema.acts_path(3)][21] = np.zeros(group[schema.acts_path(3)].shape[1:], np.float16)
+    group[schema.LABELS][40] = 1 - group[schema.LABELS][40]
+    report = verify(tiny_store)
+    assert sorted(report.damaged) == [1, 2] and report.repairable == [1, 2]
+    assert "layer 3, images 20..23 do not match their checksum" in report.damaged[1][0]
+    assert "labels or valid flags do not match" in report.damaged[2][0]
+    assert f"pipeline repair {tiny_store}" in report.lines()[-2]
 
 
 def test_verify_flags_incomplete_shards(tiny_store):
