@@ -9,7 +9,6 @@ the repaired store equals one that was never damaged, byte for byte.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import stages

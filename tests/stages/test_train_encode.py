@@ -155,9 +155,14 @@ def test_encode_resumes_and_verify_flags_damage(planted, tmp_path):
     encode.run(enc)
     after = CodeStore(enc.out_dir).read_shard(3)
     assert all(np.array_equal(getattr(before, f), getattr(after, f)) for f in ("token_ptr", "indices", "values"))
-    codes.group["shards/000002/indices"][0] = 10_000
+    codes.group["shards/000002/indices"][0] = 10_000  # behind the writer's back: the digest no longer matches
     report = verify(enc.out_dir)
-    assert not report.ok and "latent ids outside" in report.problems[0]
+    assert not report.ok and "does not match its checksum" in report.damaged[2][0] and report.repairable == [2]
+    shard = codes.read_shard(1)  # written so by the writer (digest matches): a structural check catches it
+    shard.indices[0] = 10_000
+    codes.write_shard(1, shard)
+    report = verify(enc.out_dir)
+    assert "latent ids outside" in report.damaged[1][0]
 
 
 def test_refusals(planted, tmp_path):
