@@ -319,6 +319,7 @@ class ActivationStore:
         self.attrs: dict[str, Any] = attrs
         self._sums: np.ndarray | None = None
         self._meta: tuple[np.ndarray, np.ndarray] | None = None
+        self._arrays: dict[int, zarr.Array] = {}
 
     # -- metadata -----------------------------------------------------------------
     @property
@@ -366,7 +367,9 @@ class ActivationStore:
         if layer not in self.layers:
             raise UserError(f"layer {layer} is not in {self.path} (it holds layers "
                             f"{self.layers}); extract it with --layers")
-        return self.group[schema.acts_path(layer)]
+        if layer not in self._arrays:  # opening reads and parses its metadata: once per store object
+            self._arrays[layer] = self.group[schema.acts_path(layer)]
+        return self._arrays[layer]
 
     @property
     def labels(self) -> np.ndarray:
