@@ -1,8 +1,14 @@
-"""Issue #18: bad input and a hostile disk end in one `error:` line (exit status 2) and leave nothing behind."""
+"""Issue #18: bad input and a hostile disk end in one `error:` line (exit status 2) and leave nothing behind.
+
+The disk faults run on a small tmpfs mounted for the test (read-only, or too small); where mounting is
+not allowed (not root) those tests are skipped with the reason.
+"""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN_ARGS = ["--layer", "1", "--expansion", "2", "--tokens", "2000", "--batch-images", "4", "--device", "cpu",
               "--no-progress"]
+WRITERS = ("extract", "import", "train", "encode", "stats")
 
 
 def _cli(*args: object) -> tuple[int, str]:
@@ -44,6 +51,26 @@ def made(tmp_path_factory) -> dict[str, Path]:
         code, output = _cli(*_writer(made, command), "--out", out)
         assert code == 0, output
     return made
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
+    """``tmpfs(size, mode="rw")`` mounts a fresh tmpfs of ``size`` (e.g. "64k") and returns its folder."""
+    mounted: list[Path] = []
+
+    def mount(size: str, mode: str = "rw") -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},{mode}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,3 +108,25 @@ def test_a_corrupt_trainer_state_is_one_safe_line(made, tmp_path):
     code, output = _cli(*_writer(made, "train"), "--out", run)
     assert_one_line_error(code, output, TRAINER_NAME, "--overwrite")
     assert "weights_only" not in output
+
+
+# ---------------------------------------------------------------------------------------
+# 2, 3. --out that is a file, under a file, or on a read-only file system
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
+@pytest.mark.parametrize("command", WRITERS)
+def test_out_that_is_a_file_or_under_one(made, tmp_path, command, under):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("precious")
+    code, output = _cli(*_writer(made, command), "--out", blocker / "store" if under else blocker)
+    assert_one_line_error(code, output, f"{blocker} is a file", "--out")
+    assert blocker.read_text() == "precious" and list(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_out_on_a_read_only_file_system(made, tmpfs, command):
+    disk = tmpfs("1m", "ro")
+    code, output = _cli(*_writer(made, command), "--out", disk / "out")
+    assert_one_line_error(code, output, f"{disk / 'out'} cannot be written", "read-only", "another --out")
+    assert list(disk.iterdir()) == []
