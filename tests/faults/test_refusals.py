@@ -130,3 +130,53 @@ def test_out_on_a_read_only_file_system(made, tmpfs, command):
     code, output = _cli(*_writer(made, command), "--out", disk / "out")
     assert_one_line_error(code, output, f"{disk / 'out'} cannot be written", "read-only", "another --out")
     assert list(disk.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# 6, 7. pipeline import: pickles, non-numbers, NaN rows, no rows
+
+
+def _objects_npz(path: Path) -> None:
+    np.savez(path, x=np.array([{"a": 1}, None], dtype=object))
+
+
+@pytest.mark.parametrize("name, write, needle", [
+    ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object)), "not a .npy array of numbers"),
+    ("objects.npz", _objects_npz, "not a .npz archive of numbers"),
+    ("notes.npy", lambda p: p.write_text("0.1 0.2 0.3\n"), "not a .npy array of numbers"),
+    ("complex.npy", lambda p: np.save(p, np.ones((4, 3), np.complex64)), "complex64"),
+])
+def test_import_refuses_pickles_and_values_that_are_not_real_numbers(tmp_path, name, write, needle):
+    write(tmp_path / name)
+    code, output = _cli("import", tmp_path / name, "--out", tmp_path / "store")
+    assert_one_line_error(code, output, needle)
+    assert "allow_pickle" not in output and not (tmp_path / "store").exists()
+
+
+def test_a_refused_nan_import_names_the_bad_rows_and_leaves_nothing(tmp_path):
+    acts = np.ones((50, 3), np.float32)
+    acts[3, 1] = np.nan
+    acts[40, 0] = 1e6  # beyond float16
+    np.save(tmp_path / "a.npy", acts)
+    code, output = _cli("import", tmp_path / "a.npy", "--out", tmp_path / "store")
+    assert_one_line_error(code, output, "2 rows of", "rows 3, 40", "NaN/inf")
+    assert not (tmp_path / "store").exists()
+    acts[3, 1] = acts[40, 0] = 0
+    np.save(tmp_path / "clean.npy", acts)
+    code, output = _cli("import", tmp_path / "clean.npy", "--out", tmp_path / "store")
+    assert code == 0, output
+
+
+def test_many_bad_rows_are_counted_and_the_first_ones_named(tmp_path):
+    acts = np.ones((100, 3), np.float32)
+    acts[10:30] = np.inf
+    np.save(tmp_path / "a.npy", acts)
+    code, output = _cli("import", tmp_path / "a.npy", "--out", tmp_path / "store")
+    assert_one_line_error(code, output, "20 rows of", "rows 10, 11, 12, 13, 14, ...")
+
+
+def test_importing_no_rows_is_refused(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5, 8), np.float16))
+    code, output = _cli("import", tmp_path / "empty.npy", "--out", tmp_path / "store")
+    assert_one_line_error(code, output, "holds no rows")
+    assert not (tmp_path / "store").exists()
