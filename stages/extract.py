@@ -110,6 +110,9 @@ class Outputs:
     norms: dict[str, Any]  # per-layer L2-norm statistics per token kind
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises for a corrupt file or one that is no image
+
+
 class _SafeImages(Dataset):
     """Yields ``(image, label, ok)``; an unreadable image gives a zero image and ok=False."""
 
@@ -123,9 +126,23 @@ class _SafeImages(Dataset):
         try:
             image, label = self.data[i]
             return image, int(label), True
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt files
+        except UNREADABLE as err:
             log.warning("skipping unreadable image %d: %s", i, str(err).splitlines()[0])
             return torch.zeros(3, self.image_size, self.image_size), -1, False
+
+
+def _require_a_readable_image(images: ImageSet) -> None:
+    """Refuse, before anything is written, a dataset none of whose images can be read (a store of
+    invalid rows would only fail later, in train). Stops at the first good image, so a usual dataset
+    costs one read; unreadable images among good ones stay rows marked invalid."""
+    for i in range(len(images)):
+        try:
+            images.dataset[i]
+            return
+        except UNREADABLE:
+            continue
+    raise UserError(f"none of the {len(images)} images under {images.root} can be read (corrupt files, or files that "
+                    "are not images); check them, e.g. open one with PIL, or point --root at another folder")
 
 
 def _shard_batches(store: ActivationStore, shards: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -292,6 +309,7 @@ def run(cfg: Config) -> Outputs:
     """Extract (or finish extracting) the store described by ``cfg``."""
     started = time.perf_counter()
     model, images, tap = _open(cfg)
+    _require_a_readable_image(images)
     spec = _spec(cfg, model, images)
     with StoreLock(cfg.out_dir):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)

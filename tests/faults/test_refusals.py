@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from app.cli import main
 from pipeline.sae.io import TRAINER_NAME
-from tests.helpers import TINY_ARGS, assert_one_line_error, with_options
+from tests.helpers import TINY, TINY_ARGS, assert_one_line_error, with_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,4 +179,20 @@ def test_importing_no_rows_is_refused(tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 5, 8), np.float16))
     code, output = _cli("import", tmp_path / "empty.npy", "--out", tmp_path / "store")
     assert_one_line_error(code, output, "holds no rows")
+    assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 8. A folder none of whose images can be read
+
+
+def test_a_folder_of_only_unreadable_images_is_refused(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"{i}.jpg").write_bytes(b"not a picture")
+    code, output = _cli("extract", "--dataset", "imagefolder", "--root", root, "--model", TINY, "--pretrained", "none",
+                        "--layers", "1", "--device", "cpu", "--no-progress", "--out", tmp_path / "store")
+    assert_one_line_error(code, output, "none of the 6 images", str(root.resolve()))
     assert not (tmp_path / "store").exists()
