@@ -97,6 +97,11 @@ class Config:
             raise UserError("--tokens and --batch-images must be at least 1")
         if self.expansion <= 0:
             raise UserError(f"--expansion must be positive (got {self.expansion})")
+        if self.max_val_tokens < 1:  # checked here: validation runs only after the whole training
+            raise UserError(f"--max-val-tokens must be at least 1 (got {self.max_val_tokens})")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise UserError(f"--early-stop-patience must be at least 1 (got {self.early_stop_patience}); "
+                            "leave it out to train the whole --tokens budget")
 
     def identity(self) -> dict[str, Any]:
         """The fields marked 'identity', in declaration order."""

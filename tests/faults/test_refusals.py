@@ -196,3 +196,16 @@ def test_a_folder_of_only_unreadable_images_is_refused(tmp_path):
                         "--layers", "1", "--device", "cpu", "--no-progress", "--out", tmp_path / "store")
     assert_one_line_error(code, output, "none of the 6 images", str(root.resolve()))
     assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 9. A train refused for a setting that used to be found only at the end
+
+
+def test_a_refused_train_leaves_nothing_and_the_corrected_command_runs(made, tmp_path):
+    out = tmp_path / "sae"
+    code, output = _cli(*_writer(made, "train"), "--out", out, "--max-val-tokens", "0")
+    assert_one_line_error(code, output, "--max-val-tokens")
+    assert not out.exists()
+    code, output = _cli(*_writer(made, "train"), "--out", out)
+    assert code == 0, output
