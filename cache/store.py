@@ -199,6 +199,12 @@ class StoreSpec:
     def config_sha256(self) -> str:
         return config_sha256(self.config)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the activations once every shard is written (the other arrays are small beside them)."""
+        itemsize = np.dtype(schema.ACTS_DTYPE).itemsize
+        return self.n_images * self.n_tokens * self.d_model * itemsize * len(self.layers)
+
 
 def _is_kind(path: Path, kind: str) -> bool:
     """True when ``path`` is a Zarr group whose ``kind`` attribute is ``kind``."""

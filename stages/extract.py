@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache import schema
+from cache import schema, space
 from cache.check import human_bytes, token_norm_stats
 from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
@@ -311,7 +311,7 @@ def run(cfg: Config) -> Outputs:
     model, images, tap = _open(cfg)
     _require_a_readable_image(images)
     spec = _spec(cfg, model, images)
-    with StoreLock(cfg.out_dir):
+    with StoreLock(cfg.out_dir), space.room_for(cfg.out_dir, spec.nbytes, resumes="the last complete shard"):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         pending = store.incomplete_shards()
         n_pending = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in pending)

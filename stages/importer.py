@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cache import schema
+from cache import schema, space
 from cache.errors import UserError
 from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
 from pipeline.configs import Option, Stage
@@ -179,7 +179,7 @@ def run(cfg: Config) -> Outputs:
                schema.ATTR_DATASET: {"name": "imported", "split": "all", "root": str(src), "limit": None, "seed": 0},
                schema.ATTR_VERSIONS: {"numpy": np.__version__}})
     _require_finite(array, shard, cfg.source_path)
-    with StoreLock(cfg.out_dir):
+    with StoreLock(cfg.out_dir), space.room_for(cfg.out_dir, spec.nbytes, resumes="the last complete shard"):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         for s in store.incomplete_shards():
             sl = store.shard_slice(s)

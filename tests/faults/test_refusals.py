@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from app.cli import main
+from cache import schema, space
 from pipeline.sae.io import TRAINER_NAME
-from tests.helpers import TINY, TINY_ARGS, assert_one_line_error, with_options
+from tests.helpers import TINY, TINY_ARGS, assert_one_line_error, tree_digest, with_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,6 +73,21 @@ def tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
     yield mount
     for point in mounted:
         subprocess.run(["umount", str(point)], check=True)
+
+
+def _fill_after_the_check(monkeypatch, disk: Path, leave: int) -> Path:
+    """Another process fills ``disk`` (all but ``leave`` bytes) just after the free-space check passed."""
+    real = space.free_bytes
+    filler = disk / "filler"
+
+    def free_then_fill(folder: Path) -> int:
+        free = real(folder)
+        monkeypatch.setattr(space, "free_bytes", real)
+        filler.write_bytes(bytes(max(0, real(disk) - leave)))
+        return free
+
+    monkeypatch.setattr(space, "free_bytes", free_then_fill)
+    return filler
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +147,46 @@ def test_out_on_a_read_only_file_system(made, tmpfs, command):
     code, output = _cli(*_writer(made, command), "--out", disk / "out")
     assert_one_line_error(code, output, f"{disk / 'out'} cannot be written", "read-only", "another --out")
     assert list(disk.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Disk full: refused up front when the outputs cannot fit, one line when the disk fills mid-run
+
+
+@pytest.mark.parametrize("command", ["extract", "train", "encode"])
+def test_outputs_that_do_not_fit_are_refused_up_front(made, tmpfs, command):
+    disk = tmpfs("64k")
+    code, output = _cli(*_writer(made, command), "--out", disk / "out")
+    assert_one_line_error(code, output, f"{disk / 'out'} needs about", "free", "another --out")
+    assert list(disk.iterdir()) == []
+
+
+def test_extract_disk_full_mid_run_then_the_rerun_resumes(made, tmpfs, monkeypatch):
+    disk = tmpfs("1m")
+    out = disk / "store"
+    filler = _fill_after_the_check(monkeypatch, disk, leave=160 * 1024)
+    code, output = _cli(*_writer(made, "extract"), "--out", out)
+    assert_one_line_error(code, output, f"disk full while writing {out}", "free", "rerun the same command",
+                          "last complete shard")
+    n_done = int(zarr.open_group(out, mode="r")[schema.DONE][:].sum())
+    assert 1 <= n_done < 3, f"{n_done} of 3 shards were written; the test needs the disk to fill mid-run"
+    filler.unlink()
+    code, output = _cli(*_writer(made, "extract"), "--out", out)
+    assert code == 0, output
+    assert tree_digest(out) == tree_digest(made["store"])
+
+
+@pytest.mark.parametrize("command, leave", [("encode", 8 * 1024), ("train", 24 * 1024), ("train", 96 * 1024)],
+                         ids=["encode", "train-weights", "train-state"])
+def test_disk_full_mid_run_is_one_line_and_the_rerun_completes(made, tmpfs, monkeypatch, command, leave):
+    """train-weights fills up in safetensors' write of the weights, train-state in torch.save's of the trainer."""
+    disk = tmpfs("2m")
+    filler = _fill_after_the_check(monkeypatch, disk, leave=leave)
+    code, output = _cli(*_writer(made, command), "--out", disk / "out")
+    assert_one_line_error(code, output, f"disk full while writing {disk / 'out'}", "rerun the same command")
+    filler.unlink()
+    code, output = _cli(*_writer(made, command), "--out", disk / "out")
+    assert code == 0, output
 
 
 # ---------------------------------------------------------------------------------------
