@@ -5,10 +5,14 @@ one: the bytes go to a temporary file in the same folder, which is fsync'd, move
 target with ``os.replace``, and the folder is fsync'd so the rename itself is durable.
 Temporary files are named ``.<name>.tmp-<random>``; a writer killed mid-write leaves one
 behind, which the next writer may delete (``cache.store`` does).
+
+A write that fails because the disk is full raises ``OSError(ENOSPC)`` whatever the writing library
+said (torch.save reports it as a RuntimeError without the cause), so callers test for one thing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -29,15 +33,30 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and (is_disk_full(err) or os.statvfs(path.parent).f_bavail == 0)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err``, or an error it was raised from, is the file system running out of space
+    (safetensors says so only in its message)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def write_json(path: Path, record: Any) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from cache import schema
 from cache.errors import UserError
+from cache.space import human_bytes
 from cache.store import ActivationStore, _is_kind
 
 
@@ -193,20 +194,20 @@ def _sample_rows(store: ActivationStore, max_chunks: int) -> list[slice]:
 def token_norm_stats(store: ActivationStore, max_chunks: int = 16) -> dict[str, Any]:
     """L2 norms of class vs patch tokens per layer on a sample, so outlier tokens show before training."""
     layout = store.token_layout
-    cls = int(layout["class_token_index"])
+    cls = layout.get("class_token_index")  # None for stores of single tokens (an imported (n, d) array)
     n_prefix = int(layout["n_prefix_tokens"])
     rows = _sample_rows(store, max_chunks)
     valid = store.valid
     out: dict[str, Any] = {}
     for layer in store.layers:
-        arr = store.acts(layer)
-        chunks = [arr[sl][valid[sl]] for sl in rows]
+        chunks = [store.read(layer, sl.start, sl.stop)[valid[sl]] for sl in rows]
         acts_NTD = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 1, 1), np.float32)
         if len(acts_NTD) == 0:
             out[str(layer)] = {"n_images_sampled": 0}
             continue
         norms_NT = np.linalg.norm(acts_NTD, axis=2)
-        kinds = {"class": norms_NT[:, cls], "patches": norms_NT[:, n_prefix:].ravel()}
+        kinds = {"class": norms_NT[:, int(cls)] if cls is not None else norms_NT[:, :0],
+                 "patches": norms_NT[:, n_prefix:].ravel()}
         stats = {k: {"mean": float(v.mean()), "median": float(np.median(v)), "p99": float(np.percentile(v, 99)),
                      "max": float(v.max())} for k, v in kinds.items() if v.size}
         mean_abs_D = np.abs(acts_NTD[:, n_prefix:]).mean(axis=(0, 1))
@@ -216,15 +217,6 @@ def token_norm_stats(store: ActivationStore, max_chunks: int = 16) -> dict[str, 
         stats["n_images_sampled"] = int(len(acts_NTD))
         out[str(layer)] = stats
     return out
-
-
-def human_bytes(n: float) -> str:
-    """A size as people read it: 1.5 GB."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _disk_bytes(path: Path) -> int:
@@ -270,10 +262,10 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
              f"complete     {d['shards_complete']} shards; invalid rows: {d['invalid_rows']}",
              f"size         {human_bytes(d['size_bytes'])}"]
     for layer, s in d["token_norms"].items():
-        if "class" not in s:
+        if not s["n_images_sampled"]:
             continue
         lines.append(f"layer {layer} norms ({s['n_images_sampled']} images sampled):")
-        for kind in ("class", "patches"):
+        for kind in [k for k in ("class", "patches") if k in s]:
             k = s[kind]
             lines.append(f"  {kind:8s} mean {k['mean']:8.2f}  median {k['median']:8.2f}  p99 {k['p99']:8.2f}  "
                          f"max {k['max']:8.2f}")

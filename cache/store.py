@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -93,14 +94,27 @@ def _open_lock_file(path: Path) -> tuple[int, bool] | None:
     return None
 
 
+@contextlib.contextmanager
+def _writable(folder: Path) -> Iterator[None]:
+    """Refuse in one line a folder that cannot be written (read-only file system, no permission)."""
+    try:
+        yield
+    except OSError as err:
+        why = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}.get(err.errno)
+        if why is None:
+            raise
+        raise UserError(f"{folder} cannot be written ({why}); choose another --out") from None
+
+
 class StoreLock:
     """Exclusive advisory lock on an output folder (a store, a run or a results folder); the kernel
     drops it if the holder dies.
 
     A second writer gets a UserError instead of interleaving writes with the first. A holder that
     added nothing to the folder (a refused run) removes the lock file and the folder if it made
-    them, so a refusal leaves nothing behind. Forked children do not inherit it
-    (``_drop_locks_in_child``).
+    them, so a refusal leaves nothing behind. A folder that cannot be written is refused in one line.
+    Forked children do not inherit it (``_drop_locks_in_child``).
     """
 
     def __init__(self, store_dir: Path):
@@ -111,12 +125,16 @@ class StoreLock:
 
     def __enter__(self) -> StoreLock:
         folder = self.path.parent
-        if folder.exists() and not folder.is_dir():
+        nearest = next(p for p in (folder, *folder.parents) if p.exists())  # the folder, or what it is made in
+        if nearest == folder and not folder.is_dir():
             raise UserError(f"{folder} is a file; choose a folder for --out")
+        if not nearest.is_dir():
+            raise UserError(f"{nearest} is a file, so {folder} cannot be made in it; choose another --out")
         while True:
             self._made_dir = not folder.exists()
-            folder.mkdir(parents=True, exist_ok=True)
-            opened = _open_lock_file(self.path)
+            with _writable(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+                opened = _open_lock_file(self.path)
             if opened is None:
                 continue
             fd, self._made_file = opened
@@ -183,6 +201,12 @@ class StoreSpec:
     @property
     def config_sha256(self) -> str:
         return config_sha256(self.config)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the activations once every shard is written (the other arrays are small beside them)."""
+        itemsize = np.dtype(schema.ACTS_DTYPE).itemsize
+        return self.n_images * self.n_tokens * self.d_model * itemsize * len(self.layers)
 
 
 def _is_kind(path: Path, kind: str) -> bool:

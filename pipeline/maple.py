@@ -336,8 +336,10 @@ def read_official(path: Path) -> dict[str, Tensor]:
     """
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"cannot read MaPLe checkpoint {path} ({str(err).splitlines()[0]})") from None
+    except Exception:  # noqa: BLE001 - any unreadable file is the same user error; torch's text would advise
+        # weights_only=False, which runs whatever code the file holds
+        raise UserError(f"{path} is not a PyTorch checkpoint of tensors; pass an official MaPLe checkpoint or an "
+                        "adapter folder written by pipeline adapt") from None
     state = record.get("state_dict", record) if isinstance(record, dict) else {}
     prompts = {k[len(OFFICIAL_PREFIX):]: v for k, v in state.items()
                if k.startswith(OFFICIAL_PREFIX) and not k.endswith(("token_prefix", "token_suffix"))}

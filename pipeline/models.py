@@ -135,6 +135,17 @@ class LoadedModel:
         }
 
 
+def _unloadable(name: str, path: str, err: Exception) -> str:
+    """Why the checkpoint file ``path`` did not load, in one line; never torch's advice to retry with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    if isinstance(err, RuntimeError) and "loading state_dict" in str(err):
+        return (f"{path} holds weights of another model than {name} (its tensors do not match); pass a checkpoint "
+                f"of {name}, or the --model it was saved from")
+    return (f"{path} is not a PyTorch or open_clip checkpoint (neither torch.load of tensors nor safetensors can read "
+            f"it); pass a state dict saved with torch.save(model.state_dict(), path) or a .safetensors file as "
+            "--pretrained, an open_clip pretrained tag, or 'none' for random weights")
+
+
 def load_model(name: str, pretrained: str, *, device: str = "cpu", dtype: str = "float32",
                init_seed: int = 0) -> LoadedModel:
     """Build an open_clip model by name with weights from a tag, a local file, or ``none``.
@@ -172,8 +183,12 @@ def load_model(name: str, pretrained: str, *, device: str = "cpu", dtype: str = 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
-    except RuntimeError as err:
-        if weights is None or checkpoint_sha256 is not None:
+    except Exception as err:  # noqa: BLE001 - a file that is no checkpoint fails in many of torch's ways
+        if checkpoint_sha256 is not None:
+            raise UserError(_unloadable(name, pretrained, err)) from None
+        if not isinstance(err, RuntimeError):
+            raise
+        if weights is None:
             raise UserError(f"could not load {name} from {pretrained}: {str(err).splitlines()[0]}") from None
         raise UserError(
             f"pretrained weights '{pretrained}' for {name} are not in the local cache and could not be "

@@ -55,8 +55,10 @@ def load_state(path: Path, format_version: int, device: str = "cpu") -> dict[str
         return None
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise UserError(f"{path} is unreadable ({exc}); pass --overwrite to start over") from exc
+    except Exception:  # noqa: BLE001 - torch raises several types for corrupt files; its text would advise
+        # weights_only=False, which runs whatever code the file holds
+        raise UserError(f"{path} is not a readable trainer state (cut short or damaged); pass --overwrite to start "
+                        "over") from None
     if state.get("format_version") != format_version:
         raise UserError(f"{path} has format version {state.get('format_version')}, this code writes "
                         f"{format_version}; pass --overwrite to start over")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import schema
+from cache import schema, space
 from cache.codes import CodeStore, ShardCodes
 from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, config_sha256
@@ -126,7 +126,8 @@ def run(cfg: Config) -> Outputs:
              "values": "SAE codes as returned by encode (the SAE's normalised units)",
              schema.ATTR_WRITER: writer_record("encode", cfg)}
     t = store.n_tokens
-    with StoreLock(cfg.out_dir):
+    total = _codes_nbytes(sae, store, layer, batch_tokens, device)
+    with StoreLock(cfg.out_dir), space.room_for(cfg.out_dir, total, resumes="the last complete shard"):
         codes = CodeStore.create_or_resume(cfg.out_dir, n_images=store.n_images, n_tokens=t, d_sae=d_sae,
                                            images_per_shard=store.images_per_shard, attrs=attrs,
                                            identity=identity, overwrite=cfg.overwrite)
@@ -153,6 +154,20 @@ def run(cfg: Config) -> Outputs:
     n_tokens = store.n_images * t
     return Outputs(codes_dir=codes.path, n_images=store.n_images, n_tokens=n_tokens, nnz=nnz,
                    mean_l0=nnz / max(n_tokens, 1), seconds=time.perf_counter() - started)
+
+
+def _codes_nbytes(sae: SAE, store: ActivationStore, layer: int, batch_tokens: int, device: str) -> int:
+    """About what the code store will hold: 8 bytes (latent id, value) per nonzero, at the mean L0 of one batch
+    of the first images (the token pointers compress to little beside them)."""
+    c = store.images_per_chunk
+    n = min(store.n_images, -(-max(1, batch_tokens // store.n_tokens) // c) * c)  # whole chunks: checked reads
+    x_BTD = store.read(layer, 0, n)[store.valid[:n]]
+    if not len(x_BTD):
+        return 0  # no readable image among the first ones to measure
+    with torch.inference_mode():
+        codes = sae.encode(torch.from_numpy(x_BTD).reshape(-1, store.d_model).to(device, torch.float32))
+    nnz_per_image = int(codes_to_csr(codes).token_ptr[-1]) / len(x_BTD)
+    return int(nnz_per_image * int(store.valid.sum()) * 8)
 
 
 def _drop_rows(codes: Codes, drop_B: torch.Tensor) -> Codes:

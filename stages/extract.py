@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cache import schema
-from cache.check import human_bytes, token_norm_stats
+from cache import schema, space
+from cache.check import token_norm_stats
 from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.writer import BackgroundWriter
@@ -110,6 +110,9 @@ class Outputs:
     norms: dict[str, Any]  # per-layer L2-norm statistics per token kind
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises for a corrupt file or one that is no image
+
+
 class _SafeImages(Dataset):
     """Yields ``(image, label, ok)``; an unreadable image gives a zero image and ok=False."""
 
@@ -123,9 +126,23 @@ class _SafeImages(Dataset):
         try:
             image, label = self.data[i]
             return image, int(label), True
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt files
+        except UNREADABLE as err:
             log.warning("skipping unreadable image %d: %s", i, str(err).splitlines()[0])
             return torch.zeros(3, self.image_size, self.image_size), -1, False
+
+
+def _require_a_readable_image(images: ImageSet) -> None:
+    """Refuse, before anything is written, a dataset none of whose images can be read (a store of
+    invalid rows would only fail later, in train). Stops at the first good image, so a usual dataset
+    costs one read; unreadable images among good ones stay rows marked invalid."""
+    for i in range(len(images)):
+        try:
+            images.dataset[i]
+            return
+        except UNREADABLE:
+            continue
+    raise UserError(f"none of the {len(images)} images under {images.root} can be read (corrupt files, or files that "
+                    "are not images); check them, e.g. open one with PIL, or point --root at another folder")
 
 
 def _shard_batches(store: ActivationStore, shards: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -293,8 +310,9 @@ def run(cfg: Config) -> Outputs:
     """Extract (or finish extracting) the store described by ``cfg``."""
     started = time.perf_counter()
     model, images, tap = _open(cfg)
+    _require_a_readable_image(images)
     spec = _spec(cfg, model, images)
-    with StoreLock(cfg.out_dir):
+    with StoreLock(cfg.out_dir), space.room_for(cfg.out_dir, spec.nbytes, resumes="the last complete shard"):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         pending = store.incomplete_shards()
         n_pending = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in pending)
@@ -324,7 +342,7 @@ def run(cfg: Config) -> Outputs:
 def summary(out: Outputs) -> str:
     lines = [f"extracted {out.n_computed} of {out.n_images} images ({out.n_skipped} unreadable, skipped) "
              f"x {out.n_tokens // max(out.n_images, 1)} tokens, layers {list(out.layers)}: "
-             f"{human_bytes(out.bytes_written)} in {out.seconds:.1f} s "
+             f"{space.human_bytes(out.bytes_written)} in {out.seconds:.1f} s "
              f"({out.n_computed / max(out.seconds, 1e-9):.1f} images/s) -> {out.store_dir}"]
     for layer, stats in out.norms.items():
         if "class" in stats:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from tqdm import tqdm
 
+from cache import space
 from cache.atomic import write_json
 from cache.errors import UserError
 from cache.loader import LoaderConfig, TokenLoader, token_indices
@@ -97,6 +98,11 @@ class Config:
             raise UserError("--tokens and --batch-images must be at least 1")
         if self.expansion <= 0:
             raise UserError(f"--expansion must be positive (got {self.expansion})")
+        if self.max_val_tokens < 1:  # checked here: validation runs only after the whole training
+            raise UserError(f"--max-val-tokens must be at least 1 (got {self.max_val_tokens})")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise UserError(f"--early-stop-patience must be at least 1 (got {self.early_stop_patience}); "
+                            "leave it out to train the whole --tokens budget")
 
     def identity(self) -> dict[str, Any]:
         """The fields marked 'identity', in declaration order."""
@@ -216,33 +222,40 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
 
     bar = tqdm(total=n_steps_total, initial=trainer.n_steps, unit="step", desc=f"train {cfg.out_dir.name}",
                disable=not cfg.progress, dynamic_ncols=True)
-    try:
-        trainer.fit(stream(), on_log=on_log, on_checkpoint=on_checkpoint)
-    except NonFiniteLossError as err:
-        last = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").exists() else None
-        kept = "the last good checkpoint is in " + str(ckpt_dir) if last else "no checkpoint was written yet"
-        raise UserError(f"training stopped at step {err.step}: the loss became NaN/inf; {kept}; "
-                        "lower --lr or check the store with `pipeline verify`") from None
-    finally:
-        bar.close()
-    on_checkpoint(trainer)
-    save_sae(trainer.sae, cfg.out_dir)
-    final = validate()
-    final.update({"steps": trainer.n_steps, "tokens_seen": trainer.tokens_seen,
-                  "train_dead_fraction": float(trainer.firing.dead_fraction()),
-                  "train_dead_window_tokens": cfg.dead_window_tokens,
-                  "lr": train_cfg.schedule.lr_at(trainer.n_steps - 1),
-                  "tokens_per_s": history[-1]["tokens_per_s"] if history else float("nan"),
-                  "eval_split": "val" if cfg.val_fraction > 0 else "train"})
-    metrics_path = cfg.out_dir / METRICS_FILE
-    write_json(metrics_path, final)
-    plot_path = plot_curves(history, cfg.out_dir / CURVES_FILE,
-                            panels=[("loss", "training loss"), ("l0", "L0 (active latents / token)"),
-                                    ("fvu", "FVU (batch)")],
-                            title=f"{cfg.arch} SAE, layer {cfg.layer}, x{cfg.expansion:g}")
+    with space.room_for(cfg.out_dir, _run_nbytes(trainer.sae), resumes="the last checkpoint"):
+        try:
+            trainer.fit(stream(), on_log=on_log, on_checkpoint=on_checkpoint)
+        except NonFiniteLossError as err:
+            last = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").exists() else None
+            kept = "the last good checkpoint is in " + str(ckpt_dir) if last else "no checkpoint was written yet"
+            raise UserError(f"training stopped at step {err.step}: the loss became NaN/inf; {kept}; "
+                            "lower --lr or check the store with `pipeline verify`") from None
+        finally:
+            bar.close()
+        on_checkpoint(trainer)
+        save_sae(trainer.sae, cfg.out_dir)
+        final = validate()
+        final.update({"steps": trainer.n_steps, "tokens_seen": trainer.tokens_seen,
+                      "train_dead_fraction": float(trainer.firing.dead_fraction()),
+                      "train_dead_window_tokens": cfg.dead_window_tokens,
+                      "lr": train_cfg.schedule.lr_at(trainer.n_steps - 1),
+                      "tokens_per_s": history[-1]["tokens_per_s"] if history else float("nan"),
+                      "eval_split": "val" if cfg.val_fraction > 0 else "train"})
+        metrics_path = cfg.out_dir / METRICS_FILE
+        write_json(metrics_path, final)
+        plot_path = plot_curves(history, cfg.out_dir / CURVES_FILE,
+                                panels=[("loss", "training loss"), ("l0", "L0 (active latents / token)"),
+                                        ("fvu", "FVU (batch)")],
+                                title=f"{cfg.arch} SAE, layer {cfg.layer}, x{cfg.expansion:g}")
     return Outputs(sae_dir=cfg.out_dir, metrics_path=metrics_path, plot_path=plot_path,
                    history_path=cfg.out_dir / HISTORY_FILE, metrics=final,
                    steps=trainer.n_steps, resumed_from_step=resumed_from, seconds=time.perf_counter() - started)
+
+
+def _run_nbytes(sae: torch.nn.Module) -> int:
+    """What the run folder holds at its fullest: the SAE's weights twice (final and checkpoint), the trainer state
+    (weights and Adam's two moments) and its next version, written before the old one is replaced."""
+    return 8 * sum(t.numel() * t.element_size() for t in sae.state_dict().values())
 
 
 def summary(out: Outputs) -> str:

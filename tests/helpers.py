@@ -17,6 +17,10 @@ from PIL import Image
 from stages import extract
 
 TINY = "tiny-vit"
+# `pipeline extract` options of make_extract_config's store
+TINY_ARGS = ["--dataset", "synthetic", "--limit", "48", "--model", TINY, "--pretrained", "none",
+             "--layers", "1,3", "--batch-size", "8", "--device", "cpu", "--chunk-images", "4",
+             "--shard-images", "16", "--no-progress"]
 
 
 def make_extract_config(tmp_path: Path, **overrides) -> extract.Config:
@@ -26,6 +30,14 @@ def make_extract_config(tmp_path: Path, **overrides) -> extract.Config:
                 progress=False)
     base.update(overrides)
     return extract.Config(**base)
+
+
+def with_options(args: list[str], **replace: str) -> list[str]:
+    """``args`` with the values of some options replaced, e.g. ``with_options(TINY_ARGS, layers="2")``."""
+    out = list(args)
+    for flag, value in replace.items():
+        out[out.index("--" + flag.replace("_", "-")) + 1] = value
+    return out
 
 
 def tree_digest(path: Path) -> dict[str, str]:

@@ -17,23 +17,13 @@ from cache import schema
 from cache.store import StoreLock, StoreSpec, create_or_resume
 from pipeline.models import load_model
 from stages import extract
-from tests.helpers import TINY, assert_one_line_error, make_extract_config, sigkill_when, tree_digest
-
-TINY_ARGS = ["--dataset", "synthetic", "--limit", "48", "--model", TINY, "--pretrained", "none",
-             "--layers", "1,3", "--batch-size", "8", "--device", "cpu", "--chunk-images", "4",
-             "--shard-images", "16", "--no-progress"]
+from tests.helpers import (TINY, TINY_ARGS, assert_one_line_error, make_extract_config, sigkill_when, tree_digest,
+                           with_options)
 
 
 def _cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
-
-
-def _with(args: list[str], **replace: str) -> list[str]:
-    out = list(args)
-    for flag, value in replace.items():
-        out[out.index("--" + flag.replace("_", "-")) + 1] = value
-    return out
 
 
 @pytest.mark.parametrize("replace, needles", [
@@ -45,20 +35,20 @@ def _with(args: list[str], **replace: str) -> list[str]:
 ])
 def test_refusals_leave_an_existing_store_untouched(tiny_store, replace, needles):
     before = tree_digest(tiny_store)
-    code, out = _cli("extract", *_with(TINY_ARGS, **replace), "--out", str(tiny_store))
+    code, out = _cli("extract", *with_options(TINY_ARGS, **replace), "--out", str(tiny_store))
     assert_one_line_error(code, out, *needles)
     assert tree_digest(tiny_store) == before
 
 
 def test_missing_dataset_root_says_how_to_get_it(tmp_path):
-    code, out = _cli("extract", *_with(TINY_ARGS, dataset="eurosat"), "--root", str(tmp_path / "nope"),
+    code, out = _cli("extract", *with_options(TINY_ARGS, dataset="eurosat"), "--root", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "s"))
     assert_one_line_error(code, out, "does not exist", "eurosat/2750")
     assert not (tmp_path / "s").exists()
 
 
 def test_pretrained_tag_that_cannot_be_downloaded(tmp_path):
-    code, out = _cli("extract", *_with(TINY_ARGS, model="ViT-B-16", pretrained="openai"),
+    code, out = _cli("extract", *with_options(TINY_ARGS, model="ViT-B-16", pretrained="openai"),
                      "--out", str(tmp_path / "s"))
     assert_one_line_error(code, out, "'openai'", "--pretrained /path/to/checkpoint")
     assert not (tmp_path / "s").exists()
@@ -66,10 +56,10 @@ def test_pretrained_tag_that_cannot_be_downloaded(tmp_path):
 
 def test_other_config_refused_without_overwrite(tiny_store):
     before = tree_digest(tiny_store)
-    code, out = _cli("extract", *_with(TINY_ARGS, layers="2"), "--out", str(tiny_store))
+    code, out = _cli("extract", *with_options(TINY_ARGS, layers="2"), "--out", str(tiny_store))
     assert_one_line_error(code, out, "another config", "--overwrite")
     assert tree_digest(tiny_store) == before
-    code, out = _cli("extract", *_with(TINY_ARGS, layers="2"), "--out", str(tiny_store), "--overwrite")
+    code, out = _cli("extract", *with_options(TINY_ARGS, layers="2"), "--out", str(tiny_store), "--overwrite")
     assert code == 0, out
     assert zarr.open_group(tiny_store, mode="r").attrs[schema.ATTR_LAYERS] == [2]
 
@@ -109,7 +99,7 @@ def test_nan_activations_are_refused(tmp_path):
     state["visual.transformer.resblocks.0.mlp.c_fc.weight"][0, 0] = float("nan")
     weights = tmp_path / "nan.pt"
     torch.save(state, weights)
-    code, out = _cli("extract", *_with(TINY_ARGS, pretrained=str(weights)), "--out", str(tmp_path / "s"))
+    code, out = _cli("extract", *with_options(TINY_ARGS, pretrained=str(weights)), "--out", str(tmp_path / "s"))
     assert_one_line_error(code, out, "NaN/inf activations", "layer 1")
     store = zarr.open_group(tmp_path / "s", mode="r")
     assert not store[schema.DONE][:].any()  # nothing was marked complete
@@ -124,7 +114,7 @@ def _done_count(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(tmp_path):
-    args = [sys.executable, "-m", "app.cli", "extract", *_with(TINY_ARGS, limit="600", batch_size="1")]
+    args = [sys.executable, "-m", "app.cli", "extract", *with_options(TINY_ARGS, limit="600", batch_size="1")]
     args[args.index("--shard-images") + 1] = "20"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread each, immune to a busy core
     reference = tmp_path / "reference"
