@@ -47,12 +47,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from cache.atomic import atomic_write
 from cache.errors import UserError, require_integers
 from pipeline.models import LoadedModel, file_sha256
+from pipeline.tensorfile import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def adapter_record(config: MapleConfig, model: LoadedModel, class_names: Sequenc
 def save_prompts(path: Path, prompts: MaplePrompts) -> None:
     """The prompt parameters as safetensors (official names without ``prompt_learner.``), atomically."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in prompts.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    save_tensors(path, tensors)
 
 
 def _prompt_shapes(state: dict[str, Tensor]) -> tuple[int, int, int, int]:

@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from cache.atomic import atomic_write, write_json
+from cache.atomic import write_json
 from cache.errors import UserError
 from pipeline import runfiles
 from pipeline.sae.base import SAE, SAEConfig, build, config_class
 from pipeline.sae.trainer import TRAIN_STATE_VERSION, TrainConfig, Trainer
+from pipeline.tensorfile import save_tensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -54,7 +55,7 @@ def save_sae(sae: SAE, dir_path: str | os.PathLike) -> Path:
     config["inference_threshold"] = sae.inference_threshold()
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     metadata = {"format_version": str(FORMAT_VERSION), "arch": sae.config.arch}
-    atomic_write(dir_path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    save_tensors(dir_path / WEIGHTS_NAME, tensors, metadata)
     write_json(dir_path / CONFIG_NAME, config)
     return dir_path
 

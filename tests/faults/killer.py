@@ -1,6 +1,8 @@
 """``python -m tests.faults.killer ARGS``: the `pipeline` CLI, SIGKILLed just before its N-th write.
 
-A write is any audit event that changes the file system under ``FAULT_UNDER``: opening a file
+A write is any audit event that changes the file system under one of the paths in ``FAULT_UNDER``
+(separated by ``os.pathsep``: the outputs of the command, so making their parent folders does not
+count, and a run counts the same writes wherever it starts from): opening a file
 for writing, renaming, removing, making a folder. ``FAULT_KILL_AT=N`` kills the process (all its
 threads) before the N-th; without it the run completes and ``FAULT_COUNT_FILE`` receives the
 number of writes it made, so a test can kill a later run at its creation, midway or at its last
@@ -14,7 +16,7 @@ import os
 import signal
 import sys
 
-UNDER = os.path.realpath(os.environ["FAULT_UNDER"]) + os.sep
+UNDER = tuple(os.path.realpath(p) for p in os.environ["FAULT_UNDER"].split(os.pathsep))
 KILL_AT = int(os.environ.get("FAULT_KILL_AT", "0"))
 COUNT_FILE = os.environ.get("FAULT_COUNT_FILE")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -37,7 +39,8 @@ def _hook(event: str, args: tuple) -> None:
     path = args[PATH_ARG[event]]
     if not isinstance(path, (str, bytes, os.PathLike)):
         return  # a file descriptor
-    if not os.path.realpath(os.fsdecode(path)).startswith(UNDER):
+    path = os.path.realpath(os.fsdecode(path))
+    if not any(path == top or path.startswith(top + os.sep) for top in UNDER):
         return
     n_writes += 1
     if n_writes == KILL_AT:

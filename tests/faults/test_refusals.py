@@ -149,6 +149,27 @@ def test_out_on_a_read_only_file_system(made, tmpfs, command):
     assert list(disk.iterdir()) == []
 
 
+def test_stores_on_a_read_only_file_system_are_read_without_writing(made, tmpfs, tmp_path):
+    """Inputs on read-only media (a shared dataset disk, an archive): every reader works, nothing is written."""
+    disk = tmpfs("4m")
+    for name in ("store", "sae", "codes"):
+        shutil.copytree(made[name], disk / name)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    store, sae, codes = disk / "store", disk / "sae", disk / "codes"
+    for args in (["verify", store], ["verify", codes], ["info", store],
+                 ["train", "--cache", store, *TRAIN_ARGS, "--out", tmp_path / "sae"],
+                 ["encode", "--cache", store, "--sae", sae, "--device", "cpu", "--no-progress", "--out", tmp_path / "c"],
+                 ["stats", "--codes", codes, "--cache", store, "--scheduler", "synchronous", "--no-plots",
+                  "--out", tmp_path / "stats"]):
+        code, output = _cli(*args)
+        assert code == 0, f"{args[0]}: {output}"
+    subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+    shard = next(p for p in (store / "acts" / "1").rglob("*") if p.is_file() and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[:100])
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert_one_line_error(*_cli("repair", store), "cannot be written", "read-only")
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Disk full: refused up front when the outputs cannot fit, one line when the disk fills mid-run
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from app import study
@@ -27,8 +28,9 @@ TIMING = re.compile(r"seconds|elapsed|per_s(ec)?$|_s$|throughput|tokens_per|imag
 pytestmark = pytest.mark.slow
 
 
-def _env(work: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "FAULT_UNDER": str(work), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+def _env(outputs: list[Path], **extra: str) -> dict[str, str]:
+    return {**os.environ, "FAULT_UNDER": os.pathsep.join(map(str, outputs)), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT), **extra}
 
 
 def _command(name: str) -> list[str]:
@@ -47,26 +49,39 @@ def _outputs(root: Path, name: str) -> list[Path]:
 
 
 def _run(root: Path, name: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(name), cwd=root, env=_env(root / "work", **env), capture_output=True, text=True)
+    return subprocess.run(_command(name), cwd=root, env=_env(_outputs(root, name), **env), capture_output=True,
+                          text=True)
 
 
-def _without_timings(record):
+def _plain(record):
+    """A JSON or torch.load'ed record without timings, tensors as (dtype, shape, bytes), so == compares it."""
+    if isinstance(record, torch.Tensor):
+        return str(record.dtype), tuple(record.shape), record.numpy().tobytes()
     if isinstance(record, dict):
-        return {k: _without_timings(v) for k, v in record.items() if not TIMING.search(k)}
-    if isinstance(record, list):
-        return [_without_timings(v) for v in record]
+        return {k: _plain(v) for k, v in record.items() if not TIMING.search(str(k))}
+    if isinstance(record, (list, tuple)):
+        return [_plain(v) for v in record]
     return record
 
 
+def _read(p: Path) -> object:
+    if p.suffix == ".json":
+        return _plain(json.loads(p.read_text()))
+    if p.name == "trainer_state.pt":  # the trainer's own state also records its wall time
+        return _plain(torch.load(p, weights_only=True))
+    return p.read_bytes()
+
+
 def _content(paths: list[Path]) -> dict[str, object]:
-    """Every file under the outputs: JSON without its timing fields, any other file byte for byte."""
+    """Every file under the outputs: JSON and trainer states without their timings, any other file byte
+    for byte."""
     out: dict[str, object] = {}
     for top in paths:
         for p in sorted([top] if top.is_file() else top.rglob("*")):
             if not p.is_file() or p.name == ".lock":
                 continue
             key = str(p.relative_to(top.parent))
-            out[key] = _without_timings(json.loads(p.read_text())) if p.suffix == ".json" else p.read_bytes()
+            out[key] = _read(p)
     return out
 
 
