@@ -4,7 +4,7 @@ A crash (even SIGKILL or power loss) leaves either the old or the new file, neve
 one: the bytes go to a temporary file in the same folder, which is fsync'd, moved onto the
 target with ``os.replace``, and the folder is fsync'd so the rename itself is durable.
 Temporary files are named ``.<name>.tmp-<random>``; a writer killed mid-write leaves one
-behind, which the next writer may delete (``cache.store`` does).
+behind, which the next writer of the folder deletes (``cache.store.StoreLock``).
 
 A write that fails because the disk is full raises ``OSError(ENOSPC)`` whatever the writing library
 said (torch.save reports it as a RuntimeError without the cause), so callers test for one thing.

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -107,6 +108,12 @@ def _writable(folder: Path) -> Iterator[None]:
         raise UserError(f"{folder} cannot be written ({why}); choose another --out") from None
 
 
+def _stale_temporaries(folder: Path) -> Iterator[Path]:
+    """Temporary files of a writer killed mid-write: ours (cache/atomic.py) and zarr's (``<key>.<uuid>.partial``)."""
+    yield from folder.rglob(".*.tmp-*")
+    yield from (p for p in folder.rglob("*.partial") if re.fullmatch(r".+\.[0-9a-f]{32}\.partial", p.name))
+
+
 class StoreLock:
     """Exclusive advisory lock on an output folder (a store, a run or a results folder); the kernel
     drops it if the holder dies.
@@ -153,6 +160,8 @@ class StoreLock:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         _HELD_LOCK_FDS.add(fd)
+        for stale in _stale_temporaries(folder):
+            stale.unlink()
         self._found = self._entries()
         return self
 
@@ -271,8 +280,6 @@ def create_or_resume(path: Path, spec: StoreSpec, *, overwrite: bool = False) ->
                 "(nothing was written)")
         store = ActivationStore(path)
         if store.config_sha256 == spec.config_sha256:
-            for stale in path.rglob(".*.tmp-*"):  # left by a writer killed mid-shard
-                stale.unlink()
             n_done = int(store.done.sum())
             log.info("resuming %s: %d of %d shards already complete", path, n_done, store.n_shards)
             return store

@@ -100,6 +100,8 @@ def tiny_study(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     writes = {}
     for name in ORDER:
+        for p in _outputs(root, name):  # as in the tests: Path.mkdir(parents=True) tries the output folder twice
+            p.parent.mkdir(parents=True, exist_ok=True)
         result = _run(root, name, FAULT_COUNT_FILE=str(root / "count"))
         assert result.returncode == 0, result.stdout + result.stderr
         writes[name] = int((root / "count").read_text())
