@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup browser demo test test-fast bench clean-demo
+.PHONY: setup browser demo figures test test-fast bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 	$(VENV)/bin/pipeline info work/synthetic/acts
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc metrics show
+	$(VENV)/bin/pipeline findings
+
+# The README's figures ("What the offline default shows"): the demo, then its findings written into README.md.
+figures: demo
+	$(VENV)/bin/pipeline findings --readme README.md
 
 # Headless Chromium for the report's browser test (Debian packages; needs root). Without
 # it the browser test is skipped with a message, everything else still runs.

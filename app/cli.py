@@ -248,6 +248,29 @@ def repair(store: Path) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--dataset", help="Which of data.datasets (default: the first).")
+@click.option("--layer", type=int, help="Which of extract.layers (default: the last).")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+@click.option("--readme", type=click.Path(path_type=Path), help="Also write the findings into this file, between "
+              "its findings markers (`make figures` does this for README.md).")
+def findings(dataset: str | None, layer: int | None, params_path: Path, readme: Path | None) -> None:
+    """Say what the finished study found for one dataset and block, and where to look next."""
+    from app import findings as f
+    from app.params import load_params
+
+    default_dataset, default_layer = f.default_instance(load_params(params_path))
+    dataset, layer = dataset or default_dataset, default_layer if layer is None else layer
+    text = "\n".join(f.lines(f.collect(study.WORK, dataset, layer), dataset, layer))
+    click.echo(text)
+    run = study.resolve(study.RUN, study.WORK, dataset, layer)
+    click.echo(f"\nReport: {run / 'report' / 'index.html'}   Numbers: dvc metrics show --md   "
+               "Plots: dvc plots show")
+    if readme is not None:
+        f.write_into(readme, text)
+        click.echo(f"wrote these findings into {readme}")
+
+
 @main.command("show-latent")
 @click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path), help="Folder from pipeline stats.")
 @click.option("--latent", required=True, type=int, help="Latent id.")

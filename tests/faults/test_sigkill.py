@@ -67,7 +67,7 @@ def _plain(record):
 def _read(p: Path) -> object:
     if p.suffix == ".json":
         return _plain(json.loads(p.read_text()))
-    if p.name == "trainer_state.pt":  # the trainer's own state also records its wall time
+    if p.suffix == ".pt":  # trainer states also record their wall time
         return _plain(torch.load(p, weights_only=True))
     return p.read_bytes()
 

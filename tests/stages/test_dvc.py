@@ -139,6 +139,25 @@ def test_editing_a_library_module_reruns_exactly_the_stages_that_use_it(study):
     assert not any(s.startswith(("extract", "train", "encode", "stats", "pretrain")) for s in stale), status
 
 
+def test_findings_say_what_the_study_measured_and_write_into_a_readme(study):
+    """`pipeline findings` (the end of make demo, and the README's figures) quotes the published metrics."""
+    repo, _ = study
+    readme = repo / "README.md"
+    readme.write_text("intro\n<!-- findings:begin (written by `make figures`) -->\nold figures\n"
+                      "<!-- findings:end -->\noutro\n")
+    out = _sh("pipeline", "findings", "--readme", "README.md", cwd=repo)
+    sae = json.loads((repo / "work" / "synthetic" / "layer3" / "sae-metrics.json").read_text())
+    pretrain = json.loads((repo / "work" / "pretrain-metrics.json").read_text())
+    masking = json.loads((repo / "work" / "synthetic" / "layer3" / "masking-metrics.json").read_text())["accuracy"]
+    assert f"FVU {sae['fvu']:.3f}, L0 {sae['l0']:.0f}" in out and "block 3" in out
+    assert f"{100 * pretrain['accuracy']:.1f} % zero-shot" in out
+    assert f"plain CLIP scores {masking['clip']:.3f}" in out
+    assert "Ground truth" in out and "MaPLe" in out and "Remap" in out and "report/index.html" in out
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old figures" not in text
+    assert f"FVU {sae['fvu']:.3f}" in text
+
+
 def test_sae_ablation_reuses_the_activation_cache(study):
     repo, _ = study
     _sh("git", "add", "-A", cwd=repo)
