@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
+import xxhash
 import zarr
 from zarr.storage import LocalStore
 
 from cache.atomic import atomic_write
+from cache.digest import digest
 
 _MISSING = np.iinfo(np.uint64).max
 
@@ -100,20 +103,29 @@ def _read_index(path: Path, n_chunks: int) -> np.ndarray:
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
 
 
-def read_rows(array: zarr.Array, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+_PIECE = 256 * 1024  # bytes read and hashed at a time: hashed while still in the CPU cache (512 KB: 0.87, 1 MB: 0.79)
+
+
+def read_rows(array: zarr.Array, start: int, stop: int, out: np.ndarray | None = None,
+              chunk_digests: list[int] | None = None) -> np.ndarray:
     """Rows ``start:stop`` of one shard, read from the shard file when the layout allows it.
 
-    With ``out`` (C-contiguous, shaped like the rows) the bytes land there without a copy.
+    With ``out`` (C-contiguous, shaped like the rows) the bytes land there without a copy. With
+    ``chunk_digests``, the digest (cache/digest.py) of each chunk's rows from ``start`` on, which must
+    be a chunk boundary, is appended to it. The fast path hashes each piece as it is read, while it
+    is still in the CPU's cache: hashing afterwards reads the bytes from memory again, which cost
+    the token loader a fifth of its speed.
     """
     shard_rows, c = array.shards[0], array.chunks[0]
     shard = start // shard_rows
 
     def via_zarr() -> np.ndarray:
         rows = array[start:stop]
-        if out is None:
-            return rows
-        out[...] = rows
-        return out
+        if out is not None:
+            out[...] = rows
+        if chunk_digests is not None:
+            chunk_digests.extend(digest(rows[i:i + c]) for i in range(0, len(rows), c))
+        return rows if out is None else out
 
     if not _plain_layout(array) or (stop - 1) // shard_rows != shard:
         return via_zarr()
@@ -129,8 +141,21 @@ def read_rows(array: zarr.Array, start: int, stop: int, out: np.ndarray | None =
     offset = int(index[0, 0]) + (start % shard_rows - first * c) * row_bytes
     if out is None:
         out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
+    buf = memoryview(out).cast("B")
     with open(path, "rb") as f:
         f.seek(offset)
-        if f.readinto(memoryview(out).cast("B")) != (stop - start) * row_bytes:
-            raise OSError(f"{path} is shorter than its index says; run `pipeline verify` on the store")
+        if chunk_digests is None:
+            _read_exactly(f, buf, path)
+            return out
+        for lo in range(0, len(buf), c * row_bytes):
+            chunk, h = buf[lo:lo + c * row_bytes], xxhash.xxh3_64()
+            for p in range(0, len(chunk), _PIECE):
+                _read_exactly(f, chunk[p:p + _PIECE], path)
+                h.update(chunk[p:p + _PIECE])
+            chunk_digests.append(h.intdigest())
     return out
+
+
+def _read_exactly(f: BinaryIO, buf: memoryview, path: Path) -> None:
+    if f.readinto(buf) != len(buf):
+        raise OSError(f"{path} is shorter than its index says; run `pipeline verify` on the store")

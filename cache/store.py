@@ -468,19 +468,19 @@ class ActivationStore:
         shard_rows = self.images_per_shard
         if out is None:
             out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+        digests: list[int] = []
         lo = start
         while lo < stop:  # one shard (one file) per read
             hi = min(stop, (lo // shard_rows + 1) * shard_rows)
             try:
-                read_rows(array, lo, hi, out=out[lo - start:hi - start])
+                read_rows(array, lo, hi, out=out[lo - start:hi - start], chunk_digests=digests)
             except Exception as err:  # noqa: BLE001 - a truncated or overwritten file raises anything
                 self._damaged(lo // c, f"layer {layer} cannot be read: {type(err).__name__}: {err}")
             lo = hi
         sums = self.checksums
-        for j in range(start // c, -(-stop // c)):
-            rows = out[j * c - start:min((j + 1) * c, stop) - start]
-            if digest(rows) != sums[j, column]:
-                self._damaged(j, f"layer {layer}, images {j * c}..{j * c + len(rows) - 1} do not match "
+        for j, got in enumerate(digests, start=start // c):
+            if got != sums[j, column]:
+                self._damaged(j, f"layer {layer}, images {j * c}..{min((j + 1) * c, stop) - 1} do not match "
                                  "their checksum")
         return out
 

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class Config:
     """Where the array is and what it is."""
 
-    OPTIONS: ClassVar = {"source_path": Option("SOURCE"), "n_prefix_tokens": Option("--prefix-tokens")}
+    OPTIONS: ClassVar = {"source_path": Option("SOURCE"), "n_prefix_tokens": Option("--prefix-tokens"),
+                         "images_per_chunk": Option("--chunk-images"), "images_per_shard": Option("--shard-images")}
 
     source_path: Path  # identity: .npy, .npz or raw file
     out_dir: Path  # store directory to create or resume

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,8 +21,11 @@ from app import study
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = 1
-STEPS = ("pretrain", "extract", "train", "encode", "stats", "mask", "groundtruth", "report", "adapt", "remap")
-ORDER = [s.name for s in study.STEPS]  # dependency order
+STEPS = ("pretrain", "extract", "import", "train", "encode", "stats", "mask", "groundtruth", "report", "adapt",
+         "remap")
+ORDER = [s.name for s in study.STEPS] + ["import"]  # dependency order; import is not a study stage
+IMPORT = ["import", "acts.npy", "--labels", "labels.npy", "--chunk-images", "4", "--shard-images", "8", "--out",
+          "work/imported"]
 KILL_POINTS = ("creation", "midway", "last write")
 TIMING = re.compile(r"seconds|elapsed|per_s(ec)?$|_s$|throughput|tokens_per|images_per_s|duration", re.I)
 
@@ -34,6 +38,8 @@ def _env(outputs: list[Path], **extra: str) -> dict[str, str]:
 
 
 def _command(name: str) -> list[str]:
+    if name == "import":
+        return [sys.executable, "-m", "tests.faults.killer", *IMPORT]
     step = study.STEP[name]
     args = [sys.executable, "-m", "tests.faults.killer", "run-stage", name]
     args += ["--dataset", "synthetic"] if "dataset" in step.per else []
@@ -42,6 +48,8 @@ def _command(name: str) -> list[str]:
 
 def _outputs(root: Path, name: str) -> list[Path]:
     """The folders and published files one stage instance writes (dvc.yaml's outs)."""
+    if name == "import":
+        return [root / IMPORT[-1]]
     step = study.STEP[name]
     spec = __import__("stages").load(step.stage)
     templates = [step.paths[w] for w in spec.writes] + [*step.metrics.values(), *step.plots.values()]
@@ -98,6 +106,9 @@ def tiny_study(tmp_path_factory):
     params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
     params["adapt"].update(shots=1, epochs=2, test_limit=40)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    rng = np.random.default_rng(0)
+    np.save(root / "acts.npy", rng.standard_normal((40, 5, 16)).astype(np.float16))
+    np.save(root / "labels.npy", np.arange(40) % 3)
     writes = {}
     for name in ORDER:
         for p in _outputs(root, name):  # as in the tests: Path.mkdir(parents=True) tries the output folder twice
