@@ -20,7 +20,7 @@ from cache.errors import UserError
 
 BEGIN, END = "<!-- findings:begin (written by `make figures`) -->", "<!-- findings:end -->"
 COVERED_AUROC = 0.95  # a value is covered when some latent detects it at this AUROC (groundtruth stage)
-MASK_K = "50"  # the masking figures quoted: the class's top-50 latents
+MASK_K = "50"  # the masking figures quoted: the class's top-50 latents (else the largest k of the sweep)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -63,13 +63,14 @@ def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
                f"{c.get('arch', '?')}): FVU {s['fvu']:.3f}, L0 {s['l0']:.0f}, {dead}.")
     if (m := f["masking"]) is not None:
         a = m["accuracy"]
-        off, on = a["off"].get(MASK_K), a["on"].get(MASK_K)
-        r_off, r_on = a["random_off"].get(MASK_K), a["random_on"].get(MASK_K)
-        if None not in (off, on, r_off, r_on):
+        ks = [k for k in a["off"] if k.isdigit()]
+        k = MASK_K if MASK_K in ks else max(ks, key=int, default=None)
+        if k is not None:
+            off, on, r_off, r_on = a["off"][k], a["on"][k], a["random_off"][k], a["random_on"][k]
             out.append(f"- **Masking**: plain CLIP scores {a['clip']:.3f} (through the SAE, all latents on: "
-                       f"{a['sae_all_on']:.3f}). Switching **off** each class's top-{MASK_K} latents drops it to "
-                       f"**{off:.3f}**; {MASK_K} random latents leave {r_off['mean']:.3f} ± {r_off['std']:.3f}. "
-                       f"Keeping only the top-{MASK_K} **on** gives {on:.3f}, {MASK_K} random ones "
+                       f"{a['sae_all_on']:.3f}). Switching **off** each class's top-{k} latents drops it to "
+                       f"**{off:.3f}**; {k} random latents leave {r_off['mean']:.3f} ± {r_off['std']:.3f}. "
+                       f"Keeping only the top-{k} **on** gives {on:.3f}, {k} random ones "
                        f"{r_on['mean']:.3f} ± {r_on['std']:.3f}.")
     if (g := f["groundtruth"]) is not None and "best_auroc" in g:
         best = g["best_auroc"]

@@ -173,5 +173,5 @@ def test_load_trainer_errors(tmp_path):
     trainer.step(random_batches(1)[0])
     save_training_state(trainer, path)
     (path / "trainer.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="unreadable"):
+    with pytest.raises(UserError, match="not a readable trainer state"):
         load_trainer(path, make_train_config())
