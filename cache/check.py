@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cache import schema
-from cache.errors import UserError
+from cache.errors import DamagedShard
 from cache.space import human_bytes
 from cache.store import ActivationStore, _is_kind
 
@@ -102,12 +102,6 @@ class CodeVerifyReport:
         return out
 
 
-def _problem(err: UserError) -> str:
-    """The reason inside a reader's refusal ("shard 3 is damaged (REASON); ...")."""
-    text = str(err)
-    return text[text.find("(") + 1:text.rfind(");")] if "damaged (" in text else text
-
-
 def verify_codes(path: Path | str) -> CodeVerifyReport:
     """Every completed shard readable and equal to its digest; pointers monotone and sized to the shard,
     latent ids in range, values finite and positive."""
@@ -119,8 +113,8 @@ def verify_codes(path: Path | str) -> CodeVerifyReport:
         n_img = min(codes.images_per_shard, codes.n_images - k * codes.images_per_shard)
         try:
             c = codes.read_shard(k)
-        except UserError as err:
-            damaged[k] = [_problem(err)]
+        except DamagedShard as err:
+            damaged[k] = [err.why]
             continue
         if len(c.token_ptr) != n_img * codes.n_tokens + 1 or c.token_ptr[0] != 0 or np.any(np.diff(c.token_ptr) < 0):
             damaged[k] = [f"token pointers do not describe {n_img} images x {codes.n_tokens} tokens"]
@@ -161,13 +155,13 @@ def verify(path: Path | str) -> VerifyReport | CodeVerifyReport:
             labels[sl], valid[sl] = store.group[schema.LABELS][sl], store.group[schema.VALID][sl]
             store.check_labels(shard, labels[sl], valid[sl].astype(np.uint8))
         except Exception as err:  # noqa: BLE001 - zarr/zstd errors of a damaged chunk, or our refusal
-            damaged.setdefault(shard, []).append(_problem(err) if isinstance(err, UserError) else
+            damaged.setdefault(shard, []).append(err.why if isinstance(err, DamagedShard) else
                                                  f"labels or valid flags cannot be read: {type(err).__name__}")
         for layer in store.layers:
             try:
                 acts_NTD = store.read(layer, sl.start, sl.stop)
-            except UserError as err:
-                damaged.setdefault(shard, []).append(_problem(err))
+            except DamagedShard as err:
+                damaged.setdefault(shard, []).append(err.why)
                 continue
             rows = np.arange(sl.start, sl.stop)
             nan_rows[layer] += rows[np.isnan(acts_NTD).any(axis=(1, 2))].tolist()

@@ -28,7 +28,7 @@ from zarr.codecs import ZstdCodec
 
 from cache import schema
 from cache.digest import digest
-from cache.errors import UserError
+from cache.errors import DamagedShard, UserError
 from cache.store import _clear_dir, _creating, _cut_short, _is_kind
 
 
@@ -157,8 +157,7 @@ class CodeStore:
         return codes
 
     def _damaged(self, k: int, why: str) -> NoReturn:
-        raise UserError(f"{self.path}: shard {k} is damaged ({why}); `pipeline repair {self.path}` "
-                        "recomputes the damaged shards")
+        raise DamagedShard(self.path, k, why)
 
     def image(self, i: int) -> np.ndarray:
         """Dense ``(T, S)`` float32 codes of image ``i``: one shard's pointers and one slice read."""

@@ -12,6 +12,19 @@ class UserError(Exception):
     """
 
 
+class DamagedShard(UserError):
+    """A shard whose bytes cannot be read or do not match their recorded digest; names the repair.
+
+    ``shard`` and ``why`` stay readable apart, so ``pipeline verify`` can list them without parsing
+    the message.
+    """
+
+    def __init__(self, store: Any, shard: int, why: str):
+        super().__init__(f"{store}: shard {shard} is damaged ({why}); `pipeline repair {store}` recomputes the "
+                         "damaged shards")
+        self.shard, self.why = shard, why
+
+
 def require_integers(config: Any, *names: str) -> None:
     """Store each named field of a frozen dataclass as a plain int; bools and non-integers are refused
     (a YAML or JSON setting such as 2.5 or "3" must not pass silently)."""

@@ -29,7 +29,7 @@ from zarr.codecs import ZstdCodec
 
 from cache import schema
 from cache.digest import digest
-from cache.errors import UserError
+from cache.errors import DamagedShard, UserError
 from cache.shardfile import read_rows, write_rows
 
 log = logging.getLogger(__name__)
@@ -452,9 +452,7 @@ class ActivationStore:
         return self._sums
 
     def _damaged(self, chunk: int, why: str) -> NoReturn:
-        shard = chunk * self.images_per_chunk // self.images_per_shard
-        raise UserError(f"{self.path}: shard {shard} is damaged ({why}); `pipeline repair {self.path}` "
-                        "recomputes the damaged shards")
+        raise DamagedShard(self.path, chunk * self.images_per_chunk // self.images_per_shard, why)
 
     def read(self, layer: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``start:stop`` (whole chunks) of a layer's activations, each chunk checked against its digest.
