@@ -13,6 +13,7 @@ sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -158,12 +159,16 @@ class TokenLoader:
 
         Batches keep the store's float16: the consumer converts them where it computes
         (on a GPU after a transfer of half the bytes; on a CPU, in the training step).
+        A batch is the consumer's to keep: its memory is reused only once nothing holds it.
         """
         b = self.cfg.batch_tokens
         carry: np.ndarray | None = None  # tail of the previous window, shorter than a batch
+        recycled = _Recycler((b, self.d_model), self.array.dtype)
 
         def gather(window: np.ndarray, idx: np.ndarray) -> np.ndarray:
-            return np.take(window, idx, axis=0)  # a copy (the buffer is refilled later); ~2x torch's
+            if len(idx) < b:  # a window's tail: a copy (the window's buffer is refilled later)
+                return np.take(window, idx, axis=0)
+            return _gather(window, idx, recycled.array())
 
         for window, order in self._token_stream(start_token):
             pos = 0
@@ -179,3 +184,34 @@ class TokenLoader:
                 pos += b
             if pos < len(order):
                 carry = gather(window, order[pos:])
+
+
+def _gather(window_ND: np.ndarray, idx: np.ndarray, out_BD: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of the window into ``out_BD``.
+
+    mode="clip" (the indices are always in range) because numpy buffers ``out`` under the
+    default "raise": measured 2.2 M tokens/s against 0.8 M, and 1.4 M into a fresh array.
+    """
+    return np.take(window_ND, idx, axis=0, out=out_BD, mode="clip")
+
+
+class _Recycler:
+    """Batch arrays handed out again once no consumer references them.
+
+    A fresh batch (38 MB at the paper's 128 images) is above malloc's mmap threshold, so
+    each one would be mapped, page-faulted and zeroed anew; reusing a few costs nothing.
+    A batch the consumer still holds (directly, through a tensor or a view) is never reused.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 4):
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self.pool: list[np.ndarray] = []
+
+    def array(self) -> np.ndarray:
+        for a in self.pool:
+            if sys.getrefcount(a) == 3:  # the pool's list, the loop's name and getrefcount's argument
+                return a
+        a = np.empty(self.shape, self.dtype)
+        if len(self.pool) < self.keep:
+            self.pool.append(a)
+        return a

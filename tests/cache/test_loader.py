@@ -100,3 +100,31 @@ def test_refuses_incomplete_store_and_bad_config(tmp_path):
     with pytest.raises(UserError, match="layer 7 is not in"):
         store.group["done"][0] = 1
         TokenLoader(ActivationStore(tmp_path / "store"), LoaderConfig(layer=7))
+
+
+def test_batches_dropped_by_the_consumer_are_reused_held_ones_never():
+    """Held batches keep their values; dropped ones give their memory to later batches."""
+    from cache.loader import _Recycler
+    pool = _Recycler((4, 2), np.float16, keep=2)
+    held = torch.from_numpy(pool.array())
+    view = held[1:]
+    del held
+    dropped = pool.array()
+    assert not np.shares_memory(dropped, view.numpy())  # a view still holds the first array
+    dropped_id = id(dropped)
+    del dropped
+    assert id(pool.array()) == dropped_id
+
+
+def test_stream_is_the_same_whether_batches_are_kept_or_dropped(tmp_path):
+    store = _id_store(tmp_path, n=120)
+    cfg = LoaderConfig(layer=0, batch_tokens=20, window_chunks=3, seed=4)
+    kept = _take(TokenLoader(store, cfg), 40)
+    it, addresses, dropped = TokenLoader(store, cfg).batches(0), set(), []
+    for _ in range(40):
+        x = next(it)
+        addresses.add(x.data_ptr())
+        dropped.append(x.clone())
+    assert all(torch.equal(a, b) for a, b in zip(kept, dropped))
+    assert len({x.data_ptr() for x in kept}) == 40
+    assert len(addresses) < 10  # memory of dropped batches was reused
