@@ -49,6 +49,25 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class _Say(logging.Handler):
+    """Log lines written above any progress bar, as plain sentences (a command's plan and estimates
+    as they are, problems as ``warning: ...``); with --verbose, with level and logger names."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        text = record.getMessage()
+        if self.verbose:
+            text = f"{record.levelname} {record.name}: {text}"
+        elif record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        tqdm.write(text, file=sys.stderr)
+
+
 def _declaration(command: str) -> Stage:
     where = COMMANDS[command]
     if where.startswith("stages:"):
@@ -199,8 +218,7 @@ def main(verbose: bool) -> None:
     Layers are block indices, 0-based, residual-stream output of that block. `dvc repro` runs
     the whole study (dvc.yaml, params.yaml); each command below runs one stage by hand.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[_Say(verbose)])
     for ours in ("app", "pipeline", "stages", "cache"):
         logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:  # the progress bar shows training metrics; per-interval log lines only with -v

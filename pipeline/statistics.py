@@ -17,12 +17,14 @@ from typing import Any
 
 import dask
 import numpy as np
+from dask.callbacks import Callback
 
 from cache import schema
 from cache.codes import CodeStore, ShardCodes
 from cache.errors import UserError
 from cache.store import ActivationStore
 from pipeline.latents import LATENT_COLUMNS
+from pipeline.progress import Progress
 
 VARIANTS = ("mean", "cls", "max_patch")
 
@@ -276,8 +278,10 @@ def maps_graph(codes_dir: Path, top: TopK, images_per_shard: int, plan: Plan) ->
     return tasks
 
 
-def compute(objs: list, scheduler: str, n_workers: int | None) -> tuple:
-    """``dask.compute`` on a local scheduler or a dask.distributed address."""
+def compute(objs: list, scheduler: str, n_workers: int | None, desc: str | None = None, bar: bool = True) -> tuple:
+    """``dask.compute`` on a local scheduler or a dask.distributed address. With ``desc``, the local
+    scheduler's tasks are counted: a progress bar (unless not ``bar``) and the time estimate (a
+    cluster shows its progress on its dashboard)."""
     if "://" in scheduler:
         try:
             from distributed import Client
@@ -291,7 +295,28 @@ def compute(objs: list, scheduler: str, n_workers: int | None) -> tuple:
         with client:
             return dask.compute(*objs, scheduler=client)
     kwargs = {"num_workers": n_workers} if n_workers and scheduler != "synchronous" else {}
-    return dask.compute(*objs, scheduler=scheduler, **kwargs)
+    if desc is None:
+        return dask.compute(*objs, scheduler=scheduler, **kwargs)
+    with _TaskProgress(desc, bar):
+        return dask.compute(*objs, scheduler=scheduler, **kwargs)
+
+
+class _TaskProgress(Callback):
+    """Our progress bar (and its time estimate) over the tasks of a local Dask computation."""
+
+    def __init__(self, desc: str, enabled: bool):
+        super().__init__()
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def _start_state(self, dsk, state) -> None:
+        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+        self.bar = Progress(total=total, desc=self.desc, unit="task", enabled=self.enabled)
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        self.bar.update(1)
+
+    def _finish(self, dsk, state, errored) -> None:
+        self.bar.close()
 
 
 

@@ -11,11 +11,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import splice
 from pipeline.masking import ALL, Variant
 from pipeline.models import LoadedModel
+from pipeline.progress import Progress
 from pipeline.sae import SAE
 from pipeline.sources import CacheSource, ImageSource
 
@@ -34,7 +34,7 @@ def sweep(source: CacheSource | ImageSource, model: LoadedModel, sae: SAE, layer
     chunk = max(1, min(batch_size, CODES_BUDGET_BYTES // max(1, model.n_tokens * d_sae * 4)))
     per_group = max(1, tail_rows // chunk)
     device = sae.W_dec.device
-    bar = tqdm(total=len(eval_rows), unit="img", desc="masking", disable=not progress, dynamic_ncols=True)
+    bar = Progress(total=len(eval_rows), unit="img", desc="masking", enabled=progress)
     for batch in source.batches(eval_rows, batch_size):
         for s in range(0, len(batch.rows), chunk):
             rows = batch.rows[s:s + chunk]

@@ -53,7 +53,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cache.atomic import write_json
 from cache.errors import UserError, require_integers, require_threads
@@ -62,6 +61,7 @@ from pipeline.configs import Option, Stage
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
+from pipeline.progress import Progress, announce, next_steps
 from pipeline.runfiles import plot_losses
 from pipeline.world import TASKS, held_out_of
 
@@ -329,6 +329,11 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: LoadedModel, adapte
             start_step, losses, train_seconds = int(state["step"]), list(state["losses"]), float(state["train_seconds"])
             log.info("resuming %s from step %d of %d", out_dir, start_step, total)
         if start_step < total:
+            announce("adapt",
+                     f"MaPLe prompts for {cfg.model} ({cfg.pretrained}) on {cfg.dataset}: {len(names)} classes x "
+                     f"{cfg.shots} shots = {n_train} images, {total - start_step:,} of {total:,} steps to go "
+                     f"({cfg.epochs} epochs of batch {cfg.batch_size})",
+                     f"into {out_dir}")
             _train(cfg, run, adapted, optimizer, train, shot_rows, names, device, start_step, total, losses,
                    train_seconds)
         else:
@@ -391,8 +396,8 @@ def _train(cfg: Config, run: runfiles.RunFolder, adapted: maple.AdaptedCLIP, opt
     n_train = len(shot_rows)
     loader = DataLoader(_Images(train.dataset, shot_rows), batch_sampler=batches_from(start_step, cfg, n_train),
                         num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
-    bar = tqdm(total=total, initial=start_step, desc=f"adapt {cfg.dataset}", unit="step",
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = Progress(total=total, initial=start_step, desc=f"adapt {cfg.dataset}", unit="step",
+                   enabled=cfg.progress)
     resumed = time.perf_counter()
 
     def step(i: int, batch: tuple[torch.Tensor, torch.Tensor]) -> training.Metrics:
@@ -458,7 +463,7 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
     correct_by_model = torch.zeros(3, len(names), dtype=torch.int64)  # (base/probe/adapted, C true class)
     seen_C = torch.zeros(len(names), dtype=torch.int64)
     all_rows = np.arange(len(test))
-    bar = tqdm(total=len(test), desc="evaluate", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+    bar = Progress(total=len(test), desc="evaluate", unit="img", enabled=cfg.progress)
     for images_BRHW, labels_B in DataLoader(_Images(test.dataset, all_rows), batch_size=cfg.eval_batch_size,
                                             num_workers=cfg.workers):
         base_BE = model.model.encode_image(images_BRHW.to(model.device)).float()
@@ -502,7 +507,9 @@ def summary(out: Outputs) -> str:
             f"base few-shot probe {100 * out.probe_accuracy:.1f}%, adapted {100 * out.adapted_accuracy:.1f}% "
             f"(chance {100 / out.n_classes:.1f}%)\n"
             f"  adapter {out.out_dir}  (prompts {out.prompts_path.name}, metrics {out.metrics_path.name}"
-            + (f", curve {out.plot_path.name})" if out.plot_path else ")"))
+            + (f", curve {out.plot_path.name})" if out.plot_path else ")") + "\n"
+            + next_steps(f"pipeline extract ... --adapter {out.out_dir} --out ADAPTED_STORE",
+                         f"pipeline mask ... --adapter {out.out_dir} --out ADAPTED_MASK_DIR"))
 
 
 STAGE = Stage(name="adapt", config=Config, run=run, summary=summary, reads=("class_prompts", "weights"),

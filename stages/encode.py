@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cache import schema, space
 from cache.codes import CodeStore, ShardCodes
@@ -24,6 +23,7 @@ from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
 from pipeline.configs import Stage, writer_record
 from pipeline.models import file_sha256, resolve_device
+from pipeline.progress import Progress, already, announce, next_steps
 from pipeline.sae import SAE, Codes, load_sae
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,13 @@ def run(cfg: Config) -> Outputs:
         pending = codes.incomplete_shards()
         valid = store.valid
         n_pending = sum(store.shard_slice(k).stop - store.shard_slice(k).start for k in pending)
-        bar = tqdm(total=n_pending * t, unit="tok", unit_scale=True, desc=f"encode {cfg.out_dir.name}",
-                   disable=not cfg.progress, dynamic_ncols=True)
+        announce("encode",
+                 f"{store.n_images:,} images x {t} tokens of block {layer} in {store.path} through the SAE "
+                 f"{cfg.sae_dir} ({sae.config.arch}, {d_sae:,} latents)",
+                 f"into {cfg.out_dir}: about {space.human_bytes(total)} of sparse codes; {n_pending:,} images to "
+                 f"encode" + already(store.n_images - n_pending, "encoded"))
+        bar = Progress(total=n_pending * t, unit="tok", unit_scale=True, desc=f"encode {cfg.out_dir.name}",
+                       enabled=cfg.progress)
         with BackgroundWriter(codes.write_shard) as writer, torch.inference_mode():
             for k in pending:
                 sl = store.shard_slice(k)
@@ -181,7 +186,8 @@ def _drop_rows(codes: Codes, drop_B: torch.Tensor) -> Codes:
 
 def summary(out: Outputs) -> str:
     return (f"encoded {out.n_images} images ({out.n_tokens} tokens, mean L0 {out.mean_l0:.1f}) "
-            f"in {out.seconds:.1f} s -> {out.codes_dir}")
+            f"in {out.seconds:.1f} s -> {out.codes_dir}\n"
+            + next_steps(f"pipeline verify {out.codes_dir}", f"pipeline stats --codes {out.codes_dir} --cache STORE --out STATS_DIR"))
 
 
 STAGE = Stage(name="encode", config=Config, run=run, summary=summary, reads=("cache_dir", "sae_dir"),

@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cache import schema, space
 from cache.check import token_norm_stats
@@ -34,6 +33,7 @@ from pipeline import maple
 from pipeline.configs import Option, Stage, writer_record
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.models import LoadedModel, load_model
+from pipeline.progress import Progress, already, announce, next_steps
 from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _to_store_dtype(layer: int, acts_BTD: torch.Tensor, first_row: int) -> np.nd
 
 
 def _fill_shard(model: LoadedModel, tap: Tap, batches: Iterator[Any], store: ActivationStore, shard: int,
-                layers: tuple[int, ...], bar: tqdm | None) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+                layers: tuple[int, ...], bar: Progress | None) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
     """Compute one shard from the next batches of ``batches`` (which never cross shards)."""
     sl = store.shard_slice(shard)
     n = sl.stop - sl.start
@@ -286,14 +286,14 @@ def extract_shard_task(cfg: Config, shard: int) -> int:
 
 
 def _run_local(cfg: Config, model: LoadedModel, tap: Tap, images: ImageSet, store: ActivationStore,
-               pending: list[int], bar: tqdm) -> None:
+               pending: list[int], bar: Progress) -> None:
     batches = iter(_loader(model, images, store, pending, cfg, workers=cfg.workers))
     with BackgroundWriter(store.write_shard) as writer:
         for shard in pending:
             writer.submit(shard, *_fill_shard(model, tap, batches, store, shard, cfg.layers, bar))
 
 
-def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: tqdm) -> None:
+def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: Progress) -> None:
     from pipeline.scale import dask_client
 
     with dask_client(cfg.scheduler, cfg.n_workers) as client:
@@ -316,8 +316,13 @@ def run(cfg: Config) -> Outputs:
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         pending = store.incomplete_shards()
         n_pending = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in pending)
-        bar = tqdm(total=n_pending, unit="img", desc=f"extract {store.path.name}",
-                   disable=not cfg.progress, dynamic_ncols=True)
+        announce("extract",
+                 f"{store.n_images:,} images of {cfg.dataset} ({images.split}) through {cfg.model} ({cfg.pretrained}), "
+                 f"blocks {', '.join(map(str, cfg.layers))}, {model.n_tokens} tokens each",
+                 f"into {store.path}: {space.human_bytes(spec.nbytes)} in {store.n_shards} "
+                 f"shard{'s' * (store.n_shards != 1)}; {n_pending:,} images to compute"
+                 + already(store.n_images - n_pending, "stored"))
+        bar = Progress(total=n_pending, unit="img", desc=f"extract {store.path.name}", enabled=cfg.progress)
         streaming = time.perf_counter()
         if cfg.scheduler is None:
             _run_local(cfg, model, tap, images, store, pending, bar)
@@ -348,6 +353,8 @@ def summary(out: Outputs) -> str:
         if "class" in stats:
             lines.append(f"  layer {layer} token norms: class mean {stats['class']['mean']:.2f}, "
                          f"patches mean {stats['patches']['mean']:.2f} (max {stats['patches']['max']:.2f})")
+    lines.append(next_steps(f"pipeline info {out.store_dir}",
+                            f"pipeline train --cache {out.store_dir} --layer {out.layers[-1]} --out SAE_DIR"))
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from cache.store import ActivationStore, StoreLock
 from pipeline import groundtruth as gt
 from pipeline.configs import Stage
 from pipeline.latents import LatentStats
+from pipeline.progress import next_steps
 from pipeline.world import SyntheticWorld, object_coverage
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ def summary(out: Outputs) -> str:
     iou = "n/a" if out.mean_iou_dedicated is None else f"{out.mean_iou_dedicated:.3f}"
     return (f"{out.n_covered} of {out.n_values} attribute values have a dedicated latent "
             f"(mean IoU {iou}); {out.n_latents} latents over {out.n_images} images in {out.seconds:.1f} s "
-            f"-> {out.out_dir}")
+            f"-> {out.out_dir}\n"
+            + next_steps(f"pipeline report --stats STATS_DIR --groundtruth {out.out_dir} --out REPORT_DIR"))
 
 
 STAGE = Stage(name="groundtruth", config=Config, run=run, summary=summary,

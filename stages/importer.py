@@ -22,6 +22,7 @@ from cache import schema, space
 from cache.errors import UserError
 from cache.store import StoreLock, StoreSpec, create_or_resume, plan_layout
 from pipeline.configs import Option, Stage, writer_record
+from pipeline.progress import next_steps
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def run(cfg: Config) -> Outputs:
 
 
 def summary(out: Outputs) -> str:
-    return f"imported {out.n_images} x {out.n_tokens} x {out.d_model} in {out.seconds:.1f} s -> {out.store_dir}"
+    return (f"imported {out.n_images} x {out.n_tokens} x {out.d_model} in {out.seconds:.1f} s -> {out.store_dir}\n"
+            + next_steps(f"pipeline info {out.store_dir}", f"pipeline train --cache {out.store_dir} --layer L --out SAE_DIR"))
 
 
 STAGE = Stage(name="import", config=Config, run=run, summary=summary, reads=("source_path", "labels_path"),

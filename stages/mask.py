@@ -69,6 +69,7 @@ from pipeline.latents import LatentStats
 from pipeline.masking import ALL, parse_k
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.probe import ProbeConfig
+from pipeline.progress import announce, next_steps
 from pipeline.sae import SAE, load_sae
 from pipeline.sae.io import WEIGHTS_NAME
 from pipeline.sources import CacheSource, ImageSource, image_source
@@ -398,8 +399,11 @@ def _run(cfg: Config) -> Outputs:
                   if same_split else np.zeros(0, np.int64))
     plain_rows = all_rows
     features: dict[int, torch.Tensor] = {}
-    log.info("plain CLIP on %d images (%s)", len(plain_rows), "cached tap through the remaining blocks"
-             if source.kind == "cache" else "open_clip encode_image")
+    via = "cached activations, then the blocks after it" if source.kind == "cache" else "images through the model"
+    announce("mask",
+             f"{len(plain_rows):,} images of {data['dataset']}, {head_kind} head, {', '.join(cfg.modes)} runs for "
+             f"k = {', '.join(map(str, cfg.ks))} and {cfg.n_seeds} random sets each, spliced at block {layer} ({via})",
+             f"into {cfg.out_dir}")
     for batch, feats in source.plain_features(model, plain_rows, cfg.batch_size, cfg.tail_rows,
                                               cfg.class_token_only):
         for r, f in zip(batch.rows.tolist(), feats.float().cpu()):
@@ -511,6 +515,8 @@ def summary(out: Outputs) -> str:
                           for k, a in row.items())
         lines.append(f"  {mode:3s} {cells}")
     lines.append(f"  -> {out.results_path}, {out.per_class_path}" + (f", {out.plot_path}" if out.plot_path else ""))
+    lines.append(next_steps(f"open {out.plot_path or out.results_path}",
+                            "pipeline remap --base BASE_MASK_DIR --adapted ADAPTED_MASK_DIR --out REMAP_DIR (base vs MaPLe)"))
     return "\n".join(lines)
 
 

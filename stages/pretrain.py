@@ -53,13 +53,13 @@ import numpy as np
 import open_clip
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError, require_integers, require_threads
 from pipeline import runfiles, training, zeroshot
 from pipeline.configs import Stage
 from pipeline.models import file_sha256, load_model, resolve_device
+from pipeline.progress import Progress, announce, next_steps
 from pipeline.runfiles import plot_losses
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, caption_for, parse_held_out
 
@@ -327,6 +327,10 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, wo
     torch.set_rng_state(rng_state)
 
     if start_step < cfg.steps:
+        announce("pretrain",
+                 f"a {cfg.model} CLIP on the {cfg.world} world: {cfg.steps - start_step:,} of {cfg.steps:,} steps to "
+                 f"go, {cfg.batch_size} image-caption pairs each",
+                 f"then zero-shot accuracy on {cfg.eval_images:,} test images; into {out_dir}")
         train_seconds = _train(cfg, run, model, optimizer, world, device, start_step, losses, train_seconds)
     else:
         log.info("%s: training already finished (%d steps)", out_dir, cfg.steps)
@@ -367,8 +371,8 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
                         cfg.batch_size, open_clip.get_tokenizer(cfg.model), mean, std)
     loader = DataLoader(pairs, batch_size=None, sampler=range(start_step, cfg.steps),
                         num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"pretrain {cfg.model}", unit="step",
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = Progress(total=cfg.steps, initial=start_step, desc=f"pretrain {cfg.model}", unit="step",
+                   enabled=cfg.progress)
     resumed = time.perf_counter()
 
     def step(i: int, batch: tuple[torch.Tensor, ...]) -> training.Metrics:
@@ -413,7 +417,9 @@ def summary(out: Outputs) -> str:
     return (f"trained {out.steps} steps{resumed}: final loss {out.final_loss:.3f}, "
             f"zero-shot accuracy {100 * out.accuracy:.1f}% on {out.n_classes} classes "
             f"(chance {100 / out.n_classes:.1f}%), training {out.train_seconds:.1f} s, this run {out.seconds:.1f} s\n"
-            f"  checkpoint {out.model_path}  (metrics {out.metrics_path.name}, curve {out.plot_path.name})")
+            f"  checkpoint {out.model_path}  (metrics {out.metrics_path.name}, curve {out.plot_path.name})\n"
+            + next_steps(f"pipeline extract --dataset synthetic --model MODEL --pretrained {out.model_path} "
+                         "--layers L --out STORE"))
 
 
 STAGE = Stage(name="pretrain", config=Config, run=run, summary=summary, reads=(), writes=("out_dir",), persist=True,

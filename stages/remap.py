@@ -20,6 +20,7 @@ from cache.store import StoreLock
 from pipeline import masking
 from pipeline.configs import Option, Stage
 from pipeline.latents import LatentStats, json_safe
+from pipeline.progress import next_steps
 from pipeline.remap import (
     DEFINITIONS,
     GROUPS,
@@ -142,7 +143,8 @@ def _run(cfg: Config) -> Outputs:
 
 
 def summary(out: Outputs) -> str:
-    lines = [*out.table_lines, f"-> {out.results_path}, {out.table_path}" + (f", {out.plot_path}" if out.plot_path else "")]
+    lines = [*out.table_lines, f"-> {out.results_path}, {out.table_path}" + (f", {out.plot_path}" if out.plot_path else ""),
+             next_steps(f"open {out.plot_path or out.table_path}")]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from pipeline.groundtruth import PLOT_FILE as GT_PLOT
 from pipeline.groundtruth import GroundTruthResults
 from pipeline.heatmaps import ImageSource, ImageUnavailable, render_heatmap
 from pipeline.latents import LatentStats
+from pipeline.progress import next_steps
 
 log = logging.getLogger(__name__)
 
@@ -476,6 +477,7 @@ def summary(out: Outputs) -> str:
         lines.append(f"  images not shown: {out.image_problem}")
     elif out.n_without_image:
         lines.append(f"  {out.n_without_image} references could not be opened (heatmap only; see their pages)")
+    lines.append(next_steps(f"open {out.index_path} in a browser (a static site; no server needed)"))
     return "\n".join(lines)
 
 

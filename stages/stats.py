@@ -31,6 +31,7 @@ from cache.errors import UserError
 from cache.store import ActivationStore, StoreLock
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
+from pipeline.progress import announce, next_steps
 from pipeline.statistics import Plan, compute, label_statistics, latent_table, maps_graph, statistics_graph
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Config:
     split_every: int = 4  # partial results merged by one reduction task
     plots: bool = True  # write the PNG plots into the statistics folder
     plot_classes: int = 20  # classes shown in the per-class top-latent grid (the first ones)
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         for name in ("codes_dir", "cache_dir", "out_dir"):
@@ -130,16 +132,18 @@ def _run(cfg: Config) -> Outputs:
         raise UserError(f"the token layout's patch grid {grid} does not match {plan.n_patches} patch tokens; "
                         "fix the store's token_layout attribute")
     files.prepare_dir(cfg.out_dir, check_only=True)  # refuse before computing; write only after
-    log.info("statistics of %d latents over %d images in %d shards (scheduler %s)", plan.d_sae, codes.n_images,
-             codes.n_shards, cfg.scheduler)
+    announce("stats",
+             f"statistics of {plan.d_sae:,} latents over {codes.n_images:,} images in {codes.n_shards} shards of "
+             f"{codes.path} (scheduler {cfg.scheduler})",
+             f"into {cfg.out_dir}")
 
     (part,) = compute([statistics_graph(codes.path, store.path, codes.n_shards, plan, cfg.split_every)],
-                      cfg.scheduler, cfg.n_workers)
+                      cfg.scheduler, cfg.n_workers, "statistics", cfg.progress)
     if part.shards != tuple(range(codes.n_shards)):
         raise RuntimeError(f"the reduction folded shards {part.shards}, expected 0..{codes.n_shards - 1}")
     maps_SKP = np.zeros((plan.d_sae * plan.top_k, plan.n_patches), np.float32)
     for slots, maps in compute(maps_graph(codes.path, part.top, codes.images_per_shard, plan),
-                               cfg.scheduler, cfg.n_workers):
+                               cfg.scheduler, cfg.n_workers, "reference maps", cfg.progress):
         maps_SKP[slots] = maps
 
     files.prepare_dir(cfg.out_dir)
@@ -197,7 +201,10 @@ def _run(cfg: Config) -> Outputs:
 
 def summary(out: Outputs) -> str:
     return (f"statistics of {out.n_latents} latents ({out.n_dead} dead) over {out.n_valid_images} valid images "
-            f"in {out.n_shards} shards, {out.seconds:.1f} s -> {out.stats_dir}")
+            f"in {out.n_shards} shards, {out.seconds:.1f} s -> {out.stats_dir}\n"
+            + next_steps(f"pipeline show-latent --stats {out.stats_dir} --latent ID",
+                         f"pipeline report --stats {out.stats_dir} --out REPORT_DIR",
+                         f"pipeline mask --sae SAE_DIR --stats {out.stats_dir} --out MASK_DIR"))
 
 
 STAGE = Stage(name="stats", config=Config, run=run, summary=summary, reads=("codes_dir", "cache_dir"),

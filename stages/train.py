@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from tqdm import tqdm
 
 from cache import space
 from cache.atomic import write_json
@@ -29,6 +28,7 @@ from pipeline import runfiles
 from pipeline.configs import Option, Stage, identity_fields
 from pipeline.models import resolve_device
 from pipeline.plots import plot_curves
+from pipeline.progress import Progress, announce, next_steps
 from pipeline.sae import (
     NonFiniteLossError,
     TrainConfig,
@@ -181,6 +181,12 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
         trainer.init_from_sample(sample_ND.to(device))
     resumed_from = trainer.n_steps
     n_steps_total = math.ceil(cfg.total_tokens / loader_cfg.batch_tokens)
+    sae_cfg = trainer.sae.config
+    announce("train",
+             f"a {sae_cfg.arch} SAE {sae_cfg.d_in} -> {sae_cfg.d_sae:,} on block {cfg.layer} of {store.path} "
+             f"({train_loader.tokens_per_epoch:,} training tokens)",
+             f"{n_steps_total - trainer.n_steps:,} of {n_steps_total:,} steps to go, {loader_cfg.batch_tokens:,} "
+             f"tokens each ({cfg.total_tokens:,} tokens in all), into {cfg.out_dir}")
 
     best = {"fvu": math.inf, "evals_since": 0, "stop": False}
     clock = {"t": time.perf_counter(), "tokens": trainer.tokens_seen}
@@ -220,8 +226,8 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
             bar.update(trainer.n_steps - bar.n)
             yield x_BD
 
-    bar = tqdm(total=n_steps_total, initial=trainer.n_steps, unit="step", desc=f"train {cfg.out_dir.name}",
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = Progress(total=n_steps_total, initial=trainer.n_steps, unit="step", desc=f"train {cfg.out_dir.name}",
+                   enabled=cfg.progress)
     with space.room_for(cfg.out_dir, _run_nbytes(trainer.sae), resumes="the last checkpoint"):
         try:
             trainer.fit(stream(), on_log=on_log, on_checkpoint=on_checkpoint)
@@ -263,7 +269,8 @@ def summary(out: Outputs) -> str:
     resumed = f" (resumed at step {out.resumed_from_step})" if out.resumed_from_step else ""
     return (f"trained {out.steps} steps{resumed} in {out.seconds:.1f} s -> {out.sae_dir}\n"
             f"  {m['eval_split']} metrics: MSE {m['mse']:.4g}  FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
-            f"L1 {m['l1']:.3g}  dead {m['train_dead_fraction']:.3f}  ({out.metrics_path}, {out.plot_path})")
+            f"L1 {m['l1']:.3g}  dead {m['train_dead_fraction']:.3f}  ({out.metrics_path}, {out.plot_path})\n"
+            + next_steps(f"pipeline encode --cache STORE --sae {out.sae_dir} --out CODES_DIR"))
 
 
 STAGE = Stage(name="train", config=Config, run=run, summary=summary, reads=("cache_dir",), writes=("out_dir",),
