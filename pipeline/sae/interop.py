@@ -328,9 +328,10 @@ def _read_patchsae(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         with torch.serialization.safe_globals(_STUBS):
             ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  the unpickler raises many kinds; all mean "not a safe checkpoint"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{source} is not a PatchSAE checkpoint that can be read safely ({reason}); save it as "
-                        "{'cfg': vars(cfg), 'state_dict': sae.state_dict()} with torch.save") from exc
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = f"it pickles {unsafe.group(1)}" if unsafe else f"{type(exc).__name__}"
+        raise UserError(f"{source} is not a PatchSAE checkpoint that can be read safely ({reason}); in PatchSAE, save "
+                        "it as {'cfg': vars(cfg), 'state_dict': sae.state_dict()} with torch.save") from exc
     cfg = ckpt.get("cfg", ckpt.get("config")) if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if isinstance(cfg, _RunnerConfig):
