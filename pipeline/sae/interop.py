@@ -327,7 +327,7 @@ def _read_patchsae(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     try:
         with torch.serialization.safe_globals(_STUBS):
             ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  the unpickler raises many kinds; all mean "not a safe checkpoint"
+    except Exception as exc:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         reason = f"it pickles {unsafe.group(1)}" if unsafe else f"{type(exc).__name__}"
         raise UserError(f"{source} is not a PatchSAE checkpoint that can be read safely ({reason}); in PatchSAE, save "

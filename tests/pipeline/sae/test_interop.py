@@ -27,8 +27,15 @@ from stages import encode, extract, stats
 from tests.helpers import TINY, assert_one_line_error
 
 sae_lens = pytest.importorskip("sae_lens")
-from sae_lens import SAE as LensSAE  # noqa: E402
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig  # noqa: E402
+from sae_lens import SAE as LensSAE
+from sae_lens import (
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
 
 LAYER = 2
 D, S = 16, 48
@@ -223,7 +230,7 @@ class ViTSAERunnerConfig:
     store_size: int | None = None
     max_batch_size_for_vit_forward_pass: int = 1024
     create_dataloader: bool = True
-    device: torch.device = torch.device("cpu")
+    device: str = "cpu"
     seed: int = 42
     dtype: torch.dtype = torch.float32
     b_dec_init_method: str = "geometric_median"
@@ -254,6 +261,7 @@ class ViTSAERunnerConfig:
     def __post_init__(self):
         self.store_size = self.n_batches_in_store * self.batch_size
         self.d_sae = self.d_in * self.expansion_factor
+        self.device = torch.device(self.device)
         self.run_name = f"{self.d_sae}-L1-{self.l1_coefficient}-LR-{self.lr}-Tokens-{self.total_training_tokens:3.3e}"
 
 
