@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup browser demo figures test test-fast bench clean-demo
+.PHONY: setup setup-test browser demo figures test test-fast bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -12,6 +12,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The tests also need sae-lens (the `interop` extra: export-sae/import-sae are tested against it);
+# torch is named again so pip keeps the pinned build while it resolves sae-lens' dependencies.
+setup-test: setup $(VENV)/.installed-interop
+
+$(VENV)/.installed-interop: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,interop]' torch==2.14.1 torchvision==0.29.1
 	touch $@
 
 # The built-in offline default (params.yaml): the whole stage graph of dvc.yaml.
@@ -32,10 +40,10 @@ browser:
 		echo "could not install chromium: the report's browser test will be skipped"
 
 # Every test, the slow ones included.
-test: setup browser
+test: setup-test browser
 	$(PY) -m pytest -q -m "slow or not slow"
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -300,6 +300,41 @@ def show_latent(stats_dir: Path, latent: int) -> None:
         click.echo(line)
 
 
+@main.command("export-sae")
+@click.argument("sae_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True,
+              help="Format to write.")
+@click.argument("out", type=click.Path(path_type=Path))
+def export_sae(sae_dir: Path, fmt: str, out: Path) -> None:
+    """Write the SAE checkpoint SAE_DIR as a SAELens folder OUT (cfg.json + sae_weights.safetensors).
+
+    Its layer L becomes hook blocks.L.hook_resid_post; norm_scale is folded into the weights, so
+    SAELens encodes raw activations to the same codes.
+    """
+    from pipeline.sae.interop import export_sae as export
+
+    click.echo(f"wrote {export(sae_dir, out, fmt=fmt)}")
+
+
+@main.command("import-sae")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["saelens", "patchsae"]), required=True,
+              help="saelens: a folder from sae.save_model; patchsae: a .pt file of dynamical-inference/patchsae.")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--layer", type=int, help="The block you expect (0-based, residual output); refused if the file "
+              "says another. Needed when the file does not say.")
+@click.option("--model", help="The model as name/pretrained (e.g. ViT-B-16/openai), when the file does not say it so.")
+@click.option("--k", type=int, help="Training budget of a one-threshold jumprelu SAE (imported as batchtopk).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Activation store to check width, layer and model against (and record as provenance).")
+def import_sae(source: Path, fmt: str, out: Path, layer: int | None, model: str | None, k: int | None,
+               cache_dir: Path | None) -> None:
+    """Read SOURCE (a SAELens folder or a PatchSAE checkpoint) and save it as this pipeline's SAE folder OUT."""
+    from pipeline.sae.interop import import_sae as load
+
+    click.echo(f"wrote {load(source, out, fmt=fmt, layer=layer, model=model, k=k, cache_dir=cache_dir)}")
+
+
 @main.command("run-stage")
 @click.argument("name", type=click.Choice([step.name for step in study.STEPS]))
 @click.option("--dataset", help="Which of data.datasets (every stage but pretrain).")
