@@ -48,6 +48,7 @@ def test_code_deps_are_only_what_the_stage_imports():
     assert "pipeline" not in deps["extract"] and "pipeline/heatmaps.py" in deps["report"]
     assert "pipeline/heatmaps.py" not in deps["extract"] and "pipeline/heatmaps.py" not in deps["train"]
     assert "pipeline/remap.py" in deps["remap"] and "stages/mask.py" not in deps["remap"]
+    assert "stages/templates" in deps["report"]  # editing a page's template rewrites the report
 
 
 def test_outs_are_the_folders_each_stage_declares_it_writes():

@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from html.parser import HTMLParser
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from app.cli import main
+from cache.errors import UserError
+from pipeline.groundtruth import GroundTruthResults
 from pipeline.heatmaps import ImageSource, ImageUnavailable, model_view, render_heatmap
 from pipeline.latents import LatentStats
 from pipeline.world import SyntheticWorld, WorldConfig
@@ -27,12 +31,15 @@ BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-s
 
 
 def _synthetic_codes(n: int, s: int, seed: int = 0) -> np.ndarray:
-    """``(n, 17, s)`` codes on a 4 x 4 grid: latent 0 dead, latent 1 on class 3's object patches only."""
+    """``(n, 17, s)`` codes on a 4 x 4 grid: latent 0 dead, latent 1 on class 3's object patches only,
+    the last latent on the circles (classes 0-3) only: the dedicated latent of shape=circle."""
     rng = np.random.default_rng(seed)
     f = rng.random((n, 17, s)).astype(np.float32) * (rng.random((n, 17, s)) < 0.2)
     f[:, :, 0] = 0
     f[:, :, 1] = 0
     f[np.arange(n) % 20 == 3, 6, 1] = 2.0  # patch (1, 1)
+    f[:, :, s - 1] = 0
+    f[np.arange(n) % 20 < 4, 6, s - 1] = 3.0
     return f
 
 
@@ -43,7 +50,7 @@ def synthetic_stats(tmp_path_factory):
     n, size = 100, 32
     world = SyntheticWorld(WorldConfig(seed=0, image_size=size), n_images=n)
     acts, codes = build_stores(
-        tmp, _synthetic_codes(n, 16), np.arange(n) % 20, np.ones(n, bool), class_names=world.class_names,
+        tmp, _synthetic_codes(n, 17), np.arange(n) % 20, np.ones(n, bool), class_names=world.class_names,
         images_per_shard=16, image_ids=[world.image_id(i) for i in range(n)],
         dataset={"name": "synthetic", "split": "train", "root": None, "limit": n, "seed": 0},
         preprocess={"size": [size, size], "resize_mode": "shortest", "interpolation": "bicubic"})
@@ -53,7 +60,7 @@ def synthetic_stats(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic_groundtruth(synthetic_stats, tmp_path_factory):
-    """Ground truth of those codes: latent 1 fires on yellow circles (class 3) only."""
+    """Ground truth of those codes: latent 1 fires on yellow circles (class 3) only, latent 16 on circles."""
     out = tmp_path_factory.mktemp("report-groundtruth") / "gt"
     return groundtruth.run(groundtruth.Config(stats_dir=synthetic_stats, out_dir=out)).out_dir
 
@@ -66,7 +73,7 @@ def test_choose_latents(synthetic_stats):
     assert 0 not in frequent + low and not set(frequent) & set(low) and len(low) == 2
     assert low[0] == 1  # fires on one class only: entropy 0
     assert 1 not in report.choose_latents(table, 3, 2, min_references=6)[1]  # it has 5 references
-    assert report.choose_latents(table, 100, 100)[0].__len__() == 15  # every alive latent, never the dead one
+    assert report.choose_latents(table, 100, 100)[0].__len__() == 16  # every alive latent, never the dead one
 
 
 def test_report_pages_show_re_rendered_images(synthetic_stats, tmp_path):
@@ -75,7 +82,8 @@ def test_report_pages_show_re_rendered_images(synthetic_stats, tmp_path):
     assert out.image_problem is None and out.n_without_image == 0
     assert len(out.latent_pages) == 5 and out.n_pictures == 4 * 10 + 5  # latent 1 has 5 references
     index = out.index_path.read_text()
-    assert index.count("<tr><td") == 5 and "<script>" in index and "http" not in index  # nothing from a network
+    assert index.count('<tr data-latent="') == 5 + 1 and index.count('data-dead="1"') == 1  # 5 pages, latent 0
+    assert "<script>" in index and "http" not in index  # nothing from a network
     for name in ("frequency_vs_activation.png", "histograms.png", "class_top_latents.png"):
         assert (tmp_path / "r" / "plots" / name).is_file()
     page = (tmp_path / "r" / "latents" / "latent_000001.html").read_text()
@@ -103,9 +111,11 @@ def test_report_with_ground_truth_columns_and_value_table(synthetic_stats, synth
     values = index.split('<table id="values">')[1].split("</table>")[0]
     assert values.count("<tr>") == 1 + 23  # header + every attribute value
     assert "plots/groundtruth.png" in index and (tmp_path / "r" / "plots" / "groundtruth.png").is_file()
-    row = re.search(r'<tr><td class="num" data-v="1">.*?</tr>', index).group(0)
+    row = re.search(r'<tr data-latent="1" [^>]*><td class="num" data-v="1">.*?</tr>', index).group(0)
     # circles: 5 of 20 fire, no other image: AUROC (5*80 + 15*80/2) / (20*80); all its mass is on circles
     assert 'data-v="shape=circle"' in row and 'data-v="0.625"' in row and 'data-v="1.0"' in row
+    assert re.search(r'<tr data-latent="16" data-dead="0" data-covered="1" [^>]*>.*dedicated to shape=circle</td>',
+                     index)  # not among the 3 picked: shown as the dedicated latent of circles
     page = (tmp_path / "r" / "latents" / "latent_000001.html").read_text()
     assert "best value shape=circle: AUROC 0.625, purity 1.000 (prevalence 0.200)" in page
     plain = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "plain", n_latents=2,
@@ -170,15 +180,112 @@ def test_report_refusals(synthetic_stats, tmp_path):
 # Acceptance 4: a real headless browser
 
 
+class _Tags(HTMLParser):
+    """Every element a page opens is closed, in order; keeps each start tag with its (unescaped) attributes."""
+
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"})
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.doctype, self.tags, self.open, self.errors = None, [], [], []
+        self.feed(text)
+        self.close()
+
+    def handle_decl(self, decl):
+        self.doctype = decl
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open.pop() != tag:
+            self.errors.append(f"</{tag}> does not close the last open element")
+
+
+def _well_formed(page) -> _Tags:
+    text = page.read_text(encoding="utf-8")
+    tags = _Tags(text)
+    assert tags.doctype == "doctype html" and not tags.errors and not tags.open, (page, tags.errors, tags.open)
+    assert not re.search(r"\{[{%#]|[}%#]\}", text), f"template syntax left in {page}"
+    return tags
+
+
+def test_pages_are_rendered_from_templates_and_escape_names(synthetic_stats, synthetic_groundtruth, tmp_path):
+    source = open(report.__file__, encoding="utf-8").read()
+    assert not re.search(r"<(html|body|table|tr|td|th|p|div|h\d|figure|script)\b", source)  # no HTML in strings
+    f = np.zeros((12, 5, 3), np.float32)
+    f[::2, 2, 1] = 1.0  # latent 1 on class 0, latent 2 on class 1, latent 0 dead
+    f[1::2, 3, 2] = 1.0
+    names = ["<i>cat</i>", 'dog & "co"']
+    acts, codes = build_stores(tmp_path, f, np.arange(12) % 2, np.ones(12, bool), class_names=names,
+                               images_per_shard=4)
+    run_stats(acts, codes, tmp_path / "stats")
+    out = report.run(report.Config(stats_dir=tmp_path / "stats", out_dir=tmp_path / "r"))
+    assert len(out.latent_pages) == 2
+    for page in (out.index_path, *out.latent_pages):
+        assert "<i>" not in page.read_text() and '"co"' not in page.read_text()
+        _well_formed(page)
+    index = _well_formed(out.index_path)
+    rows = [a for tag, a in index.tags if tag == "tr" and "data-latent" in a]
+    assert [(a["data-latent"], a["data-dead"], a["data-class"]) for a in rows] == \
+        [("1", "0", names[0]), ("2", "0", names[1]), ("0", "1", "")]  # the names, once unescaped
+    assert [a["value"] for tag, a in index.tags if tag == "option"] == ["", *sorted(names)]
+    assert 'dog &amp; &#34;co&#34;' in out.index_path.read_text()
+    assert not any(a.get("id") == "covered-only" for _, a in index.tags)  # no ground truth: no covered filter
+    cat, dog = (page.read_text() for page in out.latent_pages)
+    # top class, reference classes, the class of most tokens above threshold, 6 captions
+    assert cat.count("&lt;i&gt;cat&lt;/i&gt;") == dog.count("dog &amp; &#34;co&#34;") == 1 + 1 + 1 + 6
+
+    truth = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "gt", n_latents=2,
+                                     n_low_entropy=1, image_px=16, groundtruth_dir=synthetic_groundtruth))
+    for page in (truth.index_path, *truth.latent_pages):
+        _well_formed(page)
+    with pytest.raises(UserError, match="--dead must be >= 0"):
+        report.Config(stats_dir=tmp_path / "stats", out_dir=tmp_path / "r", n_dead=-1)
+
+
+def _expected_rows(stats_dir, groundtruth_dir, n_latents: int, n_low_entropy: int) -> dict[int, dict]:
+    """The latent table's rows as read from the data: the shown latents, the dedicated ones, every dead one
+    (fewer than the default --dead), each with its top class and searchable names."""
+    table = LatentStats(stats_dir).table.set_index("latent", drop=False)
+    truth = GroundTruthResults(groundtruth_dir)
+    best = truth.latents.set_index("latent")
+    dedicated: dict[int, list[str]] = {}
+    for r in truth.values[truth.values["dedicated"]].itertuples():
+        dedicated.setdefault(int(r.best_latent), []).append(f"{r.attribute}={r.value}")
+    frequent, low = report.choose_latents(table.reset_index(drop=True), n_latents, n_low_entropy)
+    dead = sorted(int(j) for j in table["latent"][table["dead"].astype(bool)])
+    rows = {}
+    for j in dict.fromkeys([*frequent, *low, *dedicated, *dead]):
+        top = "" if pd.isna(table.loc[j, "top_class_name"]) else str(table.loc[j, "top_class_name"])
+        value = best.loc[j, "best_value"]
+        names = [top, "" if pd.isna(value) else f"{best.loc[j, 'best_attribute']}={value}", *dedicated.get(j, ())]
+        rows[j] = {"dead": j in dead, "covered": j in dedicated, "top": top, "names": [n.lower() for n in names if n]}
+    return rows
+
+
+def _visible(rows: dict[int, dict], query: str = "", dead: bool = False, covered: bool = False,
+             top: str = "") -> list[int]:
+    """What the index should show: every word of the query is a latent id or part of a name."""
+    return sorted(j for j, r in rows.items()
+                  if (dead or not r["dead"]) and (r["covered"] or not covered) and (not top or r["top"] == top)
+                  and all(w == str(j) or any(w in n for n in r["names"]) for w in query.lower().split()))
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="needs chromium and its driver: apt-get install chromium chromium-driver")
 def test_report_in_headless_chromium(synthetic_stats, synthetic_groundtruth, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     out = report.run(report.Config(stats_dir=synthetic_stats, out_dir=tmp_path / "r", n_latents=8, n_low_entropy=2,
                                    groundtruth_dir=synthetic_groundtruth))
+    expected = _expected_rows(synthetic_stats, synthetic_groundtruth, 8, 2)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in BROWSER_FLAGS:
@@ -189,11 +296,18 @@ def test_report_in_headless_chromium(synthetic_stats, synthetic_groundtruth, tmp
     try:
         driver.get(out.index_path.resolve().as_uri())
         rows = driver.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
-        assert len(rows) == len(out.latent_pages) == 10
+        assert len(rows) == len(expected) == 11 and len(out.latent_pages) == 10  # 8 + 2 + latent 0 (dead)
+
+        def shown() -> list[int]:
+            ids = sorted(int(r.get_attribute("data-latent")) for r in rows if r.is_displayed())
+            assert driver.find_element(By.ID, "n-visible").text == str(len(ids))
+            return ids
+
+        assert shown() == _visible(expected) == sorted(int(p.stem.split("_")[1]) for p in out.latent_pages)
 
         def column(col: int) -> list[str]:
             return driver.execute_script(
-                "return Array.from(document.querySelectorAll('#latents tbody tr'))"
+                "return Array.from(document.querySelectorAll('#latents tbody tr')).filter(r => !r.hidden)"
                 ".map(r => r.cells[arguments[0]].getAttribute('data-v'));", col)
 
         heads = driver.find_elements(By.CSS_SELECTOR, "#latents thead th")
@@ -221,7 +335,58 @@ def test_report_in_headless_chromium(synthetic_stats, synthetic_groundtruth, tmp
         assert auroc == sorted(auroc, reverse=True) and len(auroc) == 10
         assert len(driver.find_elements(By.CSS_SELECTOR, "#values tbody tr")) == 23
 
-        link = driver.find_element(By.CSS_SELECTOR, "#latents tbody tr td a")
+        # search: latent ids, class names, attribute values; every word must match
+        search = driver.find_element(By.ID, "search")
+
+        def type_in(text: str) -> list[int]:
+            search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
+            search.send_keys(text)
+            return shown()
+
+        yellow_circle = expected[1]["top"]  # latent 1 fires on class 3 only
+        first = sorted(expected)[1]
+        for query, want in ((str(first), [first]), (yellow_circle, None), (yellow_circle.upper(), None),
+                            ("circle", None), ("shape=circle", None), ("circle 16", [16]), ("0", []),
+                            ("no-such-class", [])):
+            assert type_in(query) == _visible(expected, query), query
+            if want is not None:
+                assert _visible(expected, query) == want, query
+        assert 1 in _visible(expected, yellow_circle) and {1, 16} <= set(_visible(expected, "shape=circle"))
+        dead = driver.find_element(By.ID, "show-dead")
+        dead.click()  # the dead latent 0 is found once dead latents are shown
+        assert type_in("0") == _visible(expected, "0", dead=True) == [0]
+        assert type_in("") == _visible(expected, dead=True) == sorted(expected)
+        dead.click()
+        assert shown() == _visible(expected) and len(shown()) == 10
+
+        # filters: ground-truth covered, top class, and both with a search
+        covered = driver.find_element(By.ID, "covered-only")
+        covered.click()
+        assert shown() == _visible(expected, covered=True) == [16]
+        covered.click()
+        top = Select(driver.find_element(By.ID, "top-class"))
+        options_ = [o.get_attribute("value") for o in top.options]
+        assert options_ == ["", *sorted({r["top"] for r in expected.values()} - {""})]
+        counts = {name: len(_visible(expected, top=name)) for name in options_[1:]}
+        common = max(counts, key=lambda name: (counts[name], name))
+        top.select_by_value(common)
+        assert shown() == _visible(expected, top=common) and counts[common] >= 1
+        top.select_by_value(expected[16]["top"])
+        covered.click()
+        assert shown() == _visible(expected, covered=True, top=expected[16]["top"]) == [16]
+        top.select_by_value(yellow_circle if yellow_circle != expected[16]["top"] else common)
+        assert shown() == []
+        top.select_by_value("")
+        assert type_in("16") == [16] and type_in("1") == _visible(expected, "1", covered=True) == []
+        covered.click()
+        assert type_in("") == _visible(expected)
+        for name in options_[1:]:
+            top.select_by_value(name)
+            assert shown() == _visible(expected, top=name)
+        top.select_by_value("")
+        assert shown() == _visible(expected)
+
+        link = driver.find_element(By.CSS_SELECTOR, "#latents tbody tr:not([hidden]) td a")
         target = link.text
         link.click()
         assert driver.find_element(By.TAG_NAME, "h1").text == f"Latent {target}"
