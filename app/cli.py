@@ -22,6 +22,7 @@ import stages
 from app import study
 from cache.errors import UserError
 from pipeline.configs import CONFIG_DEFAULT, Field, Stage, fields
+from pipeline.threads import quiet_openmp
 
 log = logging.getLogger("pipeline")
 
@@ -32,6 +33,10 @@ COMMANDS = {**{("import" if n == "import" else n): f"stages:{n}" for n in stages
 
 class _Group(click.Group):
     """Builds a stage's command on first use; turns UserError into one line and exit status 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        quiet_openmp()  # before a stage module imports torch, whose OpenMP reads it once
+        return super().main(*args, **kwargs)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*COMMANDS, *super().list_commands(ctx)])

@@ -38,6 +38,6 @@ def require_integers(config: Any, *names: str) -> None:
 
 
 def require_threads(threads: Any) -> None:
-    """``--threads``: None (torch's own setting) or at least 1."""
+    """``--threads``: None (the CPUs this process may use) or at least 1."""
     if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
         raise UserError(f"--threads must be at least 1 (got {threads})")

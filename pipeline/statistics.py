@@ -11,6 +11,7 @@ lives here too, so that its module-level tasks can be pickled by every scheduler
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cache.errors import UserError
 from cache.store import ActivationStore
 from pipeline.latents import LATENT_COLUMNS
 from pipeline.progress import Progress
+from pipeline.threads import available_cpus, use_threads, worker_share
 
 VARIANTS = ("mean", "cls", "max_patch")
 
@@ -278,10 +280,13 @@ def maps_graph(codes_dir: Path, top: TopK, images_per_shard: int, plan: Plan) ->
     return tasks
 
 
-def compute(objs: list, scheduler: str, n_workers: int | None, desc: str | None = None, bar: bool = True) -> tuple:
+def compute(objs: list, scheduler: str, n_workers: int | None, desc: str | None = None, bar: bool = True,
+            threads: int | None = None) -> tuple:
     """``dask.compute`` on a local scheduler or a dask.distributed address. With ``desc``, the local
     scheduler's tasks are counted: a progress bar (unless not ``bar``) and the time estimate (a
-    cluster shows its progress on its dashboard)."""
+    cluster shows its progress on its dashboard). A local scheduler's ``n_workers`` (default: one per
+    thread) share ``threads`` (default: the CPUs this process may use): each worker thread or process
+    runs torch, OpenMP and BLAS at its share, so together they fill the CPUs and no more."""
     if "://" in scheduler:
         try:
             from distributed import Client
@@ -294,11 +299,10 @@ def compute(objs: list, scheduler: str, n_workers: int | None, desc: str | None 
                             "--scheduler threads") from None
         with client:
             return dask.compute(*objs, scheduler=client)
-    kwargs = {"num_workers": n_workers} if n_workers and scheduler != "synchronous" else {}
-    if desc is None:
-        return dask.compute(*objs, scheduler=scheduler, **kwargs)
-    with _TaskProgress(desc, bar):
-        return dask.compute(*objs, scheduler=scheduler, **kwargs)
+    workers = 1 if scheduler == "synchronous" else n_workers or (threads or available_cpus())
+    kwargs = {} if scheduler == "synchronous" else {"num_workers": workers}
+    with use_threads(worker_share(threads, workers)), _TaskProgress(desc, bar) if desc else contextlib.nullcontext():
+        return dask.compute(*objs, scheduler=scheduler, **kwargs)  # spawned processes inherit the share's environment
 
 
 class _TaskProgress(Callback):

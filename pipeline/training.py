@@ -11,7 +11,6 @@ moment continues bit-identically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -116,14 +115,3 @@ def steps_until(batches: Iterable[Any], stop: Callable[[], bool]) -> Iterator[An
             return
         yield batch
 
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """``threads`` torch CPU threads inside the block (None keeps torch's setting), restored after."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -63,6 +63,7 @@ from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
 from pipeline.probe import fit_linear_probe
 from pipeline.progress import Progress, announce, next_steps
 from pipeline.runfiles import plot_losses
+from pipeline.threads import sized
 from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Config:
     eval_batch_size: int = 64  # evaluation: images per forward
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved)
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
-    threads: int | None = None  # torch CPU threads during the run; None keeps torch's setting
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     workers: int = 0  # image-decoding processes (0 = main process)
     overwrite: bool = False  # replace a folder written with another identity
     progress: bool = True  # show a progress bar
@@ -266,12 +267,12 @@ def _identity(cfg: Config, model: LoadedModel, train: ImageSet, shot_rows: np.nd
 # The stage
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     """Train (or finish training, or load) the prompts in ``cfg.out_dir``, then evaluate base vs adapted."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    with training.torch_threads(cfg.threads):
-        return _run_threaded(cfg, device, started)
+    return _run_threaded(cfg, device, started)
 
 
 def _open_data(cfg: Config, model: LoadedModel) -> tuple[ImageSet, np.ndarray, ImageSet]:

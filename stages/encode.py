@@ -18,13 +18,14 @@ import torch
 
 from cache import schema, space
 from cache.codes import CodeStore, ShardCodes
-from cache.errors import UserError
+from cache.errors import UserError, require_threads
 from cache.store import ActivationStore, StoreLock, config_sha256
 from cache.writer import BackgroundWriter
 from pipeline.configs import Stage, writer_record
 from pipeline.models import file_sha256, resolve_device
 from pipeline.progress import Progress, already, announce, next_steps
 from pipeline.sae import SAE, Codes, load_sae
+from pipeline.threads import sized
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,11 @@ class Config:
     batch_tokens: int | None = None  # tokens per SAE forward; default keeps a dense batch near 256 MB
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
     overwrite: bool = False  # replace a code store made from another SAE or store
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        require_threads(self.threads)
         for name in ("cache_dir", "sae_dir", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
 
@@ -108,6 +111,7 @@ def concat_csr(parts: list[ShardCodes]) -> ShardCodes:
     return ShardCodes(ptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.values for p in parts]))
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     store = ActivationStore(cfg.cache_dir, mode="r")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache import schema, space
 from cache.check import token_norm_stats
-from cache.errors import UserError
+from cache.errors import UserError, require_threads
 from cache.store import ActivationStore, StoreLock, StoreSpec, create_or_resume, plan_layout
 from cache.writer import BackgroundWriter
 from pipeline import maple
@@ -34,6 +34,7 @@ from pipeline.configs import Option, Stage, writer_record
 from pipeline.datasets import ImageSet, open_dataset
 from pipeline.models import LoadedModel, load_model
 from pipeline.progress import Progress, already, announce, next_steps
+from pipeline.threads import in_share, sized, worker_share
 from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,11 @@ class Config:
     scheduler: str | None = None  # run one Dask task per shard: 'local' starts a local cluster (see --n-workers),
                                   # or a scheduler address tcp://HOST:PORT whose workers see --out on a shared disk
     n_workers: int = 2  # worker processes of --scheduler local
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        require_threads(self.threads)
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.adapter is not None:
             object.__setattr__(self, "adapter", Path(self.adapter))
@@ -296,8 +299,10 @@ def _run_local(cfg: Config, model: LoadedModel, tap: Tap, images: ImageSet, stor
 def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: Progress) -> None:
     from pipeline.scale import dask_client
 
+    share = worker_share(cfg.threads, cfg.n_workers) if cfg.scheduler == "local" else None
     with dask_client(cfg.scheduler, cfg.n_workers) as client:
-        futures = client.map(extract_shard_task, [cfg] * len(pending), pending, pure=False, retries=2)
+        futures = client.map(in_share(extract_shard_task, share), [cfg] * len(pending), pending, pure=False,
+                             retries=2)
         from distributed import as_completed
 
         for future in as_completed(futures):
@@ -306,6 +311,7 @@ def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: Prog
             bar.update(sl.stop - sl.start)
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     """Extract (or finish extracting) the store described by ``cfg``."""
     started = time.perf_counter()

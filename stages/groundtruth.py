@@ -23,12 +23,13 @@ import numpy as np
 
 from cache import schema
 from cache.codes import CodeStore
-from cache.errors import UserError
+from cache.errors import UserError, require_threads
 from cache.store import ActivationStore, StoreLock
 from pipeline import groundtruth as gt
 from pipeline.configs import Stage
 from pipeline.latents import LatentStats
 from pipeline.progress import next_steps
+from pipeline.threads import sized
 from pipeline.world import SyntheticWorld, object_coverage
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ class Config:
     map_threshold: float = 0.5  # a patch is on when f_j >= this fraction of the image's max patch (and > 0)
     object_fraction: float = 0.5  # a patch is an object patch when this fraction of its pixels is object
     plots: bool = True  # write groundtruth.png
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
 
     def __post_init__(self) -> None:
+        require_threads(self.threads)
         for name in ("stats_dir", "out_dir", "codes_dir", "cache_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -106,6 +109,7 @@ def _open(cfg: Config) -> tuple[LatentStats, CodeStore, ActivationStore]:
     return stats, codes, store
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
         return _run(cfg)

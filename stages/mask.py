@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from cache import schema
-from cache.errors import UserError
+from cache.errors import UserError, require_threads
 from cache.store import ActivationStore, StoreLock
 from pipeline import maple, masking, runfiles, splice, zeroshot
 from pipeline.configs import Option, Stage
@@ -74,6 +74,7 @@ from pipeline.sae import SAE, load_sae
 from pipeline.sae.io import WEIGHTS_NAME
 from pipeline.sources import CacheSource, ImageSource, image_source
 from pipeline.sweep import score_rows, sweep
+from pipeline.threads import sized
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,11 @@ class Config:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model compute precision
     workers: int = 0  # image-decoding processes (0 = main process)
     plots: bool = True  # write accuracy_vs_k.png
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        require_threads(self.threads)
         for name in ("sae_dir", "stats_dir", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         for name in ("cache_dir", "adapter", "class_prompts", "classifier_cache_dir"):
@@ -343,6 +346,7 @@ def _holdout(valid: np.ndarray, n_probe: int, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(candidates)[:n_probe])
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
         return _run(cfg)

@@ -61,6 +61,7 @@ from pipeline.configs import Stage
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.progress import Progress, announce, next_steps
 from pipeline.runfiles import plot_losses
+from pipeline.threads import sized
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, caption_for, parse_held_out
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Config:
     eval_images: int = 1000  # evaluation: test-split images for zero-shot accuracy
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved)
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (GPU when present)
-    threads: int | None = None  # torch CPU threads during the run; None keeps torch's setting
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     workers: int = 1  # processes rendering batches ahead of the training loop (0 = in the loop)
     overwrite: bool = False  # replace a run folder that was written with another identity
     progress: bool = True  # show a progress bar
@@ -293,6 +294,7 @@ def evaluate(cfg: Config, model_path: Path, device: str) -> dict[str, Any]:
 # The stage
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     """Train (or finish training) the run in ``cfg.out_dir``, then evaluate it zero-shot."""
     started = time.perf_counter()
@@ -302,9 +304,8 @@ def run(cfg: Config) -> Outputs:
         model = open_clip.create_model(cfg.model, pretrained=None)
     image_size = int(model.visual.image_size[0])
     world = train_world(cfg, image_size)
-    with training.torch_threads(cfg.threads), runfiles.RunFolder(
-            cfg.out_dir, _identity(cfg, world), kind="pretraining", overwrite=cfg.overwrite,
-            our_files=(MODEL_NAME, METRICS_NAME, PLOT_NAME), format_version=FORMAT_VERSION) as run:
+    with runfiles.RunFolder(cfg.out_dir, _identity(cfg, world), kind="pretraining", overwrite=cfg.overwrite,
+                            our_files=(MODEL_NAME, METRICS_NAME, PLOT_NAME), format_version=FORMAT_VERSION) as run:
         return _run_locked(cfg, run, model.to(device).train(), world, device, started)
 
 

@@ -27,12 +27,13 @@ import numpy as np
 
 from cache import schema
 from cache.codes import CodeStore
-from cache.errors import UserError
+from cache.errors import UserError, require_threads
 from cache.store import ActivationStore, StoreLock
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
 from pipeline.progress import announce, next_steps
 from pipeline.statistics import Plan, compute, label_statistics, latent_table, maps_graph, statistics_graph
+from pipeline.threads import sized
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,16 @@ class Config:
     threshold: float = 0.2  # class-level counts count tokens with f_j > threshold (paper: 0.2)
     scheduler: str = "threads"  # Dask scheduler: threads, synchronous, processes, or a dask.distributed address
                                 # tcp://HOST:PORT
-    n_workers: int | None = None  # threads or processes of the local schedulers (default: one per core)
+    n_workers: int | None = None  # threads or processes of the local schedulers, sharing --threads
+                                # (default: one per thread)
     split_every: int = 4  # partial results merged by one reduction task
     plots: bool = True  # write the PNG plots into the statistics folder
     plot_classes: int = 20  # classes shown in the per-class top-latent grid (the first ones)
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        require_threads(self.threads)
         for name in ("codes_dir", "cache_dir", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         if self.top_k < 1:
@@ -111,6 +115,7 @@ def open_inputs(cfg: Config) -> tuple[CodeStore, ActivationStore]:
     return codes, store
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
         return _run(cfg)
@@ -138,12 +143,13 @@ def _run(cfg: Config) -> Outputs:
              f"into {cfg.out_dir}")
 
     (part,) = compute([statistics_graph(codes.path, store.path, codes.n_shards, plan, cfg.split_every)],
-                      cfg.scheduler, cfg.n_workers, "statistics", cfg.progress)
+                      cfg.scheduler, cfg.n_workers, "statistics", cfg.progress, cfg.threads)
     if part.shards != tuple(range(codes.n_shards)):
         raise RuntimeError(f"the reduction folded shards {part.shards}, expected 0..{codes.n_shards - 1}")
     maps_SKP = np.zeros((plan.d_sae * plan.top_k, plan.n_patches), np.float32)
     for slots, maps in compute(maps_graph(codes.path, part.top, codes.images_per_shard, plan),
-                               cfg.scheduler, cfg.n_workers, "reference maps", cfg.progress):
+                               cfg.scheduler, cfg.n_workers, "reference maps", cfg.progress,
+                               cfg.threads):
         maps_SKP[slots] = maps
 
     files.prepare_dir(cfg.out_dir)

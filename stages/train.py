@@ -21,7 +21,7 @@ import torch
 
 from cache import space
 from cache.atomic import write_json
-from cache.errors import UserError
+from cache.errors import UserError, require_threads
 from cache.loader import LoaderConfig, TokenLoader, token_indices
 from cache.store import ActivationStore, config_sha256
 from pipeline import runfiles
@@ -44,6 +44,7 @@ from pipeline.sae import (
 from pipeline.sae.io import CONFIG_NAME as SAE_CONFIG_NAME
 from pipeline.sae.io import TRAINER_NAME, WEIGHTS_NAME
 from pipeline.sae.trainer import TRAIN_STATE_VERSION
+from pipeline.threads import sized
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,11 @@ class Config:
     early_stop_patience: int | None = None  # stop after this many logs without validation FVU gain
     max_val_tokens: int = 200_000  # tokens used for each validation
     overwrite: bool = False  # replace an SAE folder trained with other settings
+    threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        require_threads(self.threads)
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.total_tokens < 1 or self.batch_images < 1:
@@ -132,6 +135,7 @@ def _on_device(batches: Iterator[torch.Tensor], device: str, max_tokens: float =
         yield x.to(device, non_blocking=True).float()
 
 
+@sized
 def run(cfg: Config) -> Outputs:
     """Train (or resume training) the SAE described by ``cfg``."""
     started = time.perf_counter()
