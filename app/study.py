@@ -188,7 +188,8 @@ def config_for(step: Step, params: Mapping[str, Any], dataset: str | None, layer
         bound.update(_bound_model(params))
     if "layer" in step.per and "layer" in names and names["layer"].default is dataclasses.MISSING:
         bound["layer"] = layer
-    bound.update({"overwrite": True, "progress": False, **step.fixed})
+    # threads: the machine's, not the study's (default: the CPUs this process may use)
+    bound.update({"overwrite": True, "progress": False, "threads": None, **step.fixed})
     bound = {k: v for k, v in bound.items() if k in names and k not in drop}
     own = {k: v for k, v in (params.get(step.section) or {}).items() if k not in step.ignore}
     return from_section(spec.config, step.section, own, bound=bound)

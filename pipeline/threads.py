@@ -126,6 +126,6 @@ def _call_in_share(fn: Callable[..., R], share: int | None, *args: Any, **kwargs
     if share is None:
         from distributed import get_worker
 
-        share = max(1, available_cpus() // get_worker().nthreads)
+        share = max(1, available_cpus() // get_worker().state.nthreads)
     with use_threads(share):
         return fn(*args, **kwargs)

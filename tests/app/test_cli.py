@@ -14,19 +14,19 @@ from pipeline.configs import CONFIG_DEFAULT, fields
 BEFORE = {
     "extract": "--dataset --root --split --limit --model --pretrained --layers --out --batch-size --device --dtype "
                "--workers --overwrite --seed --chunk-images --shard-images --scheduler --n-workers --adapter "
-               "--no-progress --task --allow-held-out",
+               "--no-progress --task --allow-held-out --threads",
     "train": "--cache --layer --out --arch --expansion --k --l1 --token-kind --tokens --batch-images --lr "
              "--warmup-steps --normalize --revival --dead-window-tokens --val-fraction --early-stop-patience "
-             "--checkpoint-every --log-every --seed --device --dtype --overwrite --no-progress",
-    "encode": "--cache --sae --out --batch-tokens --device --overwrite --no-progress",
-    "stats": "--codes --cache --out --top-k --threshold --scheduler --workers --no-plots",
+             "--checkpoint-every --log-every --seed --device --dtype --overwrite --no-progress --threads",
+    "encode": "--cache --sae --out --batch-tokens --device --overwrite --no-progress --threads",
+    "stats": "--codes --cache --out --top-k --threshold --scheduler --workers --no-plots --threads",
     "report": "--stats --out --latents --low-entropy --min-references --root --groundtruth",
     "groundtruth": "--stats --out --world --codes --cache --attributes --score --auroc-threshold --map-threshold "
-                   "--object-fraction --no-plots",
+                   "--object-fraction --no-plots --threads",
     "mask": "--sae --stats --out --cache --adapter --dataset --root --split --limit --seed --model --pretrained "
             "--layer --mode --k --error-term --seeds --random-seed --head --templates --class-prompts "
             "--classifier-cache --probe-split --probe-images --batch-size --device --dtype --workers "
-            "--full-last-block --no-plots --no-progress",
+            "--full-last-block --no-plots --no-progress --threads",
     "remap": "--base --adapted --out --high --low --normalise --base-masking --adapted-masking --no-plots",
     "concept-addition": "--out --params --held-out --task --control --layer",
     "import": "--out --shape --dtype --key --labels --class-names --prefix-tokens --layer --model --overwrite",
