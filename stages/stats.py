@@ -54,7 +54,7 @@ class Config:
     scheduler: str = "threads"  # Dask scheduler: threads, synchronous, processes, or a dask.distributed address
                                 # tcp://HOST:PORT
     n_workers: int | None = None  # threads or processes of the local schedulers, sharing --threads
-                                # (default: one per thread)
+                                  # (default: one per thread)
     split_every: int = 4  # partial results merged by one reduction task
     plots: bool = True  # write the PNG plots into the statistics folder
     plot_classes: int = 20  # classes shown in the per-class top-latent grid (the first ones)
