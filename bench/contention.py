@@ -46,8 +46,6 @@ def main() -> None:
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
     work = Path(tempfile.mkdtemp(prefix="bench-contention-"))
     store = work / "store"
-    wait(pipeline("extract", "--dataset", "synthetic", "--limit", "400", "--model", "tiny-vit", "--pretrained", "none",
-                  "--layers", "3", "--out", str(store), "--no-progress", env=base))
 
     runs = iter(range(1_000_000))
 
@@ -69,23 +67,20 @@ def main() -> None:
         alone = seconds(first, env=env), seconds(second, env=env)
         return *alone, seconds(*commands(extra), env=env)
 
-    try:
-        report(timed, args)
-    finally:
-        shutil.rmtree(work)
-
-
-def report(timed, args: argparse.Namespace) -> None:
     print(f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; pretrain {args.pretrain_steps} steps, "
           f"train {args.train_tokens:,} tokens; load average {os.getloadavg()[0]:.1f}")
-    for label, extra, env in (("as users run them (default threads, OpenMP waits sleeping)", [], base),
-                              ("OMP_WAIT_POLICY=ACTIVE, --threads all CPUs", ["--threads", str(os.cpu_count())],
-                               {**base, "OMP_WAIT_POLICY": "ACTIVE"})):
-        pretrain_s, train_s, both_s = timed(extra, env)
-        ratio = both_s / (pretrain_s + train_s)
-        print(f"{label}:\n  pretrain alone {pretrain_s:6.1f} s, train alone {train_s:6.1f} s, one after the other "
-              f"{pretrain_s + train_s:6.1f} s, both at once {both_s:6.1f} s: ratio {ratio:.2f} "
-              f"(target <= {TARGET_RATIO})")
+    try:
+        wait(pipeline("extract", "--dataset", "synthetic", "--limit", "400", "--model", "tiny-vit", "--pretrained", "none",
+                          "--layers", "3", "--out", str(store), "--no-progress", env=base))
+        for label, extra, env in (("as users run them (default threads, OpenMP waits sleeping)", [], base),
+                                  ("OMP_WAIT_POLICY=ACTIVE, --threads all CPUs", ["--threads", str(os.cpu_count())],
+                                   {**base, "OMP_WAIT_POLICY": "ACTIVE"})):
+            pretrain_s, train_s, both_s = timed(extra, env)
+            print(f"{label}:\n  pretrain alone {pretrain_s:6.1f} s, train alone {train_s:6.1f} s, one after the "
+                  f"other {pretrain_s + train_s:6.1f} s, both at once {both_s:6.1f} s: ratio "
+                  f"{both_s / (pretrain_s + train_s):.2f} (target <= {TARGET_RATIO})")
+    finally:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":
