@@ -70,8 +70,8 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; pretrain {args.pretrain_steps} steps, "
           f"train {args.train_tokens:,} tokens; load average {os.getloadavg()[0]:.1f}")
     try:
-        wait(pipeline("extract", "--dataset", "synthetic", "--limit", "400", "--model", "tiny-vit", "--pretrained", "none",
-                          "--layers", "3", "--out", str(store), "--no-progress", env=base))
+        wait(pipeline("extract", "--dataset", "synthetic", "--limit", "400", "--model", "tiny-vit",
+                      "--pretrained", "none", "--layers", "3", "--out", str(store), "--no-progress", env=base))
         for label, extra, env in (("as users run them (default threads, OpenMP waits sleeping)", [], base),
                                   ("OMP_WAIT_POLICY=ACTIVE, --threads all CPUs", ["--threads", str(os.cpu_count())],
                                    {**base, "OMP_WAIT_POLICY": "ACTIVE"})):
