@@ -27,12 +27,19 @@ TARGET_RATIO = 1.25
 
 
 def pipeline(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    """``pipeline ARGS`` started in the background; its messages kept aside, shown if it fails."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=log)
+    proc.log = log
+    return proc
 
 
 def wait(*procs: subprocess.Popen) -> None:
     for proc in procs:
         if proc.wait() != 0:
+            proc.log.seek(0)
+            sys.stderr.write(proc.log.read().decode(errors="replace"))
             raise SystemExit(f"{' '.join(map(str, proc.args))} failed with status {proc.returncode}")
 
 
