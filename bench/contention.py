@@ -60,7 +60,7 @@ def main() -> None:
         """Fresh output folders each time (a finished run would not be redone)."""
         n = next(runs)
         return (["pretrain", "--out", str(work / f"pretrain-{n}"), "--steps", str(args.pretrain_steps),
-                 "--eval-images", "100", "--no-progress", *extra],
+                 "--warmup-steps", str(min(30, args.pretrain_steps // 2)), "--eval-images", "100", "--no-progress", *extra],
                 ["train", "--cache", str(store), "--layer", "3", "--out", str(work / f"sae-{n}"),
                  "--tokens", str(args.train_tokens), "--no-progress", *extra])
 
