@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import stages
+from cache import jsonfile
 from cache.errors import UserError
 from pipeline.configs import from_section
 
@@ -235,7 +236,7 @@ def _numbers(record: Any) -> Any:
 
 def _publish_metrics(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(_numbers(json.loads(Path(src).read_text())), indent=2) + "\n")
+    dst.write_text(jsonfile.dumps(_numbers(json.loads(Path(src).read_text()))) + "\n")
 
 
 def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: int | None) -> str:
