@@ -224,7 +224,7 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
 
 def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
     """Written last: it marks the folder complete."""
-    (out_dir / META_FILE).write_text(jsonfile.dumps({"stats_format_version": STATS_FORMAT_VERSION, **meta})))
+    (out_dir / META_FILE).write_text(jsonfile.dumps({"stats_format_version": STATS_FORMAT_VERSION, **meta}))
 
 
 def write_references(out_dir: Path, score_SK: np.ndarray, index_SK: np.ndarray, label_SK: np.ndarray,
