@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,21 @@ def open_live(live_dir: Path, resume_step: int | None) -> Any:
     """A ``dvclive.Live`` on ``live_dir``: continuing after ``resume_step``, or a fresh folder when None."""
     from dvclive import Live  # here: importing dvclive imports dvc, which the rest of a stage does not need
 
+    class _Live(Live):
+        def _init_dvc(self) -> None:
+            """dvclive runs `dvc init` in a Git repository that has no DVC; we only write files, so
+            outside a DVC project its DVC set-up is skipped and the user's repository is left alone."""
+            if os.environ.get("DVC_ROOT") or _in_dvc_project(Path.cwd()):
+                super()._init_dvc()
+
     live_dir = Path(live_dir)
     if resume_step is not None:
         _drop_after(live_dir / PLOTS_DIR, resume_step)
-    return Live(str(live_dir), resume=resume_step is not None, save_dvc_exp=False, dvcyaml=None, report=None)
+    return _Live(str(live_dir), resume=resume_step is not None, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def _in_dvc_project(folder: Path) -> bool:
+    return any((d / ".dvc").is_dir() for d in (folder, *folder.parents))
 
 
 def log_step(live: Any, step: int, metrics: Mapping[str, Any]) -> None:

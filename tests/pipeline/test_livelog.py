@@ -35,3 +35,17 @@ def test_a_fresh_run_starts_the_curves_over(tmp_path):
     livelog.log_step(livelog.open_live(tmp_path, None), 5, {"loss": 1.0})
     livelog.log_step(livelog.open_live(tmp_path, None), 7, {"l0": 3.0})
     assert [p.name for p in (tmp_path / livelog.PLOTS_DIR).iterdir()] == ["l0.tsv"]
+
+
+def test_logging_inside_a_git_repository_without_dvc_leaves_it_alone(tmp_path, monkeypatch):
+    """dvclive on its own would `dvc init` the user's repository."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    live = livelog.open_live(tmp_path / "run" / "live", None)
+    livelog.log_step(live, 1, {"loss": 1.0})
+    live.end()
+    assert not (tmp_path / ".dvc").exists() and not (tmp_path / ".dvcignore").exists()
+    assert _steps(tmp_path / "run" / "live" / livelog.PLOTS_DIR / "loss.tsv") == [1]
