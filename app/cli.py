@@ -20,6 +20,7 @@ import click
 
 import stages
 from app import study
+from cache import jsonfile
 from cache.errors import UserError
 from pipeline.configs import CONFIG_DEFAULT, Field, Stage, fields
 from pipeline.threads import quiet_openmp
@@ -238,7 +239,7 @@ def info(store: Path, as_json: bool) -> None:
     from cache.check import describe, describe_lines
 
     d = describe(store)
-    click.echo(json.dumps(d, indent=2) if as_json else "\n".join(describe_lines(d)))
+    click.echo(jsonfile.dumps(d) if as_json else "\n".join(describe_lines(d)))
 
 
 @main.command()

@@ -42,7 +42,6 @@ from app.params import load_params
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
 from pipeline.configs import Stage
-from pipeline.latents import json_safe
 from pipeline.plots import plt
 from pipeline.remap import GROUP_LABELS, GROUPS, percent, read_results, results_path
 from pipeline.world import TASKS, SyntheticWorld, WorldConfig, parse_held_out
@@ -161,7 +160,7 @@ def run(cfg: Config) -> Outputs:
               "tasks": {role: results[role]["task"] for role in ROLES}, **_compare(results),
               "sides": results, "definitions": DEFINITIONS}
     lines = _table(record)
-    write_json(cfg.out_dir / RESULTS_FILE, json_safe(record))
+    write_json(cfg.out_dir / RESULTS_FILE, record)
     atomic_write(cfg.out_dir / TABLE_FILE, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     _plot(cfg.out_dir / PLOT_FILE, record)
     return Outputs(out_dir=cfg.out_dir, results_path=cfg.out_dir / RESULTS_FILE,

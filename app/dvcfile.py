@@ -16,6 +16,7 @@ import yaml
 
 import stages
 from app.study import STEPS, Step
+from pipeline import livelog
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("app", "stages", "pipeline", "cache")
@@ -98,16 +99,17 @@ def _stage(step: Step) -> dict:
     entry["params"] = list(dict.fromkeys(step.sections))
     outs = [_dvc(step.paths[f]) for f in spec.writes]
     entry["outs"] = [{out: {"persist": True}} if spec.persist else out for out in outs]
-    if step.metrics:
-        entry["metrics"] = [{_dvc(t): {"cache": False}} for t in step.metrics.values()]
-    if step.plots:
-        entry["plots"] = [{_dvc(t): {"cache": False, **_axes(step, t)}} for t in step.plots.values()]
+    # dvclive folders persist with the run they log: a resumed run continues their curves
+    lives = [_dvc(step.paths[f]) for f in spec.logs if f in step.paths]
+    metrics = [{_dvc(t): {"cache": False}} for t in step.metrics.values()]
+    metrics += [{f"{d}/{livelog.METRICS_FILE}": {"cache": False, "persist": True}} for d in lives]
+    plots = [{_dvc(t): {"cache": False}} for t in step.plots.values()]
+    plots += [{f"{d}/{livelog.PLOTS_DIR}": {"cache": False, "persist": True, "x": "step"}} for d in lives]
+    if metrics:
+        entry["metrics"] = metrics
+    if plots:
+        entry["plots"] = plots
     return entry
-
-
-def _axes(step: Step, template: str) -> dict:
-    x, y = step.plot_axes.get(template, (None, None))
-    return {"x": x, "y": y} if x else {}
 
 
 def render() -> str:

@@ -7,11 +7,11 @@ generated from this table (`pipeline dvc-yaml`), and `pipeline run-stage NAME --
 --layer L` runs one instance from it, so the graph DVC sees and the work done are the same.
 Everything is written under ``work/``:
 
-    work/pretrain/                          the tiny CLIP (pretrain), + pretrain-metrics.json, pretrain-loss.png
+    work/pretrain/                          the tiny CLIP (pretrain), + pretrain-metrics.json, pretrain-live/
     work/<dataset>/acts                     activation store, every layer of extract.layers (extract)
-    work/<dataset>/adapter                  MaPLe prompts (adapt), + adapt-metrics.json
+    work/<dataset>/adapter                  MaPLe prompts (adapt), + adapt-metrics.json, adapter-live/
     work/<dataset>/adapted-acts             activation store of the adapted model (extract-adapted)
-    work/<dataset>/layer<L>/sae             SAE checkpoint (train), + sae-metrics.json, sae-history.json
+    work/<dataset>/layer<L>/sae             SAE checkpoint (train), + sae-metrics.json, sae-live/
     work/<dataset>/layer<L>/codes           sparse codes (encode)
     work/<dataset>/layer<L>/stats           per-latent statistics (stats), + stats-summary.json
     work/<dataset>/layer<L>/masking         masking sweep (mask), + masking-metrics.json, masking-accuracy_vs_k.png
@@ -20,6 +20,10 @@ Everything is written under ``work/``:
                                .../stats    its statistics (stats-adapted), .../masking its masking (mask-adapted)
                                .../remap    the remap table (remap), + remap-metrics.json, remap.png
     work/<dataset>/layer<L>/report          HTML report (report)
+
+A ``*-live/`` folder is the dvclive log of a training stage (pipeline/livelog.py): its
+metrics.json and plots/metrics are dvc.yaml metrics and plots, which `dvc exp show`, `dvc plots
+show` and the VS Code extension read while the stage runs.
 
 Stages run with ``overwrite``: DVC reruns a stage exactly when its params or inputs changed,
 and the old outputs then belong to a config that no longer exists. Resumable outputs (stores,
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import stages
+from cache import jsonfile
 from cache.errors import UserError
 from pipeline.configs import from_section
 
@@ -87,7 +92,6 @@ class Step:
     ignore: tuple[str, ...] = ()  # keys of the sections this step leaves at the Config's defaults
     metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Outputs field -> published file
     plots: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    plot_axes: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # published file -> (x, y)
     extra_deps: tuple[str, ...] = ()  # folders read through a params value (the tiny CLIP's model.pt)
 
     @property
@@ -98,13 +102,13 @@ class Step:
 
 _MODEL_DEP = (PRETRAIN,)
 STEPS: tuple[Step, ...] = (
-    Step("pretrain", "pretrain", (), {"out_dir": PRETRAIN}, ("pretrain",),
-         metrics={"metrics_path": "{work}/pretrain-metrics.json"}, plots={"plot_path": "{work}/pretrain-loss.png"}),
+    Step("pretrain", "pretrain", (), {"out_dir": PRETRAIN, "live_dir": PRETRAIN + "-live"}, ("pretrain",),
+         metrics={"metrics_path": "{work}/pretrain-metrics.json"}),
     Step("extract", "extract", ("dataset",), {"out_dir": DATA + "/acts"}, ("data", "model", "extract"),
          extra_deps=_MODEL_DEP),
-    Step("train", "train", ("dataset", "layer"), {"cache_dir": DATA + "/acts", "out_dir": RUN + "/sae"}, ("sae",),
-         metrics={"metrics_path": RUN + "/sae-metrics.json"}, plots={"history_path": RUN + "/sae-history.json"},
-         plot_axes={RUN + "/sae-history.json": ("step", "loss")}),
+    Step("train", "train", ("dataset", "layer"),
+         {"cache_dir": DATA + "/acts", "out_dir": RUN + "/sae", "live_dir": RUN + "/sae-live"}, ("sae",),
+         metrics={"metrics_path": RUN + "/sae-metrics.json"}),
     Step("encode", "encode", ("dataset", "layer"),
          {"cache_dir": DATA + "/acts", "sae_dir": RUN + "/sae", "out_dir": RUN + "/codes"}, ("encode",)),
     Step("stats", "stats", ("dataset", "layer"),
@@ -122,7 +126,8 @@ STEPS: tuple[Step, ...] = (
     Step("report", "report", ("dataset", "layer"),
          {"stats_dir": RUN + "/stats", "groundtruth_dir": RUN + "/groundtruth", "out_dir": RUN + "/report"},
          ("report",)),
-    Step("adapt", "adapt", ("dataset",), {"out_dir": DATA + "/adapter"}, ("data", "model", "adapt"),
+    Step("adapt", "adapt", ("dataset",), {"out_dir": DATA + "/adapter", "live_dir": DATA + "/adapter-live"},
+         ("data", "model", "adapt"),
          metrics={"metrics_path": DATA + "/adapt-metrics.json"}, extra_deps=_MODEL_DEP),
     Step("extract-adapted", "extract", ("dataset",), {"adapter": DATA + "/adapter", "out_dir": DATA + "/adapted-acts"},
          ("data", "model", "extract"), extra_deps=_MODEL_DEP),
@@ -236,7 +241,7 @@ def _numbers(record: Any) -> Any:
 
 def _publish_metrics(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(_numbers(json.loads(Path(src).read_text())), indent=2) + "\n")
+    dst.write_text(jsonfile.dumps(_numbers(json.loads(Path(src).read_text()))) + "\n")
 
 
 def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: int | None) -> str:

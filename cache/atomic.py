@@ -13,12 +13,13 @@ said (torch.save reports it as a RuntimeError without the cause), so callers tes
 from __future__ import annotations
 
 import errno
-import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cache import jsonfile
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -60,5 +61,6 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def write_json(path: Path, record: Any) -> None:
-    """``record`` as indented JSON (numpy-like scalars as floats), atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=float) + "\n"))
+    """``record`` as indented strict JSON (``cache.jsonfile``: no NaN, a null says why), atomically."""
+    text = jsonfile.dumps(record) + "\n"  # before the temporary file: a refusal leaves nothing behind
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

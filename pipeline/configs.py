@@ -62,6 +62,8 @@ class Stage:
     ``reads`` and ``writes`` name the Config fields that hold input and output paths; the study
     binds them to folders under work/ and dvc.yaml lists them as deps and outs. ``persist``
     outputs resume after an interruption, so DVC must not delete them before a rerun.
+    ``logs`` name the fields that hold dvclive folders (pipeline.livelog): dvc.yaml declares
+    their files as metrics and plots, outside the outs, so DVC reads the curves while the stage runs.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Stage:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     persist: bool = False
+    logs: tuple[str, ...] = ()
     command: str | None = None  # CLI command name when it differs from ``name``
 
     @property

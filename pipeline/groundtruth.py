@@ -56,9 +56,9 @@ from typing import Any
 
 import numpy as np
 
+from cache import jsonfile
 from cache.errors import UserError
 from pipeline import runfiles
-from pipeline.latents import json_safe
 from pipeline.world import ATTRIBUTES, TASKS, SyntheticWorld, WorldConfig
 
 GROUNDTRUTH_FORMAT_VERSION = 1
@@ -413,7 +413,7 @@ def write_tables(out_dir: Path, latents, values) -> tuple[Path, Path]:
 
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
     """Written last: it marks the folder complete."""
-    (out_dir / GROUNDTRUTH_FILE).write_text(json.dumps(json_safe(record), indent=2))
+    (out_dir / GROUNDTRUTH_FILE).write_text(jsonfile.dumps(record))
     return out_dir / GROUNDTRUTH_FILE
 
 
@@ -532,5 +532,5 @@ def write_not_applicable(out_dir: Path, why: str) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     path = out_dir / GROUNDTRUTH_FILE
-    path.write_text(json.dumps({"applicable": 0, "why": why}, indent=2) + "\n")
+    path.write_text(jsonfile.dumps({"applicable": 0, "why": why}) + "\n")
     return path

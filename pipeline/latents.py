@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cache import schema
+from cache import jsonfile, schema
 from cache.errors import UserError
 from pipeline import runfiles
 
@@ -215,17 +215,16 @@ def write_tables(out_dir: Path, table, counts_CS: np.ndarray, class_names: list[
 
     pq.write_table(table, out_dir / LATENTS_FILE)
     np.save(out_dir / CLASS_COUNTS_FILE, counts_CS)
-    (out_dir / CLASS_NAMES_FILE).write_text(json.dumps(class_names, indent=1))
+    (out_dir / CLASS_NAMES_FILE).write_text(jsonfile.dumps(class_names, indent=1))
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2))
+    (out_dir / SUMMARY_FILE).write_text(jsonfile.dumps(summary))
 
 
 def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
     """Written last: it marks the folder complete."""
-    (out_dir / META_FILE).write_text(json.dumps(json_safe({"stats_format_version": STATS_FORMAT_VERSION, **meta}),
-                                                indent=2))
+    (out_dir / META_FILE).write_text(jsonfile.dumps({"stats_format_version": STATS_FORMAT_VERSION, **meta}))
 
 
 def write_references(out_dir: Path, score_SK: np.ndarray, index_SK: np.ndarray, label_SK: np.ndarray,

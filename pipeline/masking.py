@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cache import jsonfile
 from cache.errors import UserError
-from pipeline.latents import json_safe
 
 ALL = "all"
 
@@ -147,7 +147,7 @@ def assemble(modes: Sequence[str], ks: Sequence[int | str], n_seeds: int, varian
 
 def write_results(out_dir: Path, record: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULTS_FILE).write_text(json.dumps(json_safe(record), indent=2))
+    (out_dir / RESULTS_FILE).write_text(jsonfile.dumps(record))
     return out_dir / RESULTS_FILE
 
 

@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from cache import jsonfile
 from cache.errors import UserError
-from pipeline.latents import META_FILE, LatentStats, json_safe
+from pipeline.latents import META_FILE, LatentStats
 
 NORMALISATIONS = ("max", "tokens")
 GROUPS = ("high_high", "high_low", "low_high", "partial")  # codes 1..4 in group_CS; 0 = not relevant
@@ -236,7 +237,7 @@ def read_results(out_dir: Path) -> dict[str, Any]:
 def write_results(out_dir: Path, record: dict[str, Any], lines: list[str]) -> tuple[Path, Path]:
     """The record and the table; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_path(out_dir).write_text(json.dumps(json_safe(record), indent=2))
+    results_path(out_dir).write_text(jsonfile.dumps(record))
     (out_dir / TABLE_FILE).write_text("\n".join(lines) + "\n")
     return results_path(out_dir), out_dir / TABLE_FILE
 

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.atomic import write_json
 from cache.errors import UserError, require_integers, require_threads
-from pipeline import maple, runfiles, training, zeroshot
+from pipeline import livelog, maple, runfiles, training, zeroshot
 from pipeline.configs import Option, Stage
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
@@ -74,7 +74,7 @@ PROMPTS_NAME = maple.PROMPTS_NAME
 TRAINER_NAME = runfiles.TRAINER_NAME
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "loss.png"
-OUR_FILES = (CONFIG_NAME, PROMPTS_NAME, TRAINER_NAME, METRICS_NAME, PLOT_NAME)
+OUR_FILES = (CONFIG_NAME, PROMPTS_NAME, TRAINER_NAME, METRICS_NAME, PLOT_NAME, livelog.LIVE_DIR)
 LOG_EVERY = 10  # steps between progress-bar loss updates
 FINAL_LOSS_STEPS = 10  # final loss = mean loss of this many last steps
 TEMPLATE_CHOICES = ("auto", *zeroshot.TEMPLATE_SETS)
@@ -89,6 +89,7 @@ class Config:
     dataset: str  # identity: dataset to adapt to (see `pipeline extract --help`), e.g. eurosat
     out_dir: Path  # adapter folder to create or resume: prompts.safetensors, config.json, trainer_state.pt,
                    # metrics.json, loss.png
+    live_dir: Path | None = None  # dvclive folder of the loss curve (default: OUT/dvclive)
     root: str | None = None  # identity: local dataset folder (nothing is downloaded; not needed for synthetic)
     model: str = "ViT-B-16"  # identity: open_clip model name (frozen)
     pretrained: str = "openai"  # identity: open_clip pretrained tag, a local checkpoint file, or 'none' for random
@@ -129,6 +130,7 @@ class Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "live_dir", Path(self.live_dir or self.out_dir / livelog.LIVE_DIR))
         for name in ("weights", "class_prompts"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -189,6 +191,7 @@ class Outputs:
     config_path: Path
     metrics_path: Path
     plot_path: Path | None  # None when the prompts were loaded, not trained
+    live_dir: Path  # the loss curve as dvclive writes it (empty when the prompts were loaded)
     steps: int  # steps of the finished run (0 when loaded)
     start_step: int  # step this call started from (steps = nothing left to train)
     final_loss: float | None  # mean loss of the last FINAL_LOSS_STEPS steps (None when loaded)
@@ -364,6 +367,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: LoadedModel, adapte
              100 * metrics["adapted_accuracy"])
     return Outputs(out_dir=out_dir, prompts_path=prompts_path, config_path=out_dir / CONFIG_NAME,
                    metrics_path=metrics_path, plot_path=out_dir / PLOT_NAME if cfg.weights is None else None,
+                   live_dir=cfg.live_dir,
                    steps=total, start_step=start_step, final_loss=metrics["final_loss"],
                    base_accuracy=metrics["base_accuracy"], probe_accuracy=metrics["probe_accuracy"],
                    adapted_accuracy=metrics["adapted_accuracy"], n_classes=metrics["n_classes"],
@@ -400,6 +404,9 @@ def _train(cfg: Config, run: runfiles.RunFolder, adapted: maple.AdaptedCLIP, opt
     bar = Progress(total=total, initial=start_step, desc=f"adapt {cfg.dataset}", unit="step",
                    enabled=cfg.progress)
     resumed = time.perf_counter()
+    run.start()  # before the curve: replacing another run's folder deletes its files
+    live = livelog.open_live(cfg.live_dir, start_step or None)
+    logged = [start_step]
 
     def step(i: int, batch: tuple[torch.Tensor, torch.Tensor]) -> training.Metrics:
         images_BRHW, labels_B = batch
@@ -418,14 +425,19 @@ def _train(cfg: Config, run: runfiles.RunFolder, adapted: maple.AdaptedCLIP, opt
             raise UserError(f"the loss became {losses[-1]} at step {len(losses)}; lower --lr "
                             "(the last checkpoint is kept)")
 
+    def on_log(n: int) -> None:
+        livelog.log_step(live, n, {"loss": float(np.mean(losses[logged[0]:n])), "lr": lr_at(n - 1, cfg, n_train)})
+        logged[0] = n
+        bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.3f}")
+
     def save(n: int) -> None:
         run.save_state({"step": n, "prompts": {k: v.detach().cpu().clone() for k, v in adapted.prompts.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "losses": list(losses),
                         "train_seconds": train_seconds + time.perf_counter() - resumed})
 
     training.fit(loader, step, start_step=start_step, log_every=LOG_EVERY, checkpoint_every=cfg.checkpoint_every,
-                 record=record, on_log=lambda n: bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.3f}"),
-                 save=save)
+                 record=record, on_log=on_log, save=save)
+    live.end()
     bar.close()
 
 
@@ -514,7 +526,7 @@ def summary(out: Outputs) -> str:
 
 
 STAGE = Stage(name="adapt", config=Config, run=run, summary=summary, reads=("class_prompts", "weights"),
-              writes=("out_dir",), persist=True,
+              writes=("out_dir",), logs=("live_dir",), persist=True,
               help="""Adapt a frozen CLIP with MaPLe prompts trained few-shot; report base vs adapted accuracy.
 
     Rerunning the same command resumes from the last checkpoint; other settings in the same

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError, require_integers, require_threads
-from pipeline import runfiles, training, zeroshot
+from pipeline import livelog, runfiles, training, zeroshot
 from pipeline.configs import Stage
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.progress import Progress, announce, next_steps
@@ -85,6 +85,7 @@ class Config:
     """A pretraining run; fields marked 'identity' must match to resume a folder."""
 
     out_dir: Path  # run folder to create or resume: model.pt, trainer_state.pt, config.json, metrics.json, loss.png
+    live_dir: Path | None = None  # dvclive folder of the loss curve (default: OUT/dvclive)
     world: Literal["synthetic"] = "synthetic"  # identity: source of image-caption pairs (the generated world, offline)
     seed: int = 0  # identity: world seed (train and test images) and weight-init seed
     model: str = "tiny-clip"  # identity: open_clip model name (a registered config); image size is read from it
@@ -110,6 +111,7 @@ class Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "live_dir", Path(self.live_dir or self.out_dir / livelog.LIVE_DIR))
         if self.world not in WORLDS:
             raise UserError(f"unknown --world '{self.world}'; choose one of: {', '.join(WORLDS)}")
         if self.model not in open_clip.list_models():
@@ -160,6 +162,7 @@ class Outputs:
     config_path: Path
     metrics_path: Path
     plot_path: Path
+    live_dir: Path  # the loss curve as dvclive writes it
     steps: int  # steps of the finished run
     start_step: int  # step this call started from (0 = fresh, steps = nothing left to train)
     final_loss: float  # mean contrastive loss of the last FINAL_LOSS_STEPS steps
@@ -305,7 +308,8 @@ def run(cfg: Config) -> Outputs:
     image_size = int(model.visual.image_size[0])
     world = train_world(cfg, image_size)
     with runfiles.RunFolder(cfg.out_dir, _identity(cfg, world), kind="pretraining", overwrite=cfg.overwrite,
-                            our_files=(MODEL_NAME, METRICS_NAME, PLOT_NAME), format_version=FORMAT_VERSION) as run:
+                            our_files=(MODEL_NAME, METRICS_NAME, PLOT_NAME, livelog.LIVE_DIR),
+                            format_version=FORMAT_VERSION) as run:
         return _run_locked(cfg, run, model.to(device).train(), world, device, started)
 
 
@@ -359,6 +363,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, wo
              100 * metrics["accuracy"], cfg.eval_images, metrics["n_classes"], 100 * metrics["chance"])
     return Outputs(out_dir=out_dir, model_path=out_dir / MODEL_NAME, trainer_state_path=trainer_path,
                    config_path=out_dir / CONFIG_NAME, metrics_path=metrics_path, plot_path=out_dir / PLOT_NAME,
+                   live_dir=cfg.live_dir,
                    steps=cfg.steps, start_step=start_step, final_loss=final_loss,
                    accuracy=float(metrics["accuracy"]), n_classes=int(metrics["n_classes"]),
                    train_seconds=train_seconds, seconds=time.perf_counter() - started)
@@ -375,6 +380,9 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
     bar = Progress(total=cfg.steps, initial=start_step, desc=f"pretrain {cfg.model}", unit="step",
                    enabled=cfg.progress)
     resumed = time.perf_counter()
+    run.start()  # before the curve: replacing another run's folder deletes its files
+    live = livelog.open_live(cfg.live_dir, start_step or None)
+    logged = [start_step]
 
     def step(i: int, batch: tuple[torch.Tensor, ...]) -> training.Metrics:
         images_BRHW, tokens_BQ, true_BB = batch
@@ -396,6 +404,8 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
                             "(the last checkpoint is kept)")
 
     def on_log(n: int) -> None:
+        livelog.log_step(live, n, {"loss": float(np.mean(losses[logged[0]:n])), "lr": lr_at(n - 1, cfg)})
+        logged[0] = n
         bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.3f}", lr=f"{lr_at(n - 1, cfg):.2g}")
 
     def save(n: int) -> None:
@@ -404,6 +414,7 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
 
     training.fit(loader, step, start_step=start_step, log_every=LOG_EVERY, checkpoint_every=cfg.checkpoint_every,
                  record=record, on_log=on_log, save=save)
+    live.end()
     bar.close()
     return train_seconds + time.perf_counter() - resumed
 
@@ -423,7 +434,8 @@ def summary(out: Outputs) -> str:
                          "--layers L --out STORE"))
 
 
-STAGE = Stage(name="pretrain", config=Config, run=run, summary=summary, reads=(), writes=("out_dir",), persist=True,
+STAGE = Stage(name="pretrain", config=Config, run=run, summary=summary, reads=(), writes=("out_dir",),
+              logs=("live_dir",), persist=True,
               help="""Pretrain a tiny CLIP from scratch on the synthetic world's image-caption pairs.
 
     Rerunning the same command resumes from the last checkpoint; other settings in the same

@@ -22,9 +22,10 @@ import torch
 from cache import space
 from cache.atomic import write_json
 from cache.errors import UserError, require_threads
+from cache.jsonfile import Undefined
 from cache.loader import LoaderConfig, TokenLoader, token_indices
 from cache.store import ActivationStore, config_sha256
-from pipeline import runfiles
+from pipeline import livelog, runfiles
 from pipeline.configs import Option, Stage, identity_fields
 from pipeline.models import resolve_device
 from pipeline.plots import plot_curves
@@ -65,6 +66,7 @@ class Config:
     cache_dir: Path  # identity: activation store to train on
     layer: int  # identity: block index inside the store (0-based, residual output)
     out_dir: Path  # SAE folder: final weights, checkpoint/, metrics, plots
+    live_dir: Path | None = None  # dvclive folder of the training curves (default: OUT/dvclive)
     arch: Literal["relu", "topk", "batchtopk"] = "relu"  # identity: relu = the paper's ReLU + L1; topk/batchtopk keep
                                                          # k latents per token
     expansion: float = 64.0  # identity: d_sae = expansion x d_model (paper: 64)
@@ -97,6 +99,7 @@ class Config:
         require_threads(self.threads)
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "live_dir", Path(self.live_dir or self.out_dir / livelog.LIVE_DIR))
         if self.total_tokens < 1 or self.batch_images < 1:
             raise UserError("--tokens and --batch-images must be at least 1")
         if self.expansion <= 0:
@@ -119,6 +122,7 @@ class Outputs:
     metrics_path: Path
     plot_path: Path
     history_path: Path  # the loss curve's records, one per log interval
+    live_dir: Path  # the same curves as dvclive writes them
     metrics: dict[str, float]
     steps: int
     resumed_from_step: int
@@ -153,7 +157,8 @@ def run(cfg: Config) -> Outputs:
                 "identity_sha256": config_sha256({**cfg.identity(), "store": store.config_sha256})}
     with runfiles.RunFolder(cfg.out_dir, identity, kind="SAE training", overwrite=cfg.overwrite,
                             identity_name=RUN_FILE, state_name=f"{CHECKPOINT_DIR}/{TRAINER_NAME}",
-                            our_files=(CHECKPOINT_DIR, HISTORY_FILE, METRICS_FILE, CURVES_FILE, *SAE_FILES),
+                            our_files=(CHECKPOINT_DIR, HISTORY_FILE, METRICS_FILE, CURVES_FILE, livelog.LIVE_DIR,
+                                       *SAE_FILES),
                             format_version=TRAIN_STATE_VERSION) as run:
         return _run_locked(cfg, run, store, device, loader_cfg, train_loader, val_loader, started)
 
@@ -203,7 +208,8 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
-        record = {"step": step, **metrics, "lr": train_cfg.schedule.lr_at(step - 1),
+        record = {"step": step, **_windowed(metrics, trainer.firing.n_tokens, cfg.dead_window_tokens, "run"),
+                  "lr": train_cfg.schedule.lr_at(step - 1),
                   "tokens_per_s": (trainer.tokens_seen - clock["tokens"]) / max(now - clock["t"], 1e-9)}
         clock.update(t=now, tokens=trainer.tokens_seen)
         if cfg.early_stop_patience is not None:
@@ -215,6 +221,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
                 best["evals_since"] += 1
                 best["stop"] = best["evals_since"] >= cfg.early_stop_patience
         history.append(record)
+        livelog.log_step(live, step, {k: v for k, v in record.items() if k != "step"})
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}")
 
     def on_checkpoint(t: Trainer) -> None:
@@ -234,6 +241,8 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
                    enabled=cfg.progress)
     with space.room_for(cfg.out_dir, _run_nbytes(trainer.sae), resumes="the last checkpoint"):
         try:
+            run.start()  # before the curves: replacing another run's folder deletes its files
+            live = livelog.open_live(cfg.live_dir, resumed_from or None)
             trainer.fit(stream(), on_log=on_log, on_checkpoint=on_checkpoint)
         except NonFiniteLossError as err:
             last = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").exists() else None
@@ -242,14 +251,17 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
                             "lower --lr or check the store with `pipeline verify`") from None
         finally:
             bar.close()
+        live.end()
         on_checkpoint(trainer)
         save_sae(trainer.sae, cfg.out_dir)
         final = validate()
+        train_dead = _windowed({"dead_fraction": float(trainer.firing.dead_fraction())}, trainer.firing.n_tokens,
+                               cfg.dead_window_tokens, "run")["dead_fraction"]
         final.update({"steps": trainer.n_steps, "tokens_seen": trainer.tokens_seen,
-                      "train_dead_fraction": float(trainer.firing.dead_fraction()),
+                      "train_dead_fraction": train_dead,
                       "train_dead_window_tokens": cfg.dead_window_tokens,
                       "lr": train_cfg.schedule.lr_at(trainer.n_steps - 1),
-                      "tokens_per_s": history[-1]["tokens_per_s"] if history else float("nan"),
+                      "tokens_per_s": history[-1]["tokens_per_s"] if history else Undefined("no step was logged"),
                       "eval_split": "val" if cfg.val_fraction > 0 else "train"})
         metrics_path = cfg.out_dir / METRICS_FILE
         write_json(metrics_path, final)
@@ -258,8 +270,16 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
                                         ("fvu", "FVU (batch)")],
                                 title=f"{cfg.arch} SAE, layer {cfg.layer}, x{cfg.expansion:g}")
     return Outputs(sae_dir=cfg.out_dir, metrics_path=metrics_path, plot_path=plot_path,
-                   history_path=cfg.out_dir / HISTORY_FILE, metrics=final,
+                   history_path=cfg.out_dir / HISTORY_FILE, live_dir=cfg.live_dir, metrics=final,
                    steps=trainer.n_steps, resumed_from_step=resumed_from, seconds=time.perf_counter() - started)
+
+
+def _windowed(metrics: dict[str, Any], n_tokens: int, window_tokens: int, what: str) -> dict[str, Any]:
+    """``metrics`` with the dead and dense fractions undefined, and saying why, before one full window."""
+    if n_tokens >= window_tokens:
+        return metrics
+    why = Undefined(f"{what} shorter than the dead-latent window ({n_tokens} of {window_tokens} tokens)")
+    return {k: why if k in ("dead_fraction", "dense_fraction") else v for k, v in metrics.items()}
 
 
 def _run_nbytes(sae: torch.nn.Module) -> int:
@@ -270,12 +290,15 @@ def _run_nbytes(sae: torch.nn.Module) -> int:
 
 def summary(out: Outputs) -> str:
     m = out.metrics
+    dead = m["train_dead_fraction"]
+    dead = dead.why if isinstance(dead, Undefined) else f"{dead:.3f}"
     resumed = f" (resumed at step {out.resumed_from_step})" if out.resumed_from_step else ""
     return (f"trained {out.steps} steps{resumed} in {out.seconds:.1f} s -> {out.sae_dir}\n"
             f"  {m['eval_split']} metrics: MSE {m['mse']:.4g}  FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
-            f"L1 {m['l1']:.3g}  dead {m['train_dead_fraction']:.3f}  ({out.metrics_path}, {out.plot_path})\n"
+            f"L1 {m['l1']:.3g}  dead {dead}  ({out.metrics_path}, {out.plot_path}, curves {out.live_dir})\n"
             + next_steps(f"pipeline encode --cache STORE --sae {out.sae_dir} --out CODES_DIR"))
 
 
 STAGE = Stage(name="train", config=Config, run=run, summary=summary, reads=("cache_dir",), writes=("out_dir",),
-              persist=True, help="Train a sparse autoencoder on one layer of a store; rerun the same command to resume.")
+              logs=("live_dir",), persist=True,
+              help="Train a sparse autoencoder on one layer of a store; rerun the same command to resume.")

@@ -56,7 +56,7 @@ def test_outs_are_the_folders_each_stage_declares_it_writes():
     for step in study.STEPS:
         spec = stages.load(step.stage)
         paths = {f.name for f in dataclasses.fields(spec.config)} & set(step.paths)
-        assert paths <= set(spec.reads) | set(spec.writes), f"{step.name} binds an undeclared path"
+        assert paths <= set(spec.reads) | set(spec.writes) | set(spec.logs), f"{step.name} binds an undeclared path"
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in dvc[step.name]["outs"]]
         assert outs == [dvcfile._dvc(step.paths[f]) for f in spec.writes]
         reads = [dvcfile._dvc(step.paths[f]) for f in spec.reads if f in step.paths]

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import stages.train as train_stage
 from app.cli import main
+from cache import jsonfile
 from cache.check import verify
 from cache.codes import CodeStore
 from cache.errors import UserError
@@ -98,6 +99,19 @@ def test_interrupted_training_resumes_to_identical_weights(planted, tmp_path, mo
     resumed = load_sae(interrupted.out_dir)
     for name, p in reference.state_dict().items():
         assert torch.equal(p, resumed.state_dict()[name]), name
+    curves = [(run.out_dir / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text() for run in (cfg, interrupted)]
+    assert curves[0].splitlines()[1:] and [r.split("\t")[0] for r in curves[1].splitlines()] == \
+        [r.split("\t")[0] for r in curves[0].splitlines()]  # every step once, as in the uninterrupted run
+
+
+def test_a_run_shorter_than_the_dead_window_writes_null_and_why(planted, tmp_path):
+    out = train_stage.run(_cfg(planted[0], tmp_path / "short", total_tokens=256 * 30, dead_window_tokens=10**7))
+    metrics = jsonfile.loads(out.metrics_path.read_text())
+    assert metrics["train_dead_fraction"] is None
+    assert metrics["train_dead_fraction_why"] == "run shorter than the dead-latent window (7680 of 10000000 tokens)"
+    history = jsonfile.loads(out.history_path.read_text())
+    assert history[-1]["dead_fraction"] is None and "dead-latent window" in history[-1]["dead_fraction_why"]
+    assert "dead run shorter than the dead-latent window" in train_stage.summary(out)
 
 
 @pytest.mark.slow
