@@ -13,6 +13,7 @@ through the choice of training images, which the caller makes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cache.errors import UserError
+from pipeline.threads import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +96,9 @@ def fit_linear_probe(features_NE: Tensor, labels_N: Tensor, n_classes: int,
         log.warning("the probe's training images miss %d of %d classes; it never predicts them",
                     int((seen == 0).sum()), n_classes)
     small = n * features_NE.shape[1] * n_classes < SMALL_PROBLEM
-    threads = torch.get_num_threads()
-    if small:  # thread start-up dominates tiny matmuls (and stalls badly on a busy machine)
-        torch.set_num_threads(1)
-    try:
-        with torch.inference_mode(False):
-            return _fit(features_NE.detach().cpu().to(torch.float64).clone(), labels_N.clone(), n_classes, config)
-    finally:
-        if small:
-            torch.set_num_threads(threads)
+    # thread start-up dominates tiny matmuls (and stalls badly on a busy machine)
+    with use_threads(1) if small else contextlib.nullcontext(), torch.inference_mode(False):
+        return _fit(features_NE.detach().cpu().to(torch.float64).clone(), labels_N.clone(), n_classes, config)
 
 
 def _fit(x_NE: Tensor, labels_N: Tensor, n_classes: int, config: ProbeConfig) -> LinearProbe:
