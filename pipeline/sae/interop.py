@@ -38,7 +38,8 @@ from safetensors.torch import load_file
 
 from cache.atomic import write_json
 from cache.errors import UserError
-from cache.store import ActivationStore
+from cache.schema import LOCK_FILE
+from cache.store import ActivationStore, StoreLock
 from pipeline.sae.base import DTYPES, SAE, build, config_class
 from pipeline.sae.io import FORMAT_VERSION, load_sae, save_sae
 from pipeline.tensorfile import save_tensors
@@ -74,7 +75,13 @@ def export_sae(sae_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: s
     if c.layer is None:
         raise UserError(f"the SAE in {sae_dir} does not record its layer, so it has no SAELens hook_name; "
                         "train it from a store (which records the layer) before exporting")
-    out_dir = _new_folder(out_dir)
+    with StoreLock(Path(out_dir)):
+        _write_saelens(sae, _new_folder(out_dir))
+    return Path(out_dir)
+
+
+def _write_saelens(sae: SAE, out_dir: Path) -> None:
+    c = sae.config
     s = c.norm_scale
     weights = {name: p.detach().cpu() for name, p in sae.named_parameters()}
     weights["W_enc"] = weights["W_enc"] / s  # raw units in, the same codes out (module docstring)
@@ -95,7 +102,6 @@ def export_sae(sae_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: s
     tensors = {k: v.to(c.torch_dtype).contiguous() for k, v in weights.items()}
     save_tensors(out_dir / SAELENS_WEIGHTS, tensors, {"format": "pt"})
     write_json(out_dir / SAELENS_CONFIG, cfg)
-    return out_dir
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +136,8 @@ def import_sae(source: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: st
         raise UserError(f"{source} does not say which block it reads: pass --layer N (block index, 0-based, "
                         "residual output)")
     sae = _build(fields, tensors, source)
-    save_sae(sae, _new_folder(out_dir))
+    with StoreLock(Path(out_dir)):
+        save_sae(sae, _new_folder(out_dir))
     return Path(out_dir)
 
 
@@ -194,8 +201,9 @@ def _fit_store(fields: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
 
 
 def _new_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir``, empty but for the writer's lock (taken by the caller before the first byte)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and (not out_dir.is_dir() or any(p.name != LOCK_FILE for p in out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not an empty folder: choose a new output folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from app.cli import main
-from cache.store import ActivationStore
+from cache.store import ActivationStore, StoreLock
 from pipeline import masking
 from pipeline.sae import build, config_class, load_sae, save_sae
 from pipeline.sae.interop import SAELENS_CONFIG
@@ -132,6 +132,18 @@ def test_export_refuses_an_sae_without_layer_and_a_used_folder(tmp_path):
     (tmp_path / "used" / "f").write_text("")
     code, out = _cli("export-sae", tmp_path / "ours", "--format", "saelens", tmp_path / "used")
     assert_one_line_error(code, out, "is not an empty folder")
+
+
+def test_a_second_writer_of_the_output_folder_is_refused_and_writes_nothing(tmp_path):
+    save_sae(_ours("relu"), tmp_path / "ours")
+    code, out = _cli("export-sae", tmp_path / "ours", "--format", "saelens", tmp_path / "lens")
+    assert code == 0, out
+    for args in (("export-sae", tmp_path / "ours", "--format", "saelens"),
+                 ("import-sae", tmp_path / "lens", "--format", "saelens")):
+        with StoreLock(tmp_path / "busy") as held:
+            code, out = _cli(*args, tmp_path / "busy")
+            assert_one_line_error(code, out, "being written by another process")
+            assert [p.name for p in (tmp_path / "busy").iterdir()] == [held.path.name]
 
 
 # ---------------------------------------------------------------------------------------
