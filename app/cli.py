@@ -288,8 +288,9 @@ def findings(dataset: str | None, layer: int | None, params_path: Path, readme: 
     text = "\n".join(f.lines(f.collect(study.WORK, dataset, layer), dataset, layer))
     click.echo(text)
     run = study.resolve(study.RUN, study.WORK, dataset, layer)
-    click.echo(f"\nReport: {run / 'report' / 'index.html'}   Numbers: dvc metrics show --md   "
-               "Plots: dvc plots show")
+    across = study.resolve(study.STEP["summary"].paths["out_dir"], study.WORK, None, None) / "index.html"
+    click.echo(f"\nReport: {run / 'report' / 'index.html'}   Across datasets: {across}   "
+               "Numbers: dvc metrics show --md   Plots: dvc plots show")
     if readme is not None:
         f.write_into(readme, text)
         click.echo(f"wrote these findings into {readme}")

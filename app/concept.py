@@ -7,8 +7,9 @@ synthetic world can:
 
 1. pretrain a tiny CLIP on a world with ``held_out`` values (default texture=checker): no
    training image shows them and no caption names them;
-2. run the study on two downstream tasks of the synthetic dataset, each with its own SAE
-   trained on the base model's activations: the *held-out* task (default ``texture``; its
+2. run the study on two downstream tasks of the synthetic dataset, each through an SAE trained
+   on the base model's activations of its pretraining distribution (params ``sae_data``, which
+   never shows the held-out value either, as in app/study.py): the *held-out* task (default ``texture``; its
    classes include the held-out value, images may show it) and the *control* task (default
    ``background``; only seen values);
 3. adapt the model to each task (MaPLe, few-shot) and build the remap table of each
@@ -18,7 +19,7 @@ If adaptation adds the missing concept, the held-out class gains latents that we
 in the base model (low->high) while the control's classes do not.  Output folder:
 
     pretrain/                    the tiny CLIP with the held-out world (pipeline pretrain)
-    <task>/synthetic/...         the study of each task (layout of app/study.py, layer<L>/...)
+    <task>/...                   the study of each task (layout of app/study.py: sae-data/, sae/, synthetic/)
     concept.json                 both remap summaries, accuracies and the comparison (below)
     concept.md, concept.png      the comparison as a table and as bars
 
@@ -55,7 +56,7 @@ TABLE_FILE = "concept.md"
 PLOT_FILE = "concept.png"
 ROLES = ("held_out", "control")
 # each task's study, as dvc.yaml runs it, without the masking sweeps (the remap table needs none)
-STEPS = ("extract", "train", "encode", "stats", "adapt", "extract-adapted", "encode-adapted", "stats-adapted", "remap")
+STEPS = ("extract-sae", "train", "extract", "encode", "stats", "adapt", "extract-adapted", "encode-adapted", "stats-adapted", "remap")
 UNMASKED = ("base_masking", "adapted_masking")
 DEFINITIONS = {
     "held_out_classes": "classes of the held-out task whose defining value was held out of pretraining",

@@ -27,24 +27,38 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _published(step: str, field: str) -> str:
+    return study.STEP[step].metrics[field]
+
+
 def collect(work: Path, dataset: str, layer: int) -> dict[str, Any]:
     """The published metrics of one dataset and block (None for stages not run)."""
     def at(template: str) -> Path:
         return study.resolve(template, work, dataset, layer)
 
-    run = study.RUN
     found = {
-        "pretrain": _read(at("{work}/pretrain-metrics.json")),
-        "sae": _read(at(run + "/sae-metrics.json")),
-        "sae_config": _read(at(run + "/sae/config.json")),
-        "masking": _read(at(run + "/masking-metrics.json")),
-        "groundtruth": _read(at(run + "/groundtruth-metrics.json")),
-        "adapt": _read(at(study.DATA + "/adapt-metrics.json")),
-        "remap": _read(at(run + "/remap-metrics.json")),
+        "pretrain": _read(at(_published("pretrain", "metrics_path"))),
+        "sae": _read(at(_published("train", "metrics_path"))),
+        "sae_config": _read(at(study.SAE + "/config.json")),
+        "masking": _read(at(_published("mask", "results_path"))),
+        "groundtruth": _read(at(_published("groundtruth", "groundtruth_path"))),
+        "adapt": _read(at(_published("adapt", "metrics_path"))),
+        "remap": _read(at(_published("remap", "results_path"))),
+        "summary": _read(at(study.STEP["summary"].paths["out_dir"] + "/summary.json")),
     }
     if found["sae"] is None:
-        raise UserError(f"no trained SAE under {at(run)}; run the study first (`dvc repro` or `make demo`)")
+        raise UserError(f"no trained SAE under {at(study.SAE)}; run the study first (`dvc repro` or `make demo`)")
     return found
+
+
+def _summary_lines(record: Mapping[str, Any], layer: int) -> list[str]:
+    """The cross-dataset table of one block: remap groups, adaptation, top-k masking drops."""
+    from stages.summary import table_lines
+
+    rows = {d: {key: row for key, row in layers.items() if key == f"layer{layer}"}
+            for d, layers in record["datasets"].items()}
+    return ["", f"Across datasets, one SAE (block {layer}; work/summary/index.html):", "",
+            *table_lines(rows, tuple(record["ks"]))]
 
 
 def _pct(x: float) -> str:
@@ -59,7 +73,7 @@ def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
                    f"synthetic world (chance {_pct(p['chance'])}), final loss {p['final_loss']:.3f}.")
     s, c = f["sae"], f["sae_config"] or {}
     dead = "no dead latents" if not s["dead_fraction"] else f"{_pct(s['dead_fraction'])} dead"
-    out.append(f"- **SAE** ({dataset}, block {layer}, {c.get('d_in', '?')} → {c.get('d_sae', '?'):,}, "
+    out.append(f"- **SAE** (block {layer}, one for every dataset, {c.get('d_in', '?')} → {c.get('d_sae', '?'):,}, "
                f"{c.get('arch', '?')}): FVU {s['fvu']:.3f}, L0 {s['l0']:.0f}, {dead}.")
     if (m := f["masking"]) is not None:
         a = m["accuracy"]
@@ -91,6 +105,8 @@ def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
         o = r["overall"]
         out.append(f"- **Remap** of the relevant latents: {_pct(o['high_high'])} high→high, {_pct(o['partial'])} "
                    f"partial, {_pct(o['low_high'])} low→high, {_pct(o['high_low'])} high→low.")
+    if (t := f.get("summary")) is not None:
+        out += _summary_lines(t, layer)
     return out
 
 

@@ -1,25 +1,40 @@
 """The study that `dvc repro` runs: which stage instances exist, where their files live, which
 params.yaml sections set them.
 
+The shape is the paper's: for each tapped block, **one** SAE is trained on one dataset
+(``sae_data``; the paper: ImageNet train, the offline default: the tiny CLIP's own pretraining
+distribution), and every dataset of ``data.datasets`` is encoded, analysed, masked, adapted
+(MaPLe) and remapped through that same SAE. A ``summary`` stage then lays the datasets side by
+side (the paper's Table 1). Training one SAE per dataset is the setting
+``sae_data.dataset = <that dataset>`` with ``data.datasets = [<that dataset>]``, one experiment per
+dataset (README, "One SAE or one per dataset").
+
 Every DVC stage is one row of :data:`STEPS`: a registered stage (stages/), the folders its
 Config's path fields are bound to, and the params sections that set the rest. dvc.yaml is
-generated from this table (`pipeline dvc-yaml`), and `pipeline run-stage NAME --dataset D
---layer L` runs one instance from it, so the graph DVC sees and the work done are the same.
+generated from this table (`pipeline dvc-yaml`), and `pipeline run-stage NAME [--dataset D]
+[--layer L]` runs one instance from it, so the graph DVC sees and the work done are the same.
 Everything is written under ``work/``:
 
-    work/pretrain/                          the tiny CLIP (pretrain), + pretrain-metrics.json, pretrain-live/
+    work/pretrain/                          the tiny CLIP (pretrain), + pretrain-live/
+    work/sae-data/acts                      activation store of the SAE's training images (extract-sae)
+    work/sae/layer<L>                       the SAE of block L (train), + layer<L>-live/
     work/<dataset>/acts                     activation store, every layer of extract.layers (extract)
-    work/<dataset>/adapter                  MaPLe prompts (adapt), + adapt-metrics.json, adapter-live/
+    work/<dataset>/adapter                  MaPLe prompts (adapt), + adapter-live/
     work/<dataset>/adapted-acts             activation store of the adapted model (extract-adapted)
-    work/<dataset>/layer<L>/sae             SAE checkpoint (train), + sae-metrics.json, sae-live/
-    work/<dataset>/layer<L>/codes           sparse codes (encode)
-    work/<dataset>/layer<L>/stats           per-latent statistics (stats), + stats-summary.json
-    work/<dataset>/layer<L>/masking         masking sweep (mask), + masking-metrics.json, masking-accuracy_vs_k.png
+    work/<dataset>/layer<L>/codes           sparse codes through the SAE of block L (encode)
+    work/<dataset>/layer<L>/stats           per-latent statistics (stats)
+    work/<dataset>/layer<L>/masking         masking sweep (mask), + masking-accuracy_vs_k.png
     work/<dataset>/layer<L>/groundtruth     SAE latents vs the world's attributes (groundtruth; synthetic only)
-    work/<dataset>/layer<L>/adapted/codes   the adapted model through this SAE (encode-adapted),
+    work/<dataset>/layer<L>/adapted/codes   the adapted model through the same SAE (encode-adapted),
                                .../stats    its statistics (stats-adapted), .../masking its masking (mask-adapted)
-                               .../remap    the remap table (remap), + remap-metrics.json, remap.png
+                               .../remap    the remap table (remap), + remap.png
     work/<dataset>/layer<L>/report          HTML report (report)
+    work/metrics/...                        every stage's numbers, published for `dvc metrics show`
+    work/summary/                           the cross-dataset table, plot and page (summary)
+
+A dataset key is a dataset name (`pipeline extract --help`) or ``synthetic-<task>``: the
+synthetic world with that task's classes (pipeline/world.py TASKS), so one study can read
+several downstream tasks of the same world through one SAE.
 
 A ``*-live/`` folder is the dvclive log of a training stage (pipeline/livelog.py): its
 metrics.json and plots/metrics are dvc.yaml metrics and plots, which `dvc exp show`, `dvc plots
@@ -45,23 +60,39 @@ from cache.errors import UserError
 from pipeline.configs import from_section
 
 WORK = Path("work")
-WORLD_DATASET = "synthetic"  # the only dataset with ground truth
+WORLD_DATASET = "synthetic"  # the only dataset with ground truth (and its synthetic-<task> keys)
 PRETRAIN = "{work}/pretrain"
+SAE_DATA = "{work}/sae-data"
+SAE = "{work}/sae/layer{layer}"
 DATA = "{work}/{dataset}"
 RUN = "{work}/{dataset}/layer{layer}"
+METRICS = "{work}/metrics"  # every published metrics file; the summary stage depends on the folder
+DATA_METRICS = METRICS + "/{dataset}"
+RUN_METRICS = METRICS + "/{dataset}/layer{layer}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
-    """params.yaml ``data``: which datasets the study runs on, and how each is read."""
+    """params.yaml ``data``: the datasets read through the SAE, and how each is read."""
 
-    datasets: tuple[str, ...] = ("synthetic",)  # one study per dataset (dvc.yaml matrix); see `pipeline extract --help`
+    datasets: tuple[str, ...] = ("synthetic",)  # each is encoded, analysed, adapted and remapped (dvc.yaml matrix)
     roots: Mapping[str, Any] | None = None  # local folder of each dataset (synthetic needs none)
     split: str | None = None  # null = each dataset's default split
     limit: int | None = None  # images per dataset (synthetic: how many to generate)
     seed: int = 0  # seed of the subset and of the synthetic images
-    task: str = "shape_colour"  # synthetic only: which attributes make the classes
+    task: str = "shape_colour"  # the key 'synthetic' only: which attributes make the classes
     allow_held_out: bool = False  # synthetic only: may images show values pretrain.held_out kept from the model?
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SaeDataSection:
+    """params.yaml ``sae_data``: the images every block's one SAE is trained on (paper: ImageNet train)."""
+
+    dataset: str = "synthetic"  # a dataset key, like those of data.datasets
+    root: str | None = None  # its local folder (synthetic needs none)
+    split: str | None = None  # null = the dataset's default split
+    limit: int | None = None  # images (null = all; synthetic: how many to generate)
+    seed: int = 1  # seed of the subset and of the synthetic images (not data.seed: other images than the analysed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,15 +108,16 @@ class Step:
     """One DVC stage: a registered stage bound to the study's folders.
 
     ``paths`` binds Config path fields to folders (templates over {work}, {dataset}, {layer});
-    ``sections`` are the params.yaml sections that set it (``data`` and ``model`` are the study's
-    own, mapped onto the stage's fields; any other section's keys are the Config's field names);
+    ``sections`` are the params.yaml sections that set it (``data``, ``sae_data`` and ``model``
+    are the study's own, mapped onto the stage's fields; ``extract`` lends its ``layers`` to a
+    stage with a ``layers`` field; any other section's keys are the Config's field names);
     ``metrics`` and ``plots`` publish Outputs paths where dvc.yaml declares them (outside the
     stage's folder, which DVC tracks as a whole).
     """
 
     name: str
     stage: str
-    per: tuple[str, ...]  # matrix axes: () once, ("dataset",), or ("dataset", "layer")
+    per: tuple[str, ...]  # matrix axes: () once, ("layer",), ("dataset",), or ("dataset", "layer")
     paths: Mapping[str, str]
     sections: tuple[str, ...]
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # other bound Config values
@@ -103,52 +135,58 @@ class Step:
 _MODEL_DEP = (PRETRAIN,)
 STEPS: tuple[Step, ...] = (
     Step("pretrain", "pretrain", (), {"out_dir": PRETRAIN, "live_dir": PRETRAIN + "-live"}, ("pretrain",),
-         metrics={"metrics_path": "{work}/pretrain-metrics.json"}),
+         metrics={"metrics_path": METRICS + "/pretrain.json"}),
+    Step("extract-sae", "extract", (), {"out_dir": SAE_DATA + "/acts"}, ("sae_data", "model", "extract"),
+         extra_deps=_MODEL_DEP),
+    Step("train", "train", ("layer",),
+         {"cache_dir": SAE_DATA + "/acts", "out_dir": SAE, "live_dir": SAE + "-live"}, ("sae",),
+         metrics={"metrics_path": METRICS + "/sae/layer{layer}.json"}),
     Step("extract", "extract", ("dataset",), {"out_dir": DATA + "/acts"}, ("data", "model", "extract"),
          extra_deps=_MODEL_DEP),
-    Step("train", "train", ("dataset", "layer"),
-         {"cache_dir": DATA + "/acts", "out_dir": RUN + "/sae", "live_dir": RUN + "/sae-live"}, ("sae",),
-         metrics={"metrics_path": RUN + "/sae-metrics.json"}),
     Step("encode", "encode", ("dataset", "layer"),
-         {"cache_dir": DATA + "/acts", "sae_dir": RUN + "/sae", "out_dir": RUN + "/codes"}, ("encode",)),
+         {"cache_dir": DATA + "/acts", "sae_dir": SAE, "out_dir": RUN + "/codes"}, ("encode",)),
     Step("stats", "stats", ("dataset", "layer"),
          {"codes_dir": RUN + "/codes", "cache_dir": DATA + "/acts", "out_dir": RUN + "/stats"}, ("stats",),
-         metrics={"summary_path": RUN + "/stats-summary.json"}),
+         metrics={"summary_path": RUN_METRICS + "/stats.json"}),
     Step("mask", "mask", ("dataset", "layer"),
-         {"cache_dir": DATA + "/acts", "sae_dir": RUN + "/sae", "stats_dir": RUN + "/stats",
+         {"cache_dir": DATA + "/acts", "sae_dir": SAE, "stats_dir": RUN + "/stats",
           "out_dir": RUN + "/masking"}, ("model", "mask"),
-         metrics={"results_path": RUN + "/masking-metrics.json"},
+         metrics={"results_path": RUN_METRICS + "/masking.json"},
          plots={"plot_path": RUN + "/masking-accuracy_vs_k.png"}),
     Step("groundtruth", "groundtruth", ("dataset", "layer"),
          {"stats_dir": RUN + "/stats", "codes_dir": RUN + "/codes", "cache_dir": DATA + "/acts",
           "out_dir": RUN + "/groundtruth"}, ("groundtruth",),
-         metrics={"groundtruth_path": RUN + "/groundtruth-metrics.json"}),
+         metrics={"groundtruth_path": RUN_METRICS + "/groundtruth.json"}),
     Step("report", "report", ("dataset", "layer"),
          {"stats_dir": RUN + "/stats", "groundtruth_dir": RUN + "/groundtruth", "out_dir": RUN + "/report"},
          ("report",)),
     Step("adapt", "adapt", ("dataset",), {"out_dir": DATA + "/adapter", "live_dir": DATA + "/adapter-live"},
          ("data", "model", "adapt"),
-         metrics={"metrics_path": DATA + "/adapt-metrics.json"}, extra_deps=_MODEL_DEP),
+         metrics={"metrics_path": DATA_METRICS + "/adapt.json"}, extra_deps=_MODEL_DEP),
     Step("extract-adapted", "extract", ("dataset",), {"adapter": DATA + "/adapter", "out_dir": DATA + "/adapted-acts"},
          ("data", "model", "extract"), extra_deps=_MODEL_DEP),
     Step("encode-adapted", "encode", ("dataset", "layer"),
-         {"cache_dir": DATA + "/adapted-acts", "sae_dir": RUN + "/sae", "out_dir": RUN + "/adapted/codes"},
+         {"cache_dir": DATA + "/adapted-acts", "sae_dir": SAE, "out_dir": RUN + "/adapted/codes"},
          ("encode",)),
     Step("stats-adapted", "stats", ("dataset", "layer"),
          {"codes_dir": RUN + "/adapted/codes", "cache_dir": DATA + "/adapted-acts", "out_dir": RUN + "/adapted/stats"},
          ("stats",), fixed={"plots": False}),
     Step("mask-adapted", "mask", ("dataset", "layer"),
-         {"cache_dir": DATA + "/adapted-acts", "sae_dir": RUN + "/sae", "stats_dir": RUN + "/stats",
+         {"cache_dir": DATA + "/adapted-acts", "sae_dir": SAE, "stats_dir": RUN + "/stats",
           "adapter": DATA + "/adapter", "out_dir": RUN + "/adapted/masking"}, ("model", "mask"),
-         ignore=("head", "templates")),  # the adapted model is read out by its own prompts
+         ignore=("head", "templates"),  # the adapted model is read out by its own prompts
+         metrics={"results_path": RUN_METRICS + "/masking-adapted.json"}),
     Step("remap", "remap", ("dataset", "layer"),
          {"base_dir": RUN + "/stats", "adapted_dir": RUN + "/adapted/stats", "base_masking": RUN + "/masking",
           "adapted_masking": RUN + "/adapted/masking", "out_dir": RUN + "/adapted/remap"}, ("remap",),
-         metrics={"results_path": RUN + "/remap-metrics.json"}, plots={"plot_path": RUN + "/remap.png"}),
+         metrics={"results_path": RUN_METRICS + "/remap.json"}, plots={"plot_path": RUN + "/remap.png"}),
+    Step("summary", "summary", (), {"metrics_dir": METRICS, "out_dir": "{work}/summary"},
+         ("data", "extract", "summary"),
+         metrics={"results_path": "{work}/summary-metrics.json"}, plots={"plot_path": "{work}/summary.png"}),
 )
 STEP = {s.name: s for s in STEPS}
-SECTIONS = ("pretrain", "data", "model", "extract", "sae", "encode", "stats", "mask", "groundtruth", "adapt",
-            "remap", "report")
+SECTIONS = ("pretrain", "sae_data", "data", "model", "extract", "sae", "encode", "stats", "mask", "groundtruth",
+            "adapt", "remap", "report", "summary")
 
 
 def check_sections(params: Mapping[str, Any]) -> None:
@@ -159,21 +197,64 @@ def check_sections(params: Mapping[str, Any]) -> None:
 
 
 def data_section(params: Mapping[str, Any]) -> DataSection:
-    return from_section(DataSection, "data", params.get("data"), bound={})
+    data = from_section(DataSection, "data", params.get("data"), bound={})
+    for key in data.datasets:
+        dataset_of(key, data.task)
+    return data
+
+
+def sae_data_section(params: Mapping[str, Any]) -> SaeDataSection:
+    section = from_section(SaeDataSection, "sae_data", params.get("sae_data"), bound={})
+    dataset_of(section.dataset, "shape_colour")
+    return section
+
+
+def dataset_of(key: str, task: str) -> tuple[str, str | None]:
+    """The dataset name and synthetic task of a dataset key (``synthetic-texture`` -> synthetic, texture)."""
+    from pipeline.datasets import DATASET_NAMES
+    from pipeline.world import TASKS
+
+    if key in DATASET_NAMES:
+        return key, (task if key == WORLD_DATASET else None)
+    name, _, world_task = key.partition("-")
+    if name == WORLD_DATASET and world_task in TASKS:
+        return WORLD_DATASET, world_task
+    raise UserError(f"unknown dataset '{key}' in params.yaml; use one of {', '.join(DATASET_NAMES)}, or "
+                    f"synthetic-<task> with a task of {', '.join(TASKS)}")
+
+
+def is_world(key: str | None) -> bool:
+    """Does the dataset key name the synthetic world (the only data with ground truth)?"""
+    return key is not None and (key == WORLD_DATASET or key.startswith(WORLD_DATASET + "-"))
 
 
 def _bound_data(params: Mapping[str, Any], dataset: str) -> dict[str, Any]:
-    """The data fields of one dataset: its root from ``data.roots``, the shared rest (``task`` and
+    """The data fields of one dataset key: its root from ``data.roots``, the shared rest (``task`` and
     ``allow_held_out`` shape the synthetic world only)."""
     data = data_section(params)
-    world = ({"synthetic_task": data.task, "allow_held_out": data.allow_held_out} if dataset == WORLD_DATASET else {})
-    return {"dataset": dataset, "root": (data.roots or {}).get(dataset), "split": data.split, "limit": data.limit,
+    name, task = dataset_of(dataset, data.task)
+    world = {"synthetic_task": task, "allow_held_out": data.allow_held_out} if task is not None else {}
+    return {"dataset": name, "root": (data.roots or {}).get(dataset), "split": data.split, "limit": data.limit,
             "seed": data.seed, **world}
+
+
+def _bound_sae_data(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The data fields of the SAE's training images (``sae_data``)."""
+    section = sae_data_section(params)
+    name, task = dataset_of(section.dataset, "shape_colour")
+    world = {"synthetic_task": task} if task is not None else {}
+    return {"dataset": name, "root": section.root, "split": section.split, "limit": section.limit,
+            "seed": section.seed, **world}
 
 
 def _bound_model(params: Mapping[str, Any]) -> dict[str, Any]:
     model = from_section(ModelSection, "model", params.get("model"), bound={})
     return {"model": model.name, "pretrained": model.pretrained}
+
+
+def layers_of(params: Mapping[str, Any]) -> tuple[int, ...]:
+    """extract.layers: the blocks the study taps (one SAE each)."""
+    return tuple(config_for(STEP["extract"], params, data_section(params).datasets[0], None).layers)
 
 
 def resolve(template: str, work: Path, dataset: str | None, layer: int | None) -> Path:
@@ -187,10 +268,16 @@ def config_for(step: Step, params: Mapping[str, Any], dataset: str | None, layer
     spec = stages.load(step.stage)
     names = {f.name: f for f in dataclasses.fields(spec.config)}
     bound: dict[str, Any] = {field: resolve(t, work, dataset, layer) for field, t in step.paths.items()}
-    if "data" in step.sections:
+    if "data" in step.sections and "dataset" in step.per:
         bound.update(_bound_data(params, dataset))
+    if "sae_data" in step.sections:
+        bound.update(_bound_sae_data(params))
     if "model" in step.sections:
         bound.update(_bound_model(params))
+    if "datasets" in names:
+        bound["datasets"] = data_section(params).datasets
+    if "layers" in names and step.stage != "extract":
+        bound["layers"] = layers_of(params)
     if "layer" in step.per and "layer" in names and names["layer"].default is dataclasses.MISSING:
         bound["layer"] = layer
     # threads: the machine's, not the study's (default: the CPUs this process may use)
@@ -205,7 +292,7 @@ def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, 
     """Run one instance and publish its metrics and plots where dvc.yaml declares them; returns
     the stage's summary."""
     spec = stages.load(step.stage)
-    if step.stage == "groundtruth" and dataset != WORLD_DATASET:
+    if step.stage == "groundtruth" and not is_world(dataset):
         from pipeline import groundtruth as gt
 
         out_dir = resolve(step.paths["out_dir"], work, dataset, layer)
@@ -213,7 +300,7 @@ def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, 
                                                 "world does")
         _publish_metrics(path, resolve(step.metrics["groundtruth_path"], work, dataset, layer))
         return f"groundtruth: not applicable to {dataset}"
-    if step.stage == "report" and dataset != WORLD_DATASET:
+    if step.stage == "report" and not is_world(dataset):
         drop = (*drop, "groundtruth_dir")
     out = spec.run(config_for(step, params, dataset, layer, work, drop))
     for field, template in step.metrics.items():
@@ -257,10 +344,15 @@ def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: 
         if dataset not in datasets:
             raise UserError(f"dataset '{dataset}' is not in data.datasets ({', '.join(map(str, datasets))}) "
                             "of params.yaml")
+    elif dataset is not None:
+        raise UserError(f"stage '{name}' takes no --dataset: it runs once for the whole study"
+                        + (" (one SAE per block reads every dataset)" if name == "train" else ""))
     if "layer" in step.per:
         if layer is None:
             raise UserError(f"stage '{name}' needs --layer (a block index of extract.layers)")
-        layers = config_for(STEP["extract"], params, dataset, None).layers
+        layers = layers_of(params)
         if layer not in layers:
             raise UserError(f"layer {layer} is not in extract.layers ({', '.join(map(str, layers))}) of params.yaml")
+    elif layer is not None:
+        raise UserError(f"stage '{name}' takes no --layer")
     return run_step(step, params, dataset, layer)

@@ -61,7 +61,8 @@ class Stage:
 
     ``reads`` and ``writes`` name the Config fields that hold input and output paths; the study
     binds them to folders under work/ and dvc.yaml lists them as deps and outs. ``persist``
-    outputs resume after an interruption, so DVC must not delete them before a rerun.
+    outputs resume after an interruption, so DVC must not delete them before a rerun. Outputs
+    that are not ``cached`` are tracked by hash only: DVC's cache would double the disk.
     ``logs`` name the fields that hold dvclive folders (pipeline.livelog): dvc.yaml declares
     their files as metrics and plots, outside the outs, so DVC reads the curves while the stage runs.
     """
@@ -74,6 +75,9 @@ class Stage:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     persist: bool = False
+    # False for our own stores (cache/FORMAT.md): content-checked by `pipeline verify` and rebuilt
+    # bit-identically from their inputs, they are most of the bytes; DVC records their hash, keeps no copy
+    cached: bool = True
     logs: tuple[str, ...] = ()
     command: str | None = None  # CLI command name when it differs from ``name``
 

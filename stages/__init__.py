@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from pipeline.configs import Stage
 
 NAMES = ("pretrain", "extract", "import", "train", "encode", "stats", "mask", "groundtruth", "report", "adapt",
-         "remap")
+         "remap", "summary")
 _MODULES = {"import": "importer"}  # `import` is a Python keyword
 
 

@@ -195,5 +195,5 @@ def summary(out: Outputs) -> str:
 
 
 STAGE = Stage(name="encode", config=Config, run=run, summary=summary, reads=("cache_dir", "sae_dir"),
-              writes=("out_dir",), persist=True,
+              writes=("out_dir",), persist=True, cached=False,
               help="Write every token's sparse SAE code (CSR per shard, zstd); rerun to resume.")

@@ -197,5 +197,5 @@ def summary(out: Outputs) -> str:
 
 
 STAGE = Stage(name="import", config=Config, run=run, summary=summary, reads=("source_path", "labels_path"),
-              writes=("out_dir",), persist=True,
+              writes=("out_dir",), persist=True, cached=False,
               help="Turn an (n, d) or (n, t, d) array (.npy, .npz, raw memmap) into an activation store.")
