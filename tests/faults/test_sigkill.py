@@ -22,7 +22,7 @@ from app import study
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = 1
 STEPS = ("pretrain", "extract", "import", "train", "encode", "stats", "mask", "groundtruth", "report", "adapt",
-         "remap")
+         "remap", "summary")
 ORDER = [s.name for s in study.STEPS] + ["import"]  # dependency order; import is not a study stage
 IMPORT = ["import", "acts.npy", "--labels", "labels.npy", "--chunk-images", "4", "--shard-images", "8", "--out",
           "work/imported"]
@@ -100,7 +100,8 @@ def tiny_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["pretrain"].update(steps=6, batch_size=16, warmup_steps=1, eval_images=40)
-    params["data"]["limit"] = 48
+    params["data"].update(limit=48, datasets=["synthetic"])
+    params["sae_data"]["limit"] = 48
     params["extract"]["layers"] = [LAYER]
     params["sae"].update(total_tokens=20_000, batch_images=16, warmup_steps=5)
     params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
