@@ -57,6 +57,7 @@ from typing import Any
 import stages
 from cache import jsonfile
 from cache.errors import UserError
+from pipeline import livelog
 from pipeline.configs import from_section
 
 WORK = Path("work")
@@ -78,6 +79,7 @@ class DataSection:
     datasets: tuple[str, ...] = ("synthetic",)  # each is encoded, analysed, adapted and remapped (dvc.yaml matrix)
     roots: Mapping[str, Any] | None = None  # local folder of each dataset (synthetic needs none)
     split: str | None = None  # null = each dataset's default split
+    splits: Mapping[str, Any] | None = None  # per dataset key, a split that replaces ``split`` (eurosat: test)
     limit: int | None = None  # images per dataset (synthetic: how many to generate)
     seed: int = 0  # seed of the subset and of the synthetic images
     task: str = "shape_colour"  # the key 'synthetic' only: which attributes make the classes
@@ -234,7 +236,8 @@ def _bound_data(params: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     data = data_section(params)
     name, task = dataset_of(dataset, data.task)
     world = {"synthetic_task": task, "allow_held_out": data.allow_held_out} if task is not None else {}
-    return {"dataset": name, "root": (data.roots or {}).get(dataset), "split": data.split, "limit": data.limit,
+    split = (data.splits or {}).get(dataset, data.split)
+    return {"dataset": name, "root": (data.roots or {}).get(dataset), "split": split, "limit": data.limit,
             "seed": data.seed, **world}
 
 
@@ -287,11 +290,46 @@ def config_for(step: Step, params: Mapping[str, Any], dataset: str | None, layer
     return from_section(spec.config, step.section, own, bound=bound)
 
 
+def _made_here(params: Mapping[str, Any], work: Path) -> bool:
+    """Is the study's model the tiny CLIP its own pretrain stage makes?"""
+    pretrained = Path(from_section(ModelSection, "model", params.get("model"), bound={}).pretrained)
+    return pretrained.parent == resolve(PRETRAIN, work, None, None)
+
+
+def missing_inputs(params: Mapping[str, Any], work: Path = WORK) -> list[str]:
+    """Every input the study needs and cannot find (weights, dataset folders), one line each, so a
+    study refuses before its first stage rather than hours into it."""
+    from pipeline.datasets import SOURCES
+    from pipeline.models import missing_weights
+
+    model = from_section(ModelSection, "model", params.get("model"), bound={})
+    why = None if _made_here(params, work) else missing_weights(model.name, model.pretrained)
+    lines = [f"model.pretrained: {why}"] if why else []
+    data, sae_data = data_section(params), sae_data_section(params)
+    wanted = [("sae_data.root", sae_data.dataset, sae_data.root)]
+    wanted += [(f"data.roots.{key}", key, (data.roots or {}).get(key)) for key in data.datasets]
+    for setting, key, root in wanted:
+        name, _ = dataset_of(key, data.task)
+        if name in SOURCES and (root is None or not Path(str(root)).expanduser().is_dir()):
+            where = "is not set" if root is None else f"is {root}, which does not exist"
+            lines.append(f"{setting} ({key}) {where}: {SOURCES[name].how_to_get}, then set {setting} to that folder")
+    return lines
+
+
 def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, layer: int | None = None,
              work: Path = WORK, drop: tuple[str, ...] = ()) -> str:
     """Run one instance and publish its metrics and plots where dvc.yaml declares them; returns
     the stage's summary."""
     spec = stages.load(step.stage)
+    if step.stage == "pretrain" and not _made_here(params, work):
+        out_dir = resolve(step.paths["out_dir"], work, None, None)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / NOT_USED).write_text("model.pretrained is not this folder's tiny CLIP: nothing to pretrain\n")
+        live = resolve(step.paths["live_dir"], work, None, None)  # dvc.yaml declares its files: they must exist
+        (live / livelog.PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+        _publish_record({"used": 0}, live / livelog.METRICS_FILE)
+        _publish_record({"used": 0}, resolve(step.metrics["metrics_path"], work, None, None))
+        return "pretrain: not used (model.pretrained names other weights)"
     if step.stage == "groundtruth" and not is_world(dataset):
         from pipeline import groundtruth as gt
 
@@ -312,6 +350,7 @@ def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, 
     return f"{step.name}: {spec.summary(out)}"
 
 
+NOT_USED = "NOT_USED.txt"  # what the pretrain stage leaves when the study reads other weights
 NOT_METRICS = ("definitions", "provenance", "config", "per_class", "checks")  # stay in the stage's own file
 
 
@@ -327,8 +366,12 @@ def _numbers(record: Any) -> Any:
 
 
 def _publish_metrics(src: Path, dst: Path) -> None:
+    _publish_record(json.loads(Path(src).read_text()), dst)
+
+
+def _publish_record(record: Any, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(jsonfile.dumps(_numbers(json.loads(Path(src).read_text()))) + "\n")
+    dst.write_text(jsonfile.dumps(_numbers(record)) + "\n")
 
 
 def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: int | None) -> str:
@@ -337,6 +380,9 @@ def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: 
     if name not in STEP:
         raise UserError(f"unknown stage '{name}'; the study's stages: {', '.join(STEP)}")
     step = STEP[name]
+    if missing := missing_inputs(params):
+        raise UserError(f"the study cannot run: {len(missing)} input{'s' * (len(missing) > 1)} missing (fix "
+                        "each, then rerun):\n  - " + "\n  - ".join(missing))
     if "dataset" in step.per:
         datasets = data_section(params).datasets
         if dataset is None:

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,30 @@ def _unloadable(name: str, path: str, err: Exception) -> str:
     return (f"{path} is not a PyTorch or open_clip checkpoint (neither torch.load of tensors nor safetensors can read "
             f"it); pass a state dict saved with torch.save(model.state_dict(), path) or a .safetensors file as "
             "--pretrained, an open_clip pretrained tag, or 'none' for random weights")
+
+
+def missing_weights(name: str, pretrained: str) -> str | None:
+    """Why ``pretrained`` weights of ``name`` cannot be loaded offline (None when they can), without loading them:
+    a study checks every input before its first stage starts."""
+    if pretrained.lower() == "none" or Path(pretrained).expanduser().is_file():
+        return None
+    if _looks_like_path(pretrained):
+        return f"weight file {pretrained} does not exist: put the checkpoint there or change model.pretrained"
+    if name not in open_clip.list_models() or pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        return f"model {name} has no pretrained tag '{pretrained}' in open_clip"
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if repo and any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+        return None
+    url_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip" / Path(cfg.get("url", "")).name
+    if cfg.get("url") and url_file.is_file():
+        return None
+    return (f"{name} weights '{pretrained}' are not in the local cache: on a machine with internet run `python -c "
+            f"\"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\"` and copy "
+            "~/.cache/huggingface here, or set model.pretrained to a checkpoint file")
 
 
 def load_model(name: str, pretrained: str, *, device: str = "cpu", dtype: str = "float32",
