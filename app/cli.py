@@ -357,6 +357,23 @@ def run_stage(name: str, dataset: str | None, layer: int | None, params_path: Pa
     click.echo(study.run_stage(name, load_params(params_path), dataset, layer))
 
 
+@main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path),
+              help="The study to plan (e.g. a preset).")
+@click.option("--l0", type=float, help="Expected active latents per token of a relu SAE, for the code stores' size "
+              "(default: the upper bound d_sae).")
+@click.option("--no-calibrate", is_flag=True, help="Sizes only: skip the few-second timing on this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plan(params_path: Path, l0: float | None, no_calibrate: bool, as_json: bool) -> None:
+    """Estimate a study's cost before running it: per stage instance, images, tokens, disk, the peak
+    memory of an SAE training step and time (from a short calibration on this machine), plus DVC's
+    cache copy and hashing time."""
+    from app import plan as p
+
+    made = p.make(params_path, calibrated=not no_calibrate, l0=l0)
+    click.echo(jsonfile.dumps(p.to_json(made)) if as_json else "\n".join(p.lines(made)))
+
+
 @main.command("dvc-yaml")
 @click.option("--check", is_flag=True, help="Only compare: exit 1 when dvc.yaml differs from the study.")
 @click.option("--out", "out_path", default="dvc.yaml", show_default=True, type=click.Path(path_type=Path))
