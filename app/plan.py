@@ -13,18 +13,12 @@ copied into .dvc/cache (its default link types, reflink then copy, copy on ext4)
 ``cache: false`` is not. DVC hashes (md5) every out when it records dvc.lock, cached or not.
 
 Measured on a tiny study (data.limit 40, every stage; work/ 191.8 MB): with every out cached,
-.dvc/cache held 190.7 MB, (work + cache) / work = 1.99. The recommended tracking, ``cache: false``
-with ``persist: true`` kept, on the outs that are reproducible and resumable in place:
-
-- the checksummed stores: extract, extract-adapted, encode, encode-adapted (``work/<dataset>/acts``,
-  ``.../adapted-acts``, ``.../layer<L>/codes``, ``.../layer<L>/adapted/codes``); they carry their own
-  xxh3 digests (`pipeline verify`, `pipeline repair`) and dominate at the paper's scale;
-- the training folders whose resume state dwarfs the result: pretrain (``work/pretrain``, 121 MB of
-  which 91 MB trainer state) and train (``work/<dataset>/layer<L>/sae``, 5 copies of the weights);
-- the report (``work/<dataset>/layer<L>/report``), regenerated from the statistics in seconds.
-
-Stores alone: 1.93 on the tiny study (its stores are small), about 1.01 at the paper's scale;
-stores, pretrain, SAE folders and report: 7.4 MB cached, 1.04. DVC still hashes these outs into
+.dvc/cache held 190.7 MB, (work + cache) / work = 1.99. So the large outs that are rebuilt exactly
+from their inputs are ``cache: false`` (with ``persist: true`` kept; ``Stage.cached``): the
+checksummed stores (extract, extract-adapted, encode, encode-adapted), the training folders whose
+resume state dwarfs the result (pretrain: 121 MB of which 91 MB trainer state; train: 5 copies of
+the weights) and the report. Stores alone gave 1.93 on the tiny study (its stores are small), about
+1.01 at the paper's scale; all of them 7.4 MB cached, 1.04. DVC still hashes these outs into
 dvc.lock, so `dvc status` and `dvc repro` see them change; `dvc checkout` does not restore them (a
 deleted or other experiment's store is rebuilt by `dvc repro`, resuming where it stopped).
 """
@@ -76,7 +70,7 @@ CALIBRATION_REPEATS = 3
 CALIBRATION_MAX_LATENTS = 2048
 CALIBRATION_MAX_TOKENS = 512
 HASH_SAMPLE_BYTES = 64 * 2**20
-STAGES = ("extract", "train", "encode", "extract-adapted", "encode-adapted")
+STAGES = ("extract-sae", "train", "extract", "encode", "extract-adapted", "encode-adapted")
 NOT_ESTIMATED = tuple(s.name for s in study.STEPS if s.name not in STAGES)
 
 
@@ -111,7 +105,7 @@ def image_count(dataset: str, split: str | None, limit: int | None) -> tuple[int
     """Images of one dataset's split after ``limit``, and where the number comes from."""
     from pipeline.datasets import SOURCES, SYNTHETIC_DEFAULT_IMAGES, default_split
 
-    if dataset == study.WORLD_DATASET:
+    if study.is_world(dataset):
         return (limit, "data.limit") if limit else (SYNTHETIC_DEFAULT_IMAGES, "synthetic default")
     split = split or default_split(dataset)
     if dataset in SOURCES and split not in SOURCES[dataset].splits:
@@ -170,32 +164,44 @@ def _out_cached(step: study.Step, cached: Mapping[str, bool]) -> bool:
     return cached.get(template, True)
 
 
+def _store_rows(names: tuple[str, ...], label: str, extract: Any, cached: Mapping[str, bool]) -> tuple[list[Row], int,
+                                                                                                     Geometry]:
+    """The activation store rows of one extract config, its image count and model geometry."""
+    geo = geometry(extract.model)
+    bad = [layer for layer in extract.layers if not 0 <= layer < geo.n_blocks]
+    if bad:
+        raise UserError(f"extract.layers {bad} are not blocks of {geo.name} (0 … {geo.n_blocks - 1})")
+    n, source = image_count(extract.dataset, extract.split, extract.limit)
+    store = n * geo.n_tokens * geo.width * STORE_DTYPE_BYTES * len(extract.layers)
+    forward = ("forward", (geo.name, max(extract.layers)), n)
+    note = f"{len(extract.layers)} block(s) x N x T x D x 2 bytes (float16); images: {source}"
+    rows = [Row(name, label, None, n, n * geo.n_tokens, store, note, _out_cached(study.STEP[name], cached),
+                work=forward) for name in names]
+    return rows, n, geo
+
+
 def sizes(params: Mapping[str, Any], *, l0: float | None = None) -> list[Row]:
-    """Every estimated stage instance of the study, without times."""
+    """Every estimated stage instance of the study, without times: the SAE's store and one SAE per
+    block, then each dataset's stores and codes through it."""
     study.check_sections(params)
+    datasets = study.data_section(params).datasets  # every section is checked before anything is sized
     cached = _cached_outs()
-    rows: list[Row] = []
-    for dataset in study.data_section(params).datasets:
+    sae_data = study.config_for(study.STEP["extract-sae"], params, None, None)
+    rows, n_sae, geo = _store_rows(("extract-sae",), f"sae_data: {study.sae_data_section(params).dataset}", sae_data,
+                                   cached)
+    rows += [_train_row(params, rows[0].dataset, layer, geo, n_sae, cached) for layer in sae_data.layers]
+    for dataset in datasets:
         extract = study.config_for(study.STEP["extract"], params, dataset, None)
-        geo = geometry(extract.model)
-        bad = [layer for layer in extract.layers if not 0 <= layer < geo.n_blocks]
-        if bad:
-            raise UserError(f"extract.layers {bad} are not blocks of {geo.name} (0 … {geo.n_blocks - 1})")
-        n, source = image_count(dataset, extract.split, extract.limit)
-        store = n * geo.n_tokens * geo.width * STORE_DTYPE_BYTES * len(extract.layers)
-        forward = ("forward", (geo.name, max(extract.layers)), n)
-        for name in ("extract", "extract-adapted"):
-            note = f"{len(extract.layers)} block(s) x N x T x D x 2 bytes (float16); images: {source}"
-            rows.append(Row(name, dataset, None, n, n * geo.n_tokens, store, note,
-                            _out_cached(study.STEP[name], cached), work=forward))
+        store_rows, n, geo = _store_rows(("extract", "extract-adapted"), dataset, extract, cached)
+        rows.extend(store_rows)
         for layer in extract.layers:
-            rows.extend(_layer_rows(params, dataset, layer, geo, n, cached, l0))
+            rows.extend(_code_rows(params, dataset, layer, geo, n, cached, l0))
     return rows
 
 
-def _layer_rows(params: Mapping[str, Any], dataset: str, layer: int, geo: Geometry, n: int,
-                cached: Mapping[str, bool], l0: float | None) -> list[Row]:
-    train = study.config_for(study.STEP["train"], params, dataset, layer)
+def _train_row(params: Mapping[str, Any], label: str, layer: int, geo: Geometry, n: int,
+               cached: Mapping[str, bool]) -> Row:
+    train = study.config_for(study.STEP["train"], params, None, layer)
     d_sae = int(train.expansion * geo.width)
     per_image = {"all": geo.n_tokens, "patches": geo.n_tokens - 1, "cls": 1}[train.token_kind]
     batch = train.batch_images * per_image
@@ -203,11 +209,18 @@ def _layer_rows(params: Mapping[str, Any], dataset: str, layer: int, geo: Geomet
     n_steps = math.ceil(train.total_tokens / batch)
     params_bytes = (2 * geo.width * d_sae + d_sae + geo.width) * 4
     sae_key = (train.arch, geo.width, train.k)
-    rows = [Row("train", dataset, layer, n, n_steps * batch, SAE_COPIES_AT_REST * params_bytes,
-                f"{n_steps:,} steps of {batch:,} tokens ({micro:,} per micro-batch); SAE {geo.width} -> {d_sae:,}",
-                _out_cached(study.STEP["train"], cached),
-                peak_bytes=step_memory(d_in=geo.width, d_sae=d_sae, arch=train.arch, batch_tokens=micro),
-                work=("sae_step", sae_key, n_steps * batch * d_sae))]
+    return Row("train", label, layer, n, n_steps * batch, SAE_COPIES_AT_REST * params_bytes,
+              f"{n_steps:,} steps of {batch:,} tokens ({micro:,} per micro-batch); SAE {geo.width} -> {d_sae:,}",
+              _out_cached(study.STEP["train"], cached),
+              peak_bytes=step_memory(d_in=geo.width, d_sae=d_sae, arch=train.arch, batch_tokens=micro),
+              work=("sae_step", sae_key, n_steps * batch * d_sae))
+
+
+def _code_rows(params: Mapping[str, Any], dataset: str, layer: int, geo: Geometry, n: int,
+               cached: Mapping[str, bool], l0: float | None) -> list[Row]:
+    train = study.config_for(study.STEP["train"], params, None, layer)
+    d_sae = int(train.expansion * geo.width)
+    sae_key = (train.arch, geo.width, train.k)
     if train.arch != "relu":
         per_token, which = float(train.k), f"expected: L0 = k = {train.k}"
     elif l0 is not None:
@@ -216,10 +229,9 @@ def _layer_rows(params: Mapping[str, Any], dataset: str, layer: int, geo: Geomet
         per_token, which = float(d_sae), f"upper bound: L0 unknown, dense {d_sae:,} (pass --l0)"
     tokens = n * geo.n_tokens
     codes = int(tokens * per_token * CODE_ENTRY_BYTES)
-    for name in ("encode", "encode-adapted"):
-        rows.append(Row(name, dataset, layer, n, tokens, codes, f"{which}; 8 bytes per nonzero",
-                        _out_cached(study.STEP[name], cached), work=("encode", sae_key, tokens * d_sae)))
-    return rows
+    return [Row(name, dataset, layer, n, tokens, codes, f"{which}; 8 bytes per nonzero",
+                _out_cached(study.STEP[name], cached), work=("encode", sae_key, tokens * d_sae))
+            for name in ("encode", "encode-adapted")]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,8 +75,9 @@ class Stage:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     persist: bool = False
-    # False for our own stores (cache/FORMAT.md): content-checked by `pipeline verify` and rebuilt
-    # bit-identically from their inputs, they are most of the bytes; DVC records their hash, keeps no copy
+    # False for the large outputs rebuilt exactly from their inputs: our stores (cache/FORMAT.md, checked by
+    # `pipeline verify`), the training folders (their resume state dwarfs the result) and the report;
+    # DVC records their hash and keeps no copy (app/plan.py has the measurement)
     cached: bool = True
     logs: tuple[str, ...] = ()
     command: str | None = None  # CLI command name when it differs from ``name``

@@ -365,7 +365,8 @@ def summary(out: Outputs) -> str:
 
 
 STAGE = Stage(
-    name="extract", config=Config, run=run, summary=summary, reads=("adapter",), writes=("out_dir",), persist=True, cached=False,
+    name="extract", config=Config, run=run, summary=summary, reads=("adapter",), writes=("out_dir",),
+    persist=True, cached=False,
     help="""Stream patch-token activations of chosen blocks into a resumable Zarr store.
 
     Rerunning the same command finishes an interrupted store; a different config is refused

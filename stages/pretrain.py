@@ -435,6 +435,7 @@ def summary(out: Outputs) -> str:
 
 
 STAGE = Stage(name="pretrain", config=Config, run=run, summary=summary, reads=(), writes=("out_dir",),
+              cached=False,
               logs=("live_dir",), persist=True,
               help="""Pretrain a tiny CLIP from scratch on the synthetic world's image-caption pairs.
 

@@ -368,6 +368,6 @@ def summary(out: Outputs) -> str:
 
 
 STAGE = Stage(name="report", config=Config, run=run, summary=summary, reads=("stats_dir", "groundtruth_dir"),
-              writes=("out_dir",),
+              writes=("out_dir",), cached=False,
               help="Static HTML report (open index.html from disk): latent table to sort, search and filter, "
                    "reference heatmaps.")

@@ -299,6 +299,6 @@ def summary(out: Outputs) -> str:
             + next_steps(f"pipeline encode --cache STORE --sae {out.sae_dir} --out CODES_DIR"))
 
 
-STAGE = Stage(name="train", config=Config, run=run, summary=summary, reads=("cache_dir",), writes=("out_dir",),
+STAGE = Stage(name="train", config=Config, run=run, summary=summary, reads=("cache_dir",), writes=("out_dir",), cached=False,
               logs=("live_dir",), persist=True,
               help="Train a sparse autoencoder on one layer of a store; rerun the same command to resume.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +27,14 @@ PAPER_DATASETS = ["imagenet", "eurosat", "caltech101", "oxfordpets", "stanfordca
                   "fgvcaircraft", "sun397", "dtd", "ucf101"]
 
 
+SAE_DATA = "sae_data: imagenet"
+
+
 def paper_params(**data) -> dict:
-    """The paper's shape: ViT-B-16, block 10, expansion 64, 516M tokens, 128 images per step."""
-    return {"data": {"datasets": PAPER_DATASETS, **data}, "model": {"name": "ViT-B-16", "pretrained": "openai"},
+    """The paper's shape: ViT-B-16, block 10, one SAE on ImageNet train, expansion 64, 516M tokens, 128 images per
+    step."""
+    return {"sae_data": {"dataset": "imagenet", "split": "train"},
+            "data": {"datasets": PAPER_DATASETS, **data}, "model": {"name": "ViT-B-16", "pretrained": "openai"},
             "extract": {"layers": [10]},
             "sae": {"arch": "relu", "expansion": 64, "total_tokens": 516_000_000, "batch_images": 128}}
 
@@ -38,24 +44,33 @@ def _rows(params, **kw) -> dict:
 
 
 def test_the_imagenet_train_store_at_block_10_is_387_gb():
-    rows = _rows({**paper_params(split="train"), "data": {"datasets": ["imagenet"], "split": "train"}})
-    store = rows["extract", "imagenet"]
+    rows = _rows(paper_params())
+    store = rows["extract-sae", SAE_DATA]
     assert store.images == 1_281_167 and store.tokens == 1_281_167 * 197
     assert store.disk_bytes == 1_281_167 * 197 * 768 * 2
     assert store.disk_bytes == pytest.approx(387.6e9, rel=0.01)
     assert "assumed: imagenet train has 1,281,167" in store.disk_note
-    assert rows["extract-adapted", "imagenet"].disk_bytes == store.disk_bytes
+    val = rows["extract", "imagenet"]  # the analysed ImageNet: its default (val) split
+    assert val.images == 50_000 and rows["extract-adapted", "imagenet"].disk_bytes == val.disk_bytes
+
+
+def test_the_paper_preset_plans_one_sae_and_eleven_datasets():
+    preset = yaml.safe_load((Path(__file__).resolve().parents[2] / "presets" / "paper.yaml").read_text())
+    rows = plan.sizes(preset, l0=150)
+    assert [r.stage for r in rows].count("train") == 1 and [r.stage for r in rows].count("encode") == 11
+    assert next(r for r in rows if r.stage == "extract-sae").disk_bytes == pytest.approx(387.6e9, rel=0.01)
+    assert next(r for r in rows if r.stage == "train").tokens == 2_621_440 * 197
 
 
 def test_paper_study_token_counts_and_sae_sizes_are_exact():
     rows = _rows(paper_params(), l0=50)
     batch = 128 * 197
     n_steps = math.ceil(516_000_000 / batch)
-    for dataset in PAPER_DATASETS:
-        train = rows["train", dataset]
-        assert train.tokens == n_steps * batch == 20_464 * 25_216 == 516_020_224
-        assert train.disk_bytes == 5 * (2 * 768 * 49_152 + 49_152 + 768) * 4
-        assert train.peak_bytes == plan.step_memory(d_in=768, d_sae=49_152, arch="relu", batch_tokens=batch)
+    train = rows["train", SAE_DATA]
+    assert [key[0] for key in rows].count("train") == 1  # one SAE reads every dataset
+    assert train.tokens == n_steps * batch == 20_464 * 25_216 == 516_020_224
+    assert train.disk_bytes == 5 * (2 * 768 * 49_152 + 49_152 + 768) * 4
+    assert train.peak_bytes == plan.step_memory(d_in=768, d_sae=49_152, arch="relu", batch_tokens=batch)
     for dataset, n in {"imagenet": 50_000, "eurosat": 27_000, "caltech101": 8_677, "dtd": 1_880,
                        "food101": 25_250, "sun397": 108_754}.items():
         assert rows["extract", dataset].images == n
@@ -139,7 +154,7 @@ def test_plan_json_parses_and_its_totals_add_up(tmp_path):
     code, output = _cli("plan", "--params", params, "--no-calibrate", "--l0", "20", "--json")
     assert code == 0, output
     made = json.loads(output)
-    assert made["params"] == str(params) and len(made["rows"]) == 5 * len(PAPER_DATASETS)
+    assert made["params"] == str(params) and len(made["rows"]) == 2 + 4 * len(PAPER_DATASETS)
     assert made["totals"]["disk_bytes"] == sum(r["disk_bytes"] for r in made["rows"])
     assert made["totals"]["seconds"] is None and made["calibration"] is None
     code, text = _cli("plan", "--params", params, "--no-calibrate", "--l0", "20")
