@@ -39,8 +39,8 @@ reconstruction are computed once per batch (``encode_tap``) and shared by every 
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -75,14 +75,15 @@ class Correction:
             raise UserError("a splice correction takes a value only as constant:<value>, e.g. constant:0.1051")
 
     @classmethod
-    def parse(cls, text: str) -> "Correction":
+    def parse(cls, text: str) -> Correction:
         kind, sep, value = str(text).strip().partition(":")
         if not sep:
             return cls(kind.lower())
         try:
             number = float(value)
         except ValueError:
-            raise UserError(f"splice correction '{text}' has no number after 'constant:'; e.g. constant:0.1051") from None
+            raise UserError(f"splice correction '{text}' has no number after 'constant:'; "
+                            "e.g. constant:0.1051") from None
         if kind.lower() != "constant" or not math.isfinite(number):
             raise UserError(f"splice correction '{text}' is not constant:<finite value>; use none, mean_error or "
                             "constant:<value>")
@@ -224,7 +225,8 @@ def masked_reconstruction(sae: SAE, enc: Encoded, mode: str, idx_BK: Tensor | No
 
 
 def splice_input(enc: Encoded, xhat_masked_BTD: Tensor, *, error_term: bool, shift_D: Tensor | None = None) -> Tensor:
-    """What replaces the residual stream at the tap: x̂_masked (+ the correction ``shift_D``), or x − (x̂ − x̂_masked)."""
+    """What replaces the residual stream at the tap: x̂_masked (+ the correction ``shift_D``), or
+    x − (x̂ − x̂_masked)."""
     if not error_term:
         return xhat_masked_BTD if shift_D is None else xhat_masked_BTD + shift_D.to(xhat_masked_BTD.device)
     if xhat_masked_BTD is enc.xhat_BTD:

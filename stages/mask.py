@@ -381,7 +381,8 @@ def correction_shift(cfg: Config, sae: SAE, store: ActivationStore | None,
         info = {"source": f"measured on the store {store.path}", "n_tokens": n, "token_kind": sae.config.token_kind,
                 "cache_config_sha256": store.config_sha256}
     shift_D = shift_D.to(device, torch.float32)
-    return shift_D, {"kind": "mean_error", **info, "mean": float(shift_D.mean()), "mean_abs": float(shift_D.abs().mean())}
+    return shift_D, {"kind": "mean_error", **info, "mean": float(shift_D.mean()),
+                     "mean_abs": float(shift_D.abs().mean())}
 
 
 def _holdout(valid: np.ndarray, n_probe: int, seed: int) -> np.ndarray:

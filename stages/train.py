@@ -46,7 +46,13 @@ from pipeline.sae import (
     save_training_state,
 )
 from pipeline.sae.io import CONFIG_NAME as SAE_CONFIG_NAME
-from pipeline.sae.io import MEAN_ERROR_NAME, TRAINER_NAME, WEIGHTS_NAME, MeanError, save_mean_error
+from pipeline.sae.io import (
+    MEAN_ERROR_NAME,
+    TRAINER_NAME,
+    WEIGHTS_NAME,
+    MeanError,
+    save_mean_error,
+)
 from pipeline.sae.trainer import TRAIN_STATE_VERSION
 from pipeline.threads import sized
 
