@@ -188,8 +188,9 @@ def write_per_class(out_dir: Path, variants: list[Variant], correct_MC: np.ndarr
 
 
 def write_plot(out_dir: Path, modes: Sequence[str], ks: Sequence[int | str], n_seeds: int, acc: dict[str, Any],
-               d_sae: int, chance: float, *, title: str) -> Path:
-    """Accuracy against k per mode, beside the random sets and the baselines."""
+               d_sae: int, chance: float, *, title: str, recall: dict[str, Any] | None = None) -> Path:
+    """Accuracy against k per mode, beside the random sets, the baselines and (dotted) the top-k sets' mean
+    per-class recall."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,6 +202,9 @@ def write_plot(out_dir: Path, modes: Sequence[str], ks: Sequence[int | str], n_s
     for mode in modes:
         ys = [acc[mode][str(k)] for k in ks]
         ax.plot(xs, ys, marker="o", color=colours[mode], label=f'"{mode}": class top-k latents')
+        if recall is not None:
+            ax.plot(xs, [recall[mode][str(k)] for k in ks], ls=":", marker="x", color=colours[mode], alpha=0.8,
+                    label=f'"{mode}": top-k, mean per-class recall')
         if n_seeds:
             r = acc[f"random_{mode}"]
             mean = np.array([r[str(k)]["mean"] for k in ks])
@@ -217,7 +221,7 @@ def write_plot(out_dir: Path, modes: Sequence[str], ks: Sequence[int | str], n_s
     ax.set_xticks(xs, [("all" if k == ALL else str(k)) for k in ks], fontsize=7)
     ax.minorticks_off()
     ax.set_xlabel("k (latents in the class's set; ground-truth class)")
-    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylabel("top-1 accuracy" + (" / mean per-class recall" if recall is not None else ""))
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -548,7 +548,7 @@ def _run(cfg: Config) -> Outputs:
     if cfg.plots:
         plot_path = masking.write_plot(cfg.out_dir, cfg.modes, cfg.ks, cfg.n_seeds, results["accuracy"], d_sae, chance,
                                        title=f"{model_name} layer {layer}, {data['dataset']} ({len(eval_rows)} "
-                                             f"images), {head_kind} head")
+                                             f"images), {head_kind} head", recall=results["mean_recall"])
     acc, rec = results["accuracy"], results["mean_recall"]
     return Outputs(out_dir=cfg.out_dir, results_path=results_path, per_class_path=per_class_path,
                    plot_path=plot_path, source=source.kind,
