@@ -422,6 +422,11 @@ def _run(cfg: Config) -> Outputs:
             log.info("the SAE was trained on another store (config %s); masking %s with it",
                      sae.config.cache_config_sha256[:12], store.path)
 
+    shift_D, correction = correction_shift(cfg, sae, store, layer)
+    if shift_D is not None:
+        log.info("splice correction %s: %.4g on average per element (not with the error term)", cfg.splice_correction,
+                 float(shift_D.mean()))
+
     model = load_model(model_name, pretrained, device=device, dtype=cfg.dtype, init_seed=data["seed"])
     model.check_layers((layer,))
     if model.width != sae.config.d_in:
@@ -504,10 +509,6 @@ def _run(cfg: Config) -> Outputs:
     random_sets = (torch.from_numpy(masking.random_latents(cfg.n_seeds, n_classes, d_sae, k_max, cfg.random_seed))
                    if k_max and cfg.n_seeds else None)  # (n_seeds, C, k_max)
     variants = masking.plan_variants(cfg.modes, cfg.ks, cfg.n_seeds, cfg.error_term)
-    shift_D, correction = correction_shift(cfg, sae, store, layer)
-    if shift_D is not None:
-        log.info("splice correction %s: %.4g on average per element (not with the error term)", cfg.splice_correction,
-                 float(shift_D.mean()))
     sweep_started = time.perf_counter()
     correct_MC, max_diff = sweep(source, model, sae, layer, eval_rows, variants, top_CK, random_sets, head,
                                  plain_logits, n_classes, batch_size=cfg.batch_size, tail_rows=cfg.tail_rows,

@@ -251,6 +251,15 @@ def test_refuses_a_dataset_with_other_classes(world, tmp_path):
     assert_one_line_error(code, out, "do not match those of", "3 classes vs 20")
 
 
+def test_refuses_a_bad_splice_correction_and_an_unmeasurable_mean_error(world, tmp_path):
+    code, out = _cli(*_base_args(world, tmp_path / "m"), "--cache", world["store"], "--splice-correction", "median")
+    assert_one_line_error(code, out, "unknown splice correction 'median'")
+    code, out = _cli(*_base_args(world, tmp_path / "m"), "--dataset", "synthetic", "--limit", "48",
+                     "--splice-correction", "mean_error")  # no stored mean error and no store to measure it on
+    assert_one_line_error(code, out, "has no mean_error.safetensors", "--cache")
+    assert not (tmp_path / "m" / masking.RESULTS_FILE).exists()
+
+
 def test_refuses_bad_k_and_a_store_without_the_layer(world, tmp_path):
     args = _base_args(world, tmp_path / "m")
     args[args.index("--k") + 1] = "1,zero"
