@@ -65,26 +65,37 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _recall(x: float | None, fmt: str = "pct") -> str:
+    """`` (mean per-class recall …)``, or nothing for metrics written before it was reported."""
+    if x is None:
+        return ""
+    return f" (mean per-class recall {_pct(x) if fmt == 'pct' else f'{x:.3f}'})"
+
+
 def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
     """The findings as Markdown bullets."""
     out = []
     if (p := f["pretrain"]) is not None:
-        out.append(f"- **Tiny CLIP**: {_pct(p['accuracy'])} zero-shot on the {p['n_classes']} classes of the "
+        out.append(f"- **Tiny CLIP**: {_pct(p['accuracy'])} zero-shot{_recall(p.get('mean_recall'))} on the "
+                   f"{p['n_classes']} classes of the "
                    f"synthetic world (chance {_pct(p['chance'])}), final loss {p['final_loss']:.3f}.")
     s, c = f["sae"], f["sae_config"] or {}
     dead = "no dead latents" if not s["dead_fraction"] else f"{_pct(s['dead_fraction'])} dead"
     out.append(f"- **SAE** (block {layer}, one for every dataset, {c.get('d_in', '?')} → {c.get('d_sae', '?'):,}, "
                f"{c.get('arch', '?')}): FVU {s['fvu']:.3f}, L0 {s['l0']:.0f}, {dead}.")
     if (m := f["masking"]) is not None:
-        a = m["accuracy"]
+        a, r = m["accuracy"], m.get("mean_recall") or {}
         ks = [k for k in a["off"] if k.isdigit()]
         k = MASK_K if MASK_K in ks else max(ks, key=int, default=None)
         if k is not None:
             off, on, r_off, r_on = a["off"][k], a["on"][k], a["random_off"][k], a["random_on"][k]
-            out.append(f"- **Masking**: plain CLIP scores {a['clip']:.3f} (through the SAE, all latents on: "
-                       f"{a['sae_all_on']:.3f}). Switching **off** each class's top-{k} latents drops it to "
-                       f"**{off:.3f}**; {k} random latents leave {r_off['mean']:.3f} ± {r_off['std']:.3f}. "
-                       f"Keeping only the top-{k} **on** gives {on:.3f}, {k} random ones "
+            out.append(f"- **Masking**: plain CLIP scores {a['clip']:.3f}{_recall(r.get('clip'), 'frac')} (through "
+                       f"the SAE, all latents on: {a['sae_all_on']:.3f}{_recall(r.get('sae_all_on'), 'frac')}). "
+                       f"Switching **off** each class's top-{k} latents drops it to "
+                       f"**{off:.3f}**{_recall((r.get('off') or {}).get(k), 'frac')}; {k} random latents leave "
+                       f"{r_off['mean']:.3f} ± {r_off['std']:.3f}. "
+                       f"Keeping only the top-{k} **on** gives {on:.3f}{_recall((r.get('on') or {}).get(k), 'frac')}, "
+                       f"{k} random ones "
                        f"{r_on['mean']:.3f} ± {r_on['std']:.3f}.")
     if (g := f["groundtruth"]) is not None and "best_auroc" in g:
         best = g["best_auroc"]
@@ -99,8 +110,11 @@ def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
     if (d := f["adapt"]) is not None:
         verdict = ("zero-shot already matches or beats the probe" if d["probe_accuracy"] <= d["base_accuracy"]
                    else f"the probe shows {_pct(d['probe_accuracy'] - d['base_accuracy'])} to gain")
-        out.append(f"- **MaPLe**: {d['base_accuracy']:.3f} → {d['adapted_accuracy']:.3f} on {d['n_test_images']:,} "
-                   f"test images; the {d['shots']}-shot linear probe reaches {d['probe_accuracy']:.3f} ({verdict}).")
+        recall = (f" (mean per-class recall {d['base_mean_recall']:.3f} → {d['adapted_mean_recall']:.3f})"
+                  if "base_mean_recall" in d else "")
+        out.append(f"- **MaPLe**: {d['base_accuracy']:.3f} → {d['adapted_accuracy']:.3f}{recall} on "
+                   f"{d['n_test_images']:,} test images; the {d['shots']}-shot linear probe reaches "
+                   f"{d['probe_accuracy']:.3f} ({verdict}).")
     if (r := f["remap"]) is not None:
         o = r["overall"]
         out.append(f"- **Remap** of the relevant latents: {_pct(o['high_high'])} high→high, {_pct(o['partial'])} "

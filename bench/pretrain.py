@@ -45,6 +45,7 @@ def main() -> None:
     print(f"training wall time        : {out.train_seconds:7.1f} s   (target <= ~{TARGET_SECONDS:.0f} s)")
     print(f"zero-shot accuracy        : {100 * out.accuracy:7.1f} %   (target >= {100 * TARGET_ACCURACY:.0f} %, "
           f"{out.n_classes} classes, chance {100 / out.n_classes:.1f} %)")
+    print(f"mean per-class recall     : {100 * out.mean_recall:7.1f} %")
     print(f"final contrastive loss    : {out.final_loss:7.3f}")
     print(f"peak RSS                  : {peak_rss_mb():7.0f} MB")
     print(f"ratio time/target = {out.train_seconds / TARGET_SECONDS:.2f}, "

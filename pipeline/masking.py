@@ -21,6 +21,7 @@ import numpy as np
 
 from cache import jsonfile
 from cache.errors import UserError
+from pipeline import scores
 
 ALL = "all"
 
@@ -48,6 +49,11 @@ DEFINITIONS: dict[str, str] = {
     "sae_all_on": "the SAE spliced with every latent on and no error term",
     "sae_error_term": "the SAE spliced with the error term and nothing masked (equals plain CLIP)",
     "accuracy": "top-1 accuracy over the evaluation images (valid rows not used to fit the probe)",
+    "mean_recall": "mean per-class recall (balanced accuracy): the mean over classes of the fraction of the class's "
+                   "evaluation images classified correctly, from the same predictions as accuracy",
+    "splice_correction": "added to every splice without the error term: none; mean_error, the SAE's mean "
+                         "reconstruction error E[x - x_hat] per dimension (raw units); constant:<value> on every "
+                         "element (the paper's code splices x_hat - SAE_BIAS, SAE_BIAS = -0.105131256516992)",
     "class_token_only": "the last block is computed for the class-token query alone, the only row the class-token "
                         "pooling reads (equal to the full block up to float rounding)",
 }
@@ -119,26 +125,38 @@ def plan_variants(modes: Sequence[str], ks: Sequence[int | str], n_seeds: int, e
 
 def assemble(modes: Sequence[str], ks: Sequence[int | str], n_seeds: int, variants: list[Variant],
              correct_MC: np.ndarray, totals_C: np.ndarray, clip_correct_C: np.ndarray, chance: float) -> dict[str, Any]:
-    """Accuracies of every variant (random sets: mean and sample std over seeds) and the per-seed values."""
-    n = totals_C.sum()
-    acc_M = correct_MC.sum(1) / n
-    by_key = {v.key: float(a) for v, a in zip(variants, acc_M)}
-    accuracy: dict[str, Any] = {"clip": float(clip_correct_C.sum() / n), "sae_all_on": by_key["sae_all_on"],
-                                "sae_error_term": by_key["sae_error_term"], "chance": chance}
+    """Accuracies and mean per-class recalls of every variant (random sets: mean and sample std over seeds),
+    and the per-seed accuracies."""
+    accuracy, per_seed = _table(modes, ks, n_seeds, variants, [scores.accuracy(c, totals_C) for c in correct_MC],
+                                scores.accuracy(clip_correct_C, totals_C), chance)
+    recall, _ = _table(modes, ks, n_seeds, variants, [scores.mean_recall(c, totals_C) for c in correct_MC],
+                       scores.mean_recall(clip_correct_C, totals_C), None)
+    return {"accuracy": accuracy, "mean_recall": recall, "random_per_seed": per_seed}
+
+
+def _table(modes: Sequence[str], ks: Sequence[int | str], n_seeds: int, variants: list[Variant],
+           score_M: list[float], clip: float, chance: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One score of every variant as a results table (baselines, mode -> k, random_<mode> -> k -> mean/std)
+    and the random sets' per-seed values."""
+    by_key = dict(zip((v.key for v in variants), score_M))
+    table: dict[str, Any] = {"clip": clip, "sae_all_on": by_key["sae_all_on"],
+                             "sae_error_term": by_key["sae_error_term"]}
+    if chance is not None:
+        table["chance"] = chance
     for mode in modes:
-        accuracy[mode] = {str(k): by_key[f"{mode}/k={k}"] for k in ks}
+        table[mode] = {str(k): by_key[f"{mode}/k={k}"] for k in ks}
     per_seed: dict[str, dict[str, list[float]]] = {}
     if n_seeds:
         for mode in modes:
             per_seed[mode] = {}
-            accuracy[f"random_{mode}"] = {}
+            table[f"random_{mode}"] = {}
             for k in ks:
                 vals = ([by_key[f"{mode}/k={k}"]] * n_seeds if k == ALL else
                         [by_key[f"random_{mode}/k={k}/seed={s}"] for s in range(n_seeds)])
                 per_seed[mode][str(k)] = vals
                 std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-                accuracy[f"random_{mode}"][str(k)] = {"mean": float(np.mean(vals)), "std": std}
-    return {"accuracy": accuracy, "random_per_seed": per_seed}
+                table[f"random_{mode}"][str(k)] = {"mean": float(np.mean(vals)), "std": std}
+    return table, per_seed
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,8 +188,9 @@ def write_per_class(out_dir: Path, variants: list[Variant], correct_MC: np.ndarr
 
 
 def write_plot(out_dir: Path, modes: Sequence[str], ks: Sequence[int | str], n_seeds: int, acc: dict[str, Any],
-               d_sae: int, chance: float, *, title: str) -> Path:
-    """Accuracy against k per mode, beside the random sets and the baselines."""
+               d_sae: int, chance: float, *, title: str, recall: dict[str, Any] | None = None) -> Path:
+    """Accuracy against k per mode, beside the random sets, the baselines and (dotted) the top-k sets' mean
+    per-class recall."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,6 +202,9 @@ def write_plot(out_dir: Path, modes: Sequence[str], ks: Sequence[int | str], n_s
     for mode in modes:
         ys = [acc[mode][str(k)] for k in ks]
         ax.plot(xs, ys, marker="o", color=colours[mode], label=f'"{mode}": class top-k latents')
+        if recall is not None:
+            ax.plot(xs, [recall[mode][str(k)] for k in ks], ls=":", marker="x", color=colours[mode], alpha=0.8,
+                    label=f'"{mode}": top-k, mean per-class recall')
         if n_seeds:
             r = acc[f"random_{mode}"]
             mean = np.array([r[str(k)]["mean"] for k in ks])
@@ -199,7 +221,7 @@ def write_plot(out_dir: Path, modes: Sequence[str], ks: Sequence[int | str], n_s
     ax.set_xticks(xs, [("all" if k == ALL else str(k)) for k in ks], fontsize=7)
     ax.minorticks_off()
     ax.set_xlabel("k (latents in the class's set; ground-truth class)")
-    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylabel("top-1 accuracy" + (" / mean per-class recall" if recall is not None else ""))
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -216,7 +238,8 @@ def results_file(path: Path) -> Path:
 
 
 def read_accuracies(path: Path, sae_sha: str, class_names: list[str], side: str) -> dict[str, Any]:
-    """The accuracies of one results file, flattened (``on_k10``, ``random_on_k10``, ...), after checks that
+    """The accuracies of one results file, flattened (``on_k10``, ``random_on_k10``, ...; mean per-class recalls
+    as ``mean_recall_on_k10``, ...), after checks that
     it masked the SAE of weights ``sae_sha`` on ``class_names`` (``side`` names the model in messages)."""
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass the masking.json (or folder) written by `pipeline mask` "
@@ -233,16 +256,23 @@ def read_accuracies(path: Path, sae_sha: str, class_names: list[str], side: str)
     if record.get("class_names") is not None and list(record["class_names"]) != class_names:
         raise UserError(f"the {side} masking {path} was evaluated on other classes than the statistics; mask the "
                         "same dataset")
+    flat = _flatten(accuracy, "")
+    flat.update(_flatten(record.get("mean_recall") or {}, "mean_recall_"))  # absent before mean recall was reported
+    return {"path": str(path.resolve()), "accuracy": flat, "n_images": record.get("n_images"),
+            "config": record.get("config")}
+
+
+def _flatten(table: dict[str, Any], prefix: str) -> dict[str, float]:
+    """A results table as flat keys: ``clip``, ``on_k10``, ``random_on_k10`` and ``random_on_k10_std``."""
     flat: dict[str, float] = {}
-    for key, value in accuracy.items():
+    for key, value in table.items():
         if isinstance(value, dict):
             for k, v in value.items():
                 if isinstance(v, dict):
-                    flat[f"{key}_k{k}"] = v["mean"]
-                    flat[f"{key}_k{k}_std"] = v["std"]
+                    flat[f"{prefix}{key}_k{k}"] = v["mean"]
+                    flat[f"{prefix}{key}_k{k}_std"] = v["std"]
                 else:
-                    flat[f"{key}_k{k}"] = v
+                    flat[f"{prefix}{key}_k{k}"] = v
         else:
-            flat[key] = value
-    return {"path": str(path.resolve()), "accuracy": flat, "n_images": record.get("n_images"),
-            "config": record.get("config")}
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -20,6 +20,15 @@ parameters in the SAE's normalised units):
     with the error term:  x̂_masked + (x − x̂), computed as x − (x̂ − x̂_masked) so that it is
     exactly x when nothing is masked.
 
+    with a splice correction c_D (no error term): x̂_masked + c, at every token.
+
+The correction (``Correction``) is the general form of the reference code's constant: its
+masking splices ``x̂ − SAE_BIAS`` with SAE_BIAS = −0.105131256516992, i.e. +0.1051 on every
+element (``constant:0.105131256516992``; the paper's 64.82 % "SAE in the loop" includes it).
+``mean_error`` adds the SAE's own mean reconstruction error E[x − x̂] per dimension, stored
+with the SAE (``pipeline.sae.io.save_mean_error``). It is not added with the error term,
+which already restores the actual error x − x̂ (of which c is the mean).
+
 "on" with every latent is x̂; "off" with every latent leaves ``s · b_dec`` at every token
 (both computed exactly, without summing 49k rows). Latent sets are given per image (one
 row of ``idx_BK`` per image, e.g. the top-k latents of its class), so one batch can mix
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -42,6 +52,45 @@ from cache.errors import UserError
 from pipeline.sae import SAE
 
 MODES = ("on", "off")
+CORRECTIONS = ("none", "mean_error", "constant")
+REFERENCE_SAE_BIAS = -0.105131256516992
+"""The constant of the reference code's masking (dynamical-inference/patchsae); it splices x̂ − SAE_BIAS."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Correction:
+    """What is added to every spliced reconstruction without the error term.
+
+    Written ``none``, ``mean_error`` (the SAE's mean error E[x − x̂] per dimension, raw units)
+    or ``constant:<value>`` (one value on every element; the reference: ``constant:0.105131256516992``).
+    """
+
+    kind: str = "none"
+    value: float | None = None  # the constant, for kind "constant" only
+
+    def __post_init__(self) -> None:
+        if self.kind not in CORRECTIONS:
+            raise UserError(f"unknown splice correction '{self.kind}'; use none, mean_error or constant:<value>")
+        if (self.kind == "constant") != (self.value is not None):
+            raise UserError("a splice correction takes a value only as constant:<value>, e.g. constant:0.1051")
+
+    @classmethod
+    def parse(cls, text: str) -> Correction:
+        kind, sep, value = str(text).strip().partition(":")
+        if not sep:
+            return cls(kind.lower())
+        try:
+            number = float(value)
+        except ValueError:
+            raise UserError(f"splice correction '{text}' has no number after 'constant:'; "
+                            "e.g. constant:0.1051") from None
+        if kind.lower() != "constant" or not math.isfinite(number):
+            raise UserError(f"splice correction '{text}' is not constant:<finite value>; use none, mean_error or "
+                            "constant:<value>")
+        return cls("constant", number)
+
+    def __str__(self) -> str:
+        return f"constant:{self.value!r}" if self.kind == "constant" else self.kind
 
 
 def check_layer(visual: Any, layer: int) -> None:
@@ -175,10 +224,11 @@ def masked_reconstruction(sae: SAE, enc: Encoded, mode: str, idx_BK: Tensor | No
     return enc.xhat_BTD - part_BTD
 
 
-def splice_input(enc: Encoded, xhat_masked_BTD: Tensor, *, error_term: bool) -> Tensor:
-    """What replaces the residual stream at the tap: x̂_masked, or x − (x̂ − x̂_masked)."""
+def splice_input(enc: Encoded, xhat_masked_BTD: Tensor, *, error_term: bool, shift_D: Tensor | None = None) -> Tensor:
+    """What replaces the residual stream at the tap: x̂_masked (+ the correction ``shift_D``), or
+    x − (x̂ − x̂_masked)."""
     if not error_term:
-        return xhat_masked_BTD
+        return xhat_masked_BTD if shift_D is None else xhat_masked_BTD + shift_D.to(xhat_masked_BTD.device)
     if xhat_masked_BTD is enc.xhat_BTD:
         return enc.x_BTD  # nothing masked: the error term restores x exactly
     return enc.x_BTD - (enc.xhat_BTD - xhat_masked_BTD)
@@ -186,24 +236,25 @@ def splice_input(enc: Encoded, xhat_masked_BTD: Tensor, *, error_term: bool) -> 
 
 @torch.inference_mode()
 def spliced_residual(sae: SAE, x_BTD: Tensor, *, mode: str = "on", idx_BK: Tensor | None = None,
-                     error_term: bool = False) -> Tensor:
+                     error_term: bool = False, shift_D: Tensor | None = None) -> Tensor:
     """The residual stream at the tap after splicing (one mask, one batch)."""
     enc = encode_tap(sae, x_BTD)
-    return splice_input(enc, masked_reconstruction(sae, enc, mode, idx_BK), error_term=error_term)
+    return splice_input(enc, masked_reconstruction(sae, enc, mode, idx_BK), error_term=error_term, shift_D=shift_D)
 
 
 @torch.inference_mode()
 def spliced_features(visual: Any, sae: SAE, layer: int, x_BTD: Tensor, *, mode: str = "on",
-                     idx_BK: Tensor | None = None, error_term: bool = False,
+                     idx_BK: Tensor | None = None, error_term: bool = False, shift_D: Tensor | None = None,
                      class_token_only: bool = False) -> Tensor:
     """Image features ``(B, E)`` with the SAE spliced in at ``layer`` (tap given as ``x_BTD``)."""
-    return finish_forward(visual, spliced_residual(sae, x_BTD, mode=mode, idx_BK=idx_BK, error_term=error_term),
+    return finish_forward(visual, spliced_residual(sae, x_BTD, mode=mode, idx_BK=idx_BK, error_term=error_term,
+                                                   shift_D=shift_D),
                           layer, class_token_only=class_token_only)
 
 
 @contextlib.contextmanager
 def splice_hook(visual: Any, sae: SAE, layer: int, *, mode: str = "on", idx_BK: Tensor | None = None,
-                error_term: bool = False) -> Iterator[None]:
+                error_term: bool = False, shift_D: Tensor | None = None) -> Iterator[None]:
     """While active, every forward of ``visual`` has the SAE spliced in after block ``layer``.
 
     A forward hook on ``resblocks[layer]`` replaces its output; the rest of the model's own
@@ -215,7 +266,8 @@ def splice_hook(visual: Any, sae: SAE, layer: int, *, mode: str = "on", idx_BK: 
 
     def hook(module: Any, args: Any, output: Tensor) -> Tensor:
         x_BTD = output if batch_first else output.transpose(0, 1)
-        new_BTD = spliced_residual(sae, x_BTD, mode=mode, idx_BK=idx_BK, error_term=error_term).to(output.dtype)
+        new_BTD = spliced_residual(sae, x_BTD, mode=mode, idx_BK=idx_BK, error_term=error_term,
+                                   shift_D=shift_D).to(output.dtype)
         return new_BTD if batch_first else new_BTD.transpose(0, 1)
 
     handle = visual.transformer.resblocks[layer].register_forward_hook(hook)

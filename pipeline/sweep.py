@@ -25,9 +25,11 @@ CODES_BUDGET_BYTES = 256 * 2**20  # dense codes of one SAE chunk (tokens x laten
 def sweep(source: CacheSource | ImageSource, model: LoadedModel, sae: SAE, layer: int, eval_rows: np.ndarray,
           variants: list[Variant], top_CK: torch.Tensor | None, random_sets: torch.Tensor | None,
           head: Callable[[torch.Tensor], torch.Tensor], plain_logits: dict[int, torch.Tensor], n_classes: int, *,
-          batch_size: int, tail_rows: int, class_token_only: bool, progress: bool) -> tuple[np.ndarray, float]:
+          batch_size: int, tail_rows: int, class_token_only: bool, progress: bool,
+          shift_D: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Every variant on every evaluation image: correct counts per (variant, class), and the largest
-    |logit| difference between the error-term splice and plain CLIP (a parity check)."""
+    |logit| difference between the error-term splice and plain CLIP (a parity check). ``shift_D``: the
+    splice correction added to every variant without the error term (``splice.Correction``)."""
     correct_MC = np.zeros((len(variants), n_classes), np.int64)
     max_diff = 0.0
     d_sae = sae.config.d_sae
@@ -42,7 +44,7 @@ def sweep(source: CacheSource | ImageSource, model: LoadedModel, sae: SAE, layer
             enc = splice.encode_tap(sae, batch.x_BTD[s:s + chunk].to(device))
             for g in range(0, len(variants), per_group):
                 group = list(range(g, min(g + per_group, len(variants))))
-                xs = [splice_variant(sae, enc, variants[v], labels_B, top_CK, random_sets) for v in group]
+                xs = [splice_variant(sae, enc, variants[v], labels_B, top_CK, random_sets, shift_D) for v in group]
                 if batch.prompts_BXD is None:
                     feats = splice.finish_many(model.visual, xs, layer, max_rows=tail_rows,
                                                class_token_only=class_token_only)
@@ -61,7 +63,8 @@ def sweep(source: CacheSource | ImageSource, model: LoadedModel, sae: SAE, layer
 
 
 def splice_variant(sae: SAE, enc: splice.Encoded, v: Variant, labels_B: torch.Tensor,
-                   top_CK: torch.Tensor | None, random_sets: torch.Tensor | None) -> torch.Tensor:
+                   top_CK: torch.Tensor | None, random_sets: torch.Tensor | None,
+                   shift_D: torch.Tensor | None = None) -> torch.Tensor:
     """The tap with variant ``v``'s latent set masked, for images of classes ``labels_B``."""
     if v.k == ALL:
         idx = None
@@ -70,7 +73,7 @@ def splice_variant(sae: SAE, enc: splice.Encoded, v: Variant, labels_B: torch.Te
     else:
         idx = top_CK[labels_B, :v.k]
     xhat = splice.masked_reconstruction(sae, enc, v.mode, idx)
-    return splice.splice_input(enc, xhat, error_term=v.error_term)
+    return splice.splice_input(enc, xhat, error_term=v.error_term, shift_D=shift_D)
 
 
 def score_rows(logits: dict[int, torch.Tensor], labels: np.ndarray, rows: np.ndarray,

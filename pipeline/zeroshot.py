@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.atomic import atomic_write
 from cache.errors import UserError
+from pipeline import scores
 from pipeline.models import DTYPES, LoadedModel  # importing registers pipeline/model_configs
 
 log = logging.getLogger(__name__)
@@ -188,10 +190,11 @@ def cached_text_classifier(model: LoadedModel, class_names: Sequence[str], templ
 
 
 @torch.inference_mode()
-def zero_shot_accuracy(model: LoadedModel, dataset: Dataset, class_names: Sequence[str],
-                       templates: Sequence[str], batch_size: int = 256, *,
-                       cache_dir: str | os.PathLike | None = None, workers: int = 0) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of the zero-shot classifier on ``dataset``.
+def zero_shot_scores(model: LoadedModel, dataset: Dataset, class_names: Sequence[str],
+                     templates: Sequence[str], batch_size: int = 256, *,
+                     cache_dir: str | os.PathLike | None = None, workers: int = 0) -> dict[str, float]:
+    """Top-1 ``accuracy`` and ``mean_recall`` (per class, then averaged; fractions in [0, 1]) of the
+    zero-shot classifier on ``dataset``.
 
     ``dataset[i]`` must give ``(preprocessed image (R, H, W), label)`` with labels indexing
     ``class_names`` (e.g. a ``SyntheticWorld`` with ``transform=model.preprocess``).
@@ -199,12 +202,15 @@ def zero_shot_accuracy(model: LoadedModel, dataset: Dataset, class_names: Sequen
     if len(dataset) == 0:
         raise UserError("zero-shot evaluation needs at least one image")
     W_CE = cached_text_classifier(model, class_names, templates, cache_dir=cache_dir)
-    n_correct = torch.zeros((), dtype=torch.long)
+    correct_C = np.zeros(len(class_names), np.int64)
+    totals_C = np.zeros(len(class_names), np.int64)
     for images_BRHW, labels_B in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         features_BE = model.model.encode_image(images_BRHW.to(model.device, DTYPES[model.dtype]))
         predicted_B = zero_shot_logits(features_BE, W_CE).argmax(dim=-1).cpu()
-        n_correct += (predicted_B == labels_B).sum()
-    return int(n_correct) / len(dataset)
+        correct_b, totals_b = scores.class_counts(predicted_B.numpy(), labels_B.numpy(), len(class_names))
+        correct_C += correct_b
+        totals_C += totals_b
+    return {"accuracy": scores.accuracy(correct_C, totals_C), "mean_recall": scores.mean_recall(correct_C, totals_C)}
 
 
 def warn_if_world_differs(pretrained: str, dataset: str, seed: int, image_size: int) -> bool:

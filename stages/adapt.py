@@ -28,7 +28,7 @@ Folder ``out_dir`` (format version 1), every file written atomically:
   loaded weights): the run's identity, compared on every rerun; package versions.
 - ``trainer_state.pt``: step, prompts, SGD state, per-step losses, training seconds (resume).
 - ``prompts.safetensors``: the trained prompts (written when training has finished).
-- ``metrics.json``: accuracy on the test split of the base model zero-shot (prompt
+- ``metrics.json``: accuracy and mean per-class recall on the test split of the base model zero-shot (prompt
   templates), of a linear probe on the base model's few-shot embeddings, and of the adapted
   model; ``loss.png``: the training loss curve.
 
@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.atomic import write_json
 from cache.errors import UserError, require_integers, require_threads
-from pipeline import livelog, maple, runfiles, training, zeroshot
+from pipeline import livelog, maple, runfiles, scores, training, zeroshot
 from pipeline.configs import Option, Stage
 from pipeline.datasets import DATASET_NAMES, ImageSet, dataset_labels, few_shot_indices, open_dataset
 from pipeline.models import LoadedModel, file_sha256, load_model, resolve_device
@@ -198,6 +198,9 @@ class Outputs:
     base_accuracy: float  # base model zero-shot, test split, fraction in [0, 1]
     probe_accuracy: float  # linear probe on the base model's few-shot embeddings
     adapted_accuracy: float  # the adapted model
+    base_mean_recall: float  # mean per-class recall (balanced accuracy) of the same three, same predictions
+    probe_mean_recall: float
+    adapted_mean_recall: float
     n_classes: int
     n_train_images: int
     n_test_images: int
@@ -352,7 +355,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: LoadedModel, adapte
     metrics_path = out_dir / METRICS_NAME
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     record = _eval_record(cfg, test, prompts_path)
-    if metrics.get("eval") != record:
+    if metrics.get("eval") != record or "base_mean_recall" not in metrics:  # or evaluated before mean recall
         eval_started = time.perf_counter()
         result = evaluate(cfg, model, adapted, train, shot_rows, test, names)
         metrics = {**result, "shots": cfg.shots, "n_train_images": int(len(shot_rows)),
@@ -362,15 +365,19 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: LoadedModel, adapte
                    "threads": torch.get_num_threads(), "device": device, "eval": record}
         run.start()
         write_json(metrics_path, metrics)
-    log.info("test accuracy on %d images: base zero-shot %.1f%%, base %d-shot probe %.1f%%, adapted %.1f%%",
-             metrics["n_test_images"], 100 * metrics["base_accuracy"], cfg.shots, 100 * metrics["probe_accuracy"],
-             100 * metrics["adapted_accuracy"])
+    log.info("test accuracy on %d images: base zero-shot %.1f%%, base %d-shot probe %.1f%%, adapted %.1f%% "
+             "(mean per-class recall %.1f%%, %.1f%%, %.1f%%)", metrics["n_test_images"],
+             100 * metrics["base_accuracy"], cfg.shots, 100 * metrics["probe_accuracy"],
+             100 * metrics["adapted_accuracy"], 100 * metrics["base_mean_recall"], 100 * metrics["probe_mean_recall"],
+             100 * metrics["adapted_mean_recall"])
     return Outputs(out_dir=out_dir, prompts_path=prompts_path, config_path=out_dir / CONFIG_NAME,
                    metrics_path=metrics_path, plot_path=out_dir / PLOT_NAME if cfg.weights is None else None,
                    live_dir=cfg.live_dir,
                    steps=total, start_step=start_step, final_loss=metrics["final_loss"],
                    base_accuracy=metrics["base_accuracy"], probe_accuracy=metrics["probe_accuracy"],
-                   adapted_accuracy=metrics["adapted_accuracy"], n_classes=metrics["n_classes"],
+                   adapted_accuracy=metrics["adapted_accuracy"], base_mean_recall=metrics["base_mean_recall"],
+                   probe_mean_recall=metrics["probe_mean_recall"], adapted_mean_recall=metrics["adapted_mean_recall"],
+                   n_classes=metrics["n_classes"],
                    n_train_images=int(len(shot_rows)), n_test_images=metrics["n_test_images"],
                    seconds=time.perf_counter() - started)
 
@@ -463,7 +470,8 @@ def _base_features(model: LoadedModel, data: Dataset, batch_size: int, workers: 
 @torch.inference_mode()
 def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train: ImageSet, shot_rows: np.ndarray,
              test: ImageSet, names: list[str]) -> dict[str, Any]:
-    """Test accuracy of the base model (zero-shot and few-shot probe) and of the adapted model.
+    """Test accuracy and mean per-class recall of the base model (zero-shot and few-shot probe) and of the adapted
+    model.
 
     ``names`` are the class names as the prompts say them (both zero-shot heads use them).
     """
@@ -491,16 +499,22 @@ def evaluate(cfg: Config, model: LoadedModel, adapted: maple.AdaptedCLIP, train:
     bar.close()
     n = len(test)
     correct = dict(zip(("base", "probe", "adapted"), correct_by_model.sum(1).tolist()))
+    recall = {key: scores.mean_recall(correct_by_model[k].numpy(), seen_C.numpy())
+              for k, key in enumerate(("base", "probe", "adapted"))}
     per_class = {name: {key: (int(correct_by_model[k, c]) / int(seen_C[c]) if seen_C[c] else None)
                         for k, key in enumerate(("base", "probe", "adapted"))} | {"n_images": int(seen_C[c])}
                  for c, name in enumerate(test.class_names)}
     return {"base_accuracy": correct["base"] / n, "probe_accuracy": correct["probe"] / n,
-            "adapted_accuracy": correct["adapted"] / n, "n_test_images": n, "n_classes": len(names),
+            "adapted_accuracy": correct["adapted"] / n, "base_mean_recall": recall["base"],
+            "probe_mean_recall": recall["probe"], "adapted_mean_recall": recall["adapted"], "n_test_images": n,
+            "n_classes": len(names),
             "chance": 1.0 / len(names), "per_class": per_class,
             "definitions": {"base_accuracy": f"base model zero-shot, templates '{cfg.template_set}'",
                             "probe_accuracy": "linear probe (pipeline.probe) on the base model's embeddings of the "
                                               "few-shot training images",
                             "adapted_accuracy": "MaPLe-adapted model, its learned prompt per class",
+                            "mean_recall": "each head's mean over classes of its per_class accuracy (balanced "
+                                           "accuracy), from the same predictions",
                             "per_class": "accuracy of each head on the test images of one true class"}}
 
 
@@ -519,6 +533,8 @@ def summary(out: Outputs) -> str:
             f"  test accuracy on {out.n_test_images} images: base zero-shot {100 * out.base_accuracy:.1f}%, "
             f"base few-shot probe {100 * out.probe_accuracy:.1f}%, adapted {100 * out.adapted_accuracy:.1f}% "
             f"(chance {100 / out.n_classes:.1f}%)\n"
+            f"  mean per-class recall: base zero-shot {100 * out.base_mean_recall:.1f}%, base few-shot probe "
+            f"{100 * out.probe_mean_recall:.1f}%, adapted {100 * out.adapted_mean_recall:.1f}%\n"
             f"  adapter {out.out_dir}  (prompts {out.prompts_path.name}, metrics {out.metrics_path.name}"
             + (f", curve {out.plot_path.name})" if out.plot_path else ")") + "\n"
             + next_steps(f"pipeline extract ... --adapter {out.out_dir} --out ADAPTED_STORE",

@@ -22,6 +22,12 @@ random-latent-set baseline of the same sizes: for each seed and class, a uniform
 ordering of all latents whose first k form the set (nested in k like the top-k sets),
 masked the same way; reported as mean ± sample standard deviation over the seeds.
 
+A splice correction (``splice_correction``, ``pipeline.splice.Correction``) is added to every
+splice without the error term (all-on, on, off, random sets): none (the default, this
+project's runs), ``mean_error`` (the SAE's mean error E[x − x̂], stored with it by
+``pipeline train``, else measured on ``cache_dir``), or ``constant:<value>``. The paper's
+numbers need ``constant:0.105131256516992``: the reference code splices x̂ − SAE_BIAS.
+
 Heads (fixed while masking): the zero-shot classifier of the CLIP text tower (class-name
 prompts, 80 OpenAI templates, ``pipeline.zeroshot``; cached per model and class names), or
 a linear probe (``pipeline.probe``) fit on plain CLIP's final image embeddings of held-out
@@ -60,8 +66,9 @@ import torch
 
 from cache import schema
 from cache.errors import UserError, require_threads
+from cache.loader import LoaderConfig, TokenLoader
 from cache.store import ActivationStore, StoreLock
-from pipeline import maple, masking, runfiles, splice, zeroshot
+from pipeline import maple, masking, runfiles, scores, splice, zeroshot
 from pipeline.configs import Option, Stage
 from pipeline.datasets import open_dataset, synthetic_options
 from pipeline.heads import TEMPLATE_CHOICES, adapted_head, probe_head, zero_shot_head
@@ -70,8 +77,8 @@ from pipeline.masking import ALL, parse_k
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.probe import ProbeConfig
 from pipeline.progress import announce, next_steps
-from pipeline.sae import SAE, load_sae
-from pipeline.sae.io import WEIGHTS_NAME
+from pipeline.sae import SAE, load_sae, mean_error
+from pipeline.sae.io import MEAN_ERROR_NAME, WEIGHTS_NAME, load_mean_error
 from pipeline.sources import CacheSource, ImageSource, image_source
 from pipeline.sweep import score_rows, sweep
 from pipeline.threads import sized
@@ -80,6 +87,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int | str, ...] = (1, 2, 5, 10, 50, 100, 500, 1000, 2000, ALL)
 HEADS = ("auto", "zeroshot", "probe")
+MEAN_ERROR_TOKENS = 200_000  # tokens of --cache the mean error is measured on when the SAE folder lacks it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,6 +116,8 @@ class Config:
     modes: tuple[str, ...] = ("on", "off")  # on = keep only the class's top-k latents; off = zero them
     ks: tuple[int | str, ...] = DEFAULT_KS  # set sizes; 'all' = every latent
     error_term: bool = False  # splice the sweep as x_hat_masked + (x - x_hat) (paper: without)
+    splice_correction: str = "none"  # added to every splice without the error term: none, mean_error (the SAE's
+                                     # E[x - x_hat]), constant:<value> (the paper's code: constant:0.105131256516992)
     n_seeds: int = 3  # random-latent-set baselines (0 = none)
     random_seed: int = 0  # seed of the random latent sets and of the probe's held-out images
     head: Literal["auto", "zeroshot", "probe"] = "auto"  # auto = probe for random weights (--pretrained none),
@@ -154,6 +164,7 @@ class Config:
             raise UserError("no k given; pass e.g. --k 1,10,100,all")
         ints = sorted({k for k in ks if k != ALL})
         object.__setattr__(self, "ks", tuple(ints) + ((ALL,) if ALL in ks else ()))
+        object.__setattr__(self, "splice_correction", str(splice.Correction.parse(self.splice_correction)))
         if self.head not in HEADS:
             raise UserError(f"unknown --head '{self.head}'; use one of {', '.join(HEADS)}")
         if self.templates not in TEMPLATE_CHOICES:
@@ -191,6 +202,8 @@ class Outputs:
     sae_all_on_accuracy: float
     sae_error_term_accuracy: float
     accuracy: dict[str, dict[str, float]]  # mode -> k -> accuracy
+    mean_recall: dict[str, Any]  # mean per-class recall: clip, sae_all_on, sae_error_term, and mode -> k -> recall
+    splice_correction: str  # what was added to every splice without the error term
     random_accuracy: dict[str, dict[str, tuple[float, float]]]  # mode -> k -> (mean, std)
     seconds: float
     sweep_seconds: float  # the masked forwards alone (pass over the evaluation images)
@@ -339,6 +352,39 @@ def _open_store(cfg: Config, layer: int, model_name: str, pretrained: str) -> Ac
     return store
 
 
+def correction_shift(cfg: Config, sae: SAE, store: ActivationStore | None,
+                     layer: int) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The vector added to every splice without the error term (raw units, on the SAE's device), and its record."""
+    correction = splice.Correction.parse(cfg.splice_correction)
+    d, device = sae.config.d_in, sae.W_dec.device
+    if correction.kind == "none":
+        return None, {"kind": "none"}
+    if correction.kind == "constant":
+        return torch.full((d,), correction.value, dtype=torch.float32, device=device), {"kind": "constant",
+                                                                                         "value": correction.value}
+    stored = load_mean_error(cfg.sae_dir)
+    if stored is not None:
+        shift_D, info = stored.mean_error_D, {"source": f"{MEAN_ERROR_NAME} of the SAE folder",
+                                               "n_tokens": stored.n_tokens, "token_kind": stored.token_kind,
+                                               "cache_config_sha256": stored.cache_config_sha256}
+    elif store is None or cfg.adapter is not None:
+        raise UserError(f"the SAE in {cfg.sae_dir} has no {MEAN_ERROR_NAME} (trained before it was stored): pass "
+                        "--cache with the base model's store to measure it there, or --splice-correction none")
+    else:
+        tokens = TokenLoader(store, LoaderConfig(layer=layer, token_kind=sae.config.token_kind), split="all")
+        b = min(8192, MEAN_ERROR_TOKENS, tokens.tokens_per_epoch)  # whole batches within one epoch: no token twice
+        loader = TokenLoader(store, LoaderConfig(layer=layer, batch_tokens=b, token_kind=sae.config.token_kind),
+                             split="all")
+        n_batches = min(MEAN_ERROR_TOKENS, loader.tokens_per_epoch) // b
+        batches = (x.float() for x, _ in zip(loader.batches(0), range(n_batches)))
+        shift_D, n = mean_error(sae, batches)
+        info = {"source": f"measured on the store {store.path}", "n_tokens": n, "token_kind": sae.config.token_kind,
+                "cache_config_sha256": store.config_sha256}
+    shift_D = shift_D.to(device, torch.float32)
+    return shift_D, {"kind": "mean_error", **info, "mean": float(shift_D.mean()),
+                     "mean_abs": float(shift_D.abs().mean())}
+
+
 def _holdout(valid: np.ndarray, n_probe: int, seed: int) -> np.ndarray:
     """Seeded random probe rows among the valid rows, ascending."""
     candidates = np.flatnonzero(valid)
@@ -375,6 +421,11 @@ def _run(cfg: Config) -> Outputs:
         if sae.config.cache_config_sha256 and sae.config.cache_config_sha256 != store.config_sha256:
             log.info("the SAE was trained on another store (config %s); masking %s with it",
                      sae.config.cache_config_sha256[:12], store.path)
+
+    shift_D, correction = correction_shift(cfg, sae, store, layer)
+    if shift_D is not None:
+        log.info("splice correction %s: %.4g on average per element (not with the error term)", cfg.splice_correction,
+                 float(shift_D.mean()))
 
     model = load_model(model_name, pretrained, device=device, dtype=cfg.dtype, init_seed=data["seed"])
     model.check_layers((layer,))
@@ -443,8 +494,8 @@ def _run(cfg: Config) -> Outputs:
     clip_correct_C, totals_C = score_rows(plain_logits, labels_all, eval_rows, n_classes)
     clip_acc = float(clip_correct_C.sum() / totals_C.sum())
     chance = 1.0 / n_classes
-    log.info("plain CLIP accuracy with the %s head: %.4f on %d images (chance %.4f)", head_kind, clip_acc,
-             len(eval_rows), chance)
+    log.info("plain CLIP accuracy with the %s head: %.4f (mean per-class recall %.4f) on %d images (chance %.4f)",
+             head_kind, clip_acc, scores.mean_recall(clip_correct_C, totals_C), len(eval_rows), chance)
     if model.pretrained != "none" and clip_acc <= 1.5 * chance:
         log.warning("plain CLIP is near chance (%.4f vs %.4f): check the class names and prompts "
                     "(--class-prompts, --templates) before reading anything into the masking results",
@@ -461,7 +512,7 @@ def _run(cfg: Config) -> Outputs:
     sweep_started = time.perf_counter()
     correct_MC, max_diff = sweep(source, model, sae, layer, eval_rows, variants, top_CK, random_sets, head,
                                  plain_logits, n_classes, batch_size=cfg.batch_size, tail_rows=cfg.tail_rows,
-                                 class_token_only=cfg.class_token_only, progress=cfg.progress)
+                                 class_token_only=cfg.class_token_only, progress=cfg.progress, shift_D=shift_D)
     sweep_seconds = time.perf_counter() - sweep_started
 
     results = masking.assemble(cfg.modes, cfg.ks, cfg.n_seeds, variants, correct_MC, totals_C, clip_correct_C, chance)
@@ -470,14 +521,17 @@ def _run(cfg: Config) -> Outputs:
     nonzero_C = (counts_CS > 0).sum(1)
     record = {
         "accuracy": results["accuracy"],
+        "mean_recall": results["mean_recall"],
         "random_per_seed": results["random_per_seed"],
         "n_images": int(len(eval_rows)), "n_classes": n_classes, "n_probe_images": int(len(probe_rows)),
         "layer": layer, "d_sae": d_sae, "source": source.kind, "clip_source": clip_source, "head": head_info,
         "checks": {"max_abs_logit_diff_sae_error_term_vs_clip": max_diff},
+        "splice_correction": correction,
         "top_latents": {"nonzero_latents_per_class": nonzero_C.tolist(),
                         "threshold": (stats.meta.get("config") or {}).get("threshold")},
         "class_names": class_names, "definitions": masking.DEFINITIONS,
-        "config": {"modes": list(cfg.modes), "ks": list(cfg.ks), "error_term": cfg.error_term, "n_seeds": cfg.n_seeds,
+        "config": {"modes": list(cfg.modes), "ks": list(cfg.ks), "error_term": cfg.error_term,
+                   "splice_correction": cfg.splice_correction, "n_seeds": cfg.n_seeds,
                    "random_seed": cfg.random_seed, "head": head_kind, "dataset": data, "model": model_name,
                    "pretrained": model.pretrained, "dtype": cfg.dtype, "class_token_only": cfg.class_token_only,
                    "adapter": maple.adapter_identity(cfg.adapter) if cfg.adapter is not None else None},
@@ -495,14 +549,17 @@ def _run(cfg: Config) -> Outputs:
     if cfg.plots:
         plot_path = masking.write_plot(cfg.out_dir, cfg.modes, cfg.ks, cfg.n_seeds, results["accuracy"], d_sae, chance,
                                        title=f"{model_name} layer {layer}, {data['dataset']} ({len(eval_rows)} "
-                                             f"images), {head_kind} head")
-    acc = results["accuracy"]
+                                             f"images), {head_kind} head", recall=results["mean_recall"])
+    acc, rec = results["accuracy"], results["mean_recall"]
     return Outputs(out_dir=cfg.out_dir, results_path=results_path, per_class_path=per_class_path,
                    plot_path=plot_path, source=source.kind,
                    head=head_kind, n_images=int(len(eval_rows)), n_classes=n_classes, layer=layer,
                    clip_accuracy=acc["clip"], sae_all_on_accuracy=acc["sae_all_on"],
                    sae_error_term_accuracy=acc["sae_error_term"],
                    accuracy={m: dict(acc[m]) for m in cfg.modes},
+                   mean_recall={key: rec[key] for key in ("clip", "sae_all_on", "sae_error_term")}
+                   | {m: dict(rec[m]) for m in cfg.modes},
+                   splice_correction=cfg.splice_correction,
                    random_accuracy={m: {k: (v["mean"], v["std"]) for k, v in acc.get(f"random_{m}", {}).items()}
                                     for m in cfg.modes if cfg.n_seeds},
                    seconds=time.perf_counter() - started, sweep_seconds=sweep_seconds)
@@ -512,12 +569,16 @@ def summary(out: Outputs) -> str:
     lines = [f"{out.head} head, {out.n_images} images, {out.n_classes} classes, layer {out.layer} "
              f"(tap from the {out.source}); sweep {out.sweep_seconds:.1f} s of {out.seconds:.1f} s",
              f"  plain CLIP {out.clip_accuracy:.4f}   SAE all on {out.sae_all_on_accuracy:.4f}   "
-             f"SAE + error term {out.sae_error_term_accuracy:.4f}"]
+             f"SAE + error term {out.sae_error_term_accuracy:.4f}"
+             + (f"   (splice correction {out.splice_correction})" if out.splice_correction != "none" else ""),
+             f"  mean per-class recall: plain CLIP {out.mean_recall['clip']:.4f}   SAE all on "
+             f"{out.mean_recall['sae_all_on']:.4f}   SAE + error term {out.mean_recall['sae_error_term']:.4f}"]
     for mode, row in out.accuracy.items():
         rand = out.random_accuracy.get(mode, {})
         cells = "  ".join(f"k={k}: {a:.3f}" + (f" (rand {rand[k][0]:.3f}±{rand[k][1]:.3f})" if k in rand else "")
                           for k, a in row.items())
         lines.append(f"  {mode:3s} {cells}")
+        lines.append(f"  {'':3s} mean recall " + "  ".join(f"k={k}: {r:.3f}" for k, r in out.mean_recall[mode].items()))
     lines.append(f"  -> {out.results_path}, {out.per_class_path}" + (f", {out.plot_path}" if out.plot_path else ""))
     lines.append(next_steps(f"open {out.plot_path or out.results_path}",
                             "pipeline remap --base BASE_MASK_DIR --adapted ADAPTED_MASK_DIR --out REMAP_DIR (base vs MaPLe)"))

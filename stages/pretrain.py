@@ -29,8 +29,8 @@ Folder ``out_dir`` (format version 1), every file written atomically (temporary 
   cumulative training seconds; self-contained, used to resume.
 - ``model.pt``: the model's state dict, an open_clip pretrained file:
   ``pipeline.models.load_model('tiny-clip', 'out_dir/model.pt')``.
-- ``metrics.json``, ``loss.png``: written at the end (zero-shot accuracy on the test split,
-  final loss, loss curve).
+- ``metrics.json``, ``loss.png``: written at the end (zero-shot accuracy and mean per-class
+  recall on the test split, final loss, loss curve).
 
 Rerunning the same config resumes from the last checkpoint (weights, optimizer, RNG and data
 position), bit-identical to an uninterrupted run on the same device and thread count; a
@@ -167,6 +167,7 @@ class Outputs:
     start_step: int  # step this call started from (0 = fresh, steps = nothing left to train)
     final_loss: float  # mean contrastive loss of the last FINAL_LOSS_STEPS steps
     accuracy: float  # zero-shot top-1 accuracy on the test split, fraction in [0, 1]
+    mean_recall: float  # zero-shot mean per-class recall (balanced accuracy) on the same images
     n_classes: int
     train_seconds: float  # training wall time summed over every call that trained this run
     seconds: float  # wall time of this call
@@ -283,13 +284,13 @@ def eval_record(cfg: Config, image_size: int, model_path: Path) -> dict[str, Any
 
 
 def evaluate(cfg: Config, model_path: Path, device: str) -> dict[str, Any]:
-    """Zero-shot accuracy of the checkpoint on ``cfg.eval_images`` test-split images."""
+    """Zero-shot accuracy and mean per-class recall of the checkpoint on ``cfg.eval_images`` test-split images."""
     loaded = load_model(cfg.model, str(model_path), device=device)
     world = WorldConfig(seed=cfg.seed, image_size=loaded.image_size, task=cfg.task, held_out=cfg.held_out)
     images = SyntheticWorld(world, n_images=cfg.eval_images, split="test", transform=loaded.preprocess)
     templates = zeroshot.TEMPLATE_SETS[cfg.templates]
-    accuracy = zeroshot.zero_shot_accuracy(loaded, images, images.class_names, templates, batch_size=256)
-    return {"accuracy": accuracy, "n_classes": images.n_classes, "chance": 1.0 / images.n_classes,
+    result = zeroshot.zero_shot_scores(loaded, images, images.class_names, templates, batch_size=256)
+    return {**result, "n_classes": images.n_classes, "chance": 1.0 / images.n_classes,
             "eval": eval_record(cfg, loaded.image_size, model_path)}
 
 
@@ -344,11 +345,13 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, wo
     metrics_path = out_dir / METRICS_NAME
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     final_loss = float(np.mean(losses[-FINAL_LOSS_STEPS:]))
-    if start_step < cfg.steps or metrics.get("eval") != eval_record(cfg, image_size, out_dir / MODEL_NAME):
+    if (start_step < cfg.steps or metrics.get("eval") != eval_record(cfg, image_size, out_dir / MODEL_NAME)
+            or "mean_recall" not in metrics):  # a run evaluated before mean recall was reported
         eval_started = time.perf_counter()
         result = evaluate(cfg, out_dir / MODEL_NAME, device)
         eval_seconds = time.perf_counter() - eval_started
-        metrics = {"accuracy": result["accuracy"], "n_classes": result["n_classes"], "chance": result["chance"],
+        metrics = {"accuracy": result["accuracy"], "mean_recall": result["mean_recall"],
+                   "n_classes": result["n_classes"], "chance": result["chance"],
                    "final_loss": final_loss, "first_loss": losses[0], "steps": cfg.steps,
                    "images_seen": cfg.steps * cfg.batch_size, "seconds": train_seconds + eval_seconds,
                    "train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -359,13 +362,15 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, wo
                     f"{cfg.model} on the synthetic world: batch {cfg.batch_size}, lr {cfg.lr:g}, "
                     f"positives: {cfg.positives}, zero-shot {100 * result['accuracy']:.1f}%",
                     ylabel="contrastive loss", window=FINAL_LOSS_STEPS)
-    log.info("zero-shot accuracy %.1f%% on %d test images (%d classes, chance %.1f%%)",
-             100 * metrics["accuracy"], cfg.eval_images, metrics["n_classes"], 100 * metrics["chance"])
+    log.info("zero-shot accuracy %.1f%% (mean per-class recall %.1f%%) on %d test images (%d classes, chance %.1f%%)",
+             100 * metrics["accuracy"], 100 * metrics["mean_recall"], cfg.eval_images, metrics["n_classes"],
+             100 * metrics["chance"])
     return Outputs(out_dir=out_dir, model_path=out_dir / MODEL_NAME, trainer_state_path=trainer_path,
                    config_path=out_dir / CONFIG_NAME, metrics_path=metrics_path, plot_path=out_dir / PLOT_NAME,
                    live_dir=cfg.live_dir,
                    steps=cfg.steps, start_step=start_step, final_loss=final_loss,
-                   accuracy=float(metrics["accuracy"]), n_classes=int(metrics["n_classes"]),
+                   accuracy=float(metrics["accuracy"]), mean_recall=float(metrics["mean_recall"]),
+                   n_classes=int(metrics["n_classes"]),
                    train_seconds=train_seconds, seconds=time.perf_counter() - started)
 
 
@@ -427,7 +432,8 @@ def summary(out: Outputs) -> str:
     if out.start_step == out.steps:
         resumed = " (already trained)"
     return (f"trained {out.steps} steps{resumed}: final loss {out.final_loss:.3f}, "
-            f"zero-shot accuracy {100 * out.accuracy:.1f}% on {out.n_classes} classes "
+            f"zero-shot accuracy {100 * out.accuracy:.1f}% (mean per-class recall {100 * out.mean_recall:.1f}%) "
+            f"on {out.n_classes} classes "
             f"(chance {100 / out.n_classes:.1f}%), training {out.train_seconds:.1f} s, this run {out.seconds:.1f} s\n"
             f"  checkpoint {out.model_path}  (metrics {out.metrics_path.name}, curve {out.plot_path.name})\n"
             + next_steps(f"pipeline extract --dataset synthetic --model MODEL --pretrained {out.model_path} "

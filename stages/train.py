@@ -3,7 +3,9 @@
 Resumable: a checkpoint (weights, optimiser, step, firing counters, RNG) is written every
 ``checkpoint_every`` steps; the token stream is a pure function of the start token, so a
 rerun after a kill continues with exactly the batches the uninterrupted run would have seen.
-Metrics are computed in the store's original units on held-out images.
+Metrics are computed in the store's original units on held-out images. The SAE's mean
+reconstruction error E[x − x̂] on training tokens is stored with it (``mean_error.safetensors``)
+for the masking stage's splice correction.
 """
 
 from __future__ import annotations
@@ -39,11 +41,18 @@ from pipeline.sae import (
     estimate_norm_scale,
     evaluate,
     load_trainer,
+    mean_error,
     save_sae,
     save_training_state,
 )
 from pipeline.sae.io import CONFIG_NAME as SAE_CONFIG_NAME
-from pipeline.sae.io import TRAINER_NAME, WEIGHTS_NAME
+from pipeline.sae.io import (
+    MEAN_ERROR_NAME,
+    TRAINER_NAME,
+    WEIGHTS_NAME,
+    MeanError,
+    save_mean_error,
+)
 from pipeline.sae.trainer import TRAIN_STATE_VERSION
 from pipeline.threads import sized
 
@@ -54,7 +63,7 @@ HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
-SAE_FILES = (SAE_CONFIG_NAME, WEIGHTS_NAME)
+SAE_FILES = (SAE_CONFIG_NAME, WEIGHTS_NAME, MEAN_ERROR_NAME)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +100,7 @@ class Config:
     checkpoint_every: int = 500  # steps between checkpoints
     early_stop_patience: int | None = None  # stop after this many logs without validation FVU gain
     max_val_tokens: int = 200_000  # tokens used for each validation
+    mean_error_tokens: int = 200_000  # training tokens the stored mean reconstruction error is measured on
     overwrite: bool = False  # replace an SAE folder trained with other settings
     threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
     progress: bool = True  # show a progress bar
@@ -106,6 +116,8 @@ class Config:
             raise UserError(f"--expansion must be positive (got {self.expansion})")
         if self.max_val_tokens < 1:  # checked here: validation runs only after the whole training
             raise UserError(f"--max-val-tokens must be at least 1 (got {self.max_val_tokens})")
+        if self.mean_error_tokens < 1:
+            raise UserError(f"--mean-error-tokens must be at least 1 (got {self.mean_error_tokens})")
         if self.early_stop_patience is not None and self.early_stop_patience < 1:
             raise UserError(f"--early-stop-patience must be at least 1 (got {self.early_stop_patience}); "
                             "leave it out to train the whole --tokens budget")
@@ -254,6 +266,10 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
         live.end()
         on_checkpoint(trainer)
         save_sae(trainer.sae, cfg.out_dir)
+        n_err_tokens = min(cfg.mean_error_tokens, train_loader.tokens_per_epoch)
+        err_D, n_err = mean_error(trainer.sae, _on_device(train_loader.batches(0), device, n_err_tokens))
+        save_mean_error(cfg.out_dir, MeanError(mean_error_D=err_D, n_tokens=n_err, token_kind=cfg.token_kind,
+                                               cache_config_sha256=store.config_sha256))
         final = validate()
         train_dead = _windowed({"dead_fraction": float(trainer.firing.dead_fraction())}, trainer.firing.n_tokens,
                                cfg.dead_window_tokens, "run")["dead_fraction"]

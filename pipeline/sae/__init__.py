@@ -36,7 +36,7 @@ from pipeline.sae.losses import (
     mse,
     recon_loss_token_norm,
 )
-from pipeline.sae.metrics import DENSE_THRESHOLD, FiringCounter, RunningMetrics, evaluate
+from pipeline.sae.metrics import DENSE_THRESHOLD, FiringCounter, RunningMetrics, evaluate, mean_error
 from pipeline.sae.relu import ReLUConfig, ReLUSAE
 from pipeline.sae.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 from pipeline.sae.trainer import NonFiniteLossError, TrainConfig, Trainer
@@ -47,7 +47,7 @@ __all__ = [
     "BatchTopKConfig", "BatchTopKSAE", "geometric_median",
     "init_b_dec_", "normalize_decoder_", "remove_parallel_grad_", "auxk_loss",
     "ghost_grads_loss", "l1_penalty", "mse", "recon_loss_token_norm", "DENSE_THRESHOLD",
-    "FiringCounter", "RunningMetrics", "evaluate", "NonFiniteLossError", "Trainer",
+    "FiringCounter", "RunningMetrics", "evaluate", "mean_error", "NonFiniteLossError", "Trainer",
     "TrainConfig", "FORMAT_VERSION", "load_sae", "load_trainer", "read_sae_config",
     "save_sae", "save_training_state",
 ]

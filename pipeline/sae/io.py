@@ -13,6 +13,14 @@ Format version 1:
 - ``weights.safetensors``: the module's state dict (W_enc (D, S), b_enc (S,), W_dec (S, D),
   b_dec (D,), plus buffers such as BatchTopK's ``threshold``), in ``dtype``, normalised
   units. Its metadata repeats ``format_version`` and ``arch``.
+- ``mean_error.safetensors`` (optional, ``save_mean_error``; written by ``pipeline train``):
+  one tensor ``mean_error`` (D,) float32, the mean over training tokens of x − x̂ per
+  dimension in raw (cache) units, for the masking stage's ``mean_error`` splice correction.
+  Metadata: ``format_version``, ``weights_sha256`` (the sha256 of the ``weights.safetensors``
+  it was measured with; another is refused as stale), ``n_tokens``, ``token_kind``,
+  ``cache_config_sha256`` (the store it was measured on). Folders without it stay valid:
+  ``pipeline mask`` then measures it on its ``--cache`` store. Readers of an older version
+  of this list ignore the file.
 - ``trainer.pt`` (optional, ``save_training_state``): ``Trainer.state_dict()`` as a
   ``pipeline.runfiles`` trainer state (format ``TRAIN_STATE_VERSION``), self-contained
   (holds its own copy of the weights), for resuming.
@@ -25,13 +33,14 @@ Changing any of the above bumps ``FORMAT_VERSION``; other versions are refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from cache.atomic import write_json
@@ -45,6 +54,55 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
 TRAINER_NAME = "trainer.pt"
+MEAN_ERROR_NAME = "mean_error.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanError:
+    """The SAE's mean reconstruction error E[x − x̂] per dimension (raw units) and where it was measured."""
+
+    mean_error_D: torch.Tensor
+    n_tokens: int
+    token_kind: str
+    cache_config_sha256: str
+
+
+def weights_sha256(dir_path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint folder's weights file (the identity a mean error is measured with)."""
+    digest = hashlib.sha256()
+    with open(Path(dir_path) / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_mean_error(dir_path: str | os.PathLike, mean: MeanError) -> Path:
+    """Write ``mean_error.safetensors`` beside the weights it was measured with."""
+    dir_path = Path(dir_path)
+    metadata = {"format_version": str(FORMAT_VERSION), "weights_sha256": weights_sha256(dir_path),
+                "n_tokens": str(mean.n_tokens), "token_kind": mean.token_kind,
+                "cache_config_sha256": mean.cache_config_sha256}
+    save_tensors(dir_path / MEAN_ERROR_NAME, {"mean_error": mean.mean_error_D.detach().float().cpu().contiguous()},
+                 metadata)
+    return dir_path / MEAN_ERROR_NAME
+
+
+def load_mean_error(dir_path: str | os.PathLike) -> MeanError | None:
+    """The folder's stored mean error, or None when it has none; refuses one measured with other weights."""
+    path = Path(dir_path) / MEAN_ERROR_NAME
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensor = f.get_tensor("mean_error")
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is unreadable ({exc}): delete it; `pipeline mask --cache` measures it again") from exc
+    if meta.get("weights_sha256") != weights_sha256(dir_path):
+        raise UserError(f"{path} was measured with other weights than {dir_path / WEIGHTS_NAME}: delete it, "
+                        "`pipeline mask --cache` measures it again")
+    return MeanError(mean_error_D=tensor, n_tokens=int(meta["n_tokens"]), token_kind=meta["token_kind"],
+                     cache_config_sha256=meta["cache_config_sha256"])
 
 
 def save_sae(sae: SAE, dir_path: str | os.PathLike) -> Path:

@@ -207,3 +207,26 @@ def evaluate(
     out["dense_fraction"] = firing.dense_fraction().item()
     out["window_tokens"] = float(window)
     return out
+
+
+@torch.inference_mode()
+def mean_error(sae: SAE, batches: Iterable[Tensor]) -> tuple[Tensor, int]:
+    """(E[x − x̂] per dimension in raw units, float32 (D,); tokens seen) over raw-unit batches.
+
+    Eval mode (restored afterwards), as at inference; accumulated in float64.
+    """
+    was_training = sae.training
+    sae.eval()
+    total_D = torch.zeros(sae.config.d_in, dtype=torch.float64, device=sae.W_dec.device)
+    n = 0
+    try:
+        for x_BD in batches:
+            x_BD = x_BD.to(sae.W_dec.device, torch.float32)
+            x_hat_BD, _ = sae(x_BD)
+            total_D += (x_BD - x_hat_BD.float()).sum(0, dtype=torch.float64)
+            n += x_BD.shape[0]
+    finally:
+        sae.train(was_training)
+    if n == 0:
+        raise UserError("no tokens to measure the SAE's mean reconstruction error on; check the store")
+    return (total_D / n).float(), n

@@ -179,3 +179,68 @@ def test_random_sets_are_seeded_and_nested():
     assert (a == random_latents(2, 3, 50, 10, seed=4)).all()
     assert not (a[0] == a[1]).all()
     assert all(len(set(row)) == 10 for row in a.reshape(-1, 10).tolist())
+
+
+# ---------------------------------------------------------------------------------------
+# The splice correction
+
+
+def _biased_sae(d: int, layer: int, offset_D: torch.Tensor):
+    """An SAE whose reconstruction is x + offset exactly: latents relu(x + o) and relu(-x - o), decoded ±1."""
+    sae = build(ReLUConfig(d_in=d, d_sae=2 * d, layer=layer), seed=0)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.copy_(torch.cat([offset_D, -offset_D]))
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def test_correction_parses_and_prints():
+    assert str(splice.Correction.parse("none")) == "none"
+    assert str(splice.Correction.parse(" Mean_Error ")) == "mean_error"
+    assert splice.Correction.parse("constant:0.105131256516992").value == -splice.REFERENCE_SAE_BIAS
+    assert str(splice.Correction.parse("constant:-2")) == "constant:-2.0"
+    for bad in ("median", "constant", "constant:x", "mean_error:1", "constant:nan"):
+        with pytest.raises(splice.UserError):
+            splice.Correction.parse(bad)
+
+
+def test_constant_correction_adds_the_constant_and_none_changes_nothing():
+    sae = _random_sae(16, 40, 0, norm_scale=1.3)
+    enc = _encoded(sae)
+    idx_BK = torch.tensor([[0, 3], [7, 9]])
+    c_D = torch.full((16,), 0.105131256516992)
+    for mode, idx in [("on", None), ("off", None), ("on", idx_BK), ("off", idx_BK)]:
+        xhat = splice.masked_reconstruction(sae, enc, mode, idx)
+        assert splice.splice_input(enc, xhat, error_term=False) is xhat  # none: today's tensor, untouched
+        assert torch.equal(splice.splice_input(enc, xhat, error_term=False, shift_D=c_D), xhat + 0.105131256516992)
+        # With the error term the correction is not added: the actual error is already there.
+        assert torch.equal(splice.splice_input(enc, xhat, error_term=True, shift_D=c_D),
+                           splice.splice_input(enc, xhat, error_term=True))
+    x = 2.0 * torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(splice.spliced_residual(sae, x, shift_D=c_D), sae.decode(sae.encode(x.reshape(10, 16)))
+                       .reshape(2, 5, 16) + 0.105131256516992)
+
+
+def test_mean_error_correction_brings_a_biased_sae_back_to_plain_clip(tiny):
+    from pipeline.sae import mean_error
+
+    layer = 1
+    offset_D = 0.5 + 0.2 * torch.randn(tiny.width, generator=torch.Generator().manual_seed(3))  # systematic bias
+    sae = _biased_sae(tiny.width, layer, offset_D)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        x_BTD = splice.tap_forward(tiny.visual, images, layer)
+        err_D, n = mean_error(sae, [x_BTD.reshape(-1, tiny.width)])
+        assert n == 4 * tiny.n_tokens
+        torch.testing.assert_close(err_D, -offset_D, rtol=0, atol=1e-5)
+        plain_BE = splice.finish_forward(tiny.visual, x_BTD, layer)
+        none_BE = splice.spliced_features(tiny.visual, sae, layer, x_BTD)
+        fixed_BE = splice.spliced_features(tiny.visual, sae, layer, x_BTD, shift_D=err_D)
+    gap_none = float((none_BE - plain_BE).abs().max())
+    gap_fixed = float((fixed_BE - plain_BE).abs().max())
+    assert gap_none > 0.4 and gap_fixed < 1e-5, (gap_none, gap_fixed)
+    cos_none = float(F.cosine_similarity(none_BE, plain_BE).min())
+    assert cos_none < 0.98 and float(F.cosine_similarity(fixed_BE, plain_BE).min()) > 0.99999

@@ -121,11 +121,12 @@ def test_zero_shot_logits_are_100_times_cosine():
     torch.testing.assert_close(zeroshot.zero_shot_logits(image_BE, W_CE), expected)
 
 
-def test_zero_shot_accuracy_matches_a_manual_loop(tiny_checkpoint):
+def test_zero_shot_scores_match_a_manual_loop(tiny_checkpoint):
     model = load_model(TINY_CLIP, str(tiny_checkpoint))
     world = SyntheticWorld(WorldConfig(seed=3), n_images=40, split="test", transform=model.preprocess)
     names, templates = world.class_names, zeroshot.WORLD_TEMPLATES
-    accuracy = zeroshot.zero_shot_accuracy(model, world, names, templates, batch_size=16)
+    result = zeroshot.zero_shot_scores(model, world, names, templates, batch_size=16)
+    accuracy = result["accuracy"]
     W_CE = zeroshot.text_classifier(model.model, open_clip.get_tokenizer(TINY_CLIP), names, templates, "cpu")
     with torch.inference_mode():
         images = torch.stack([world[i][0] for i in range(len(world))])
@@ -133,6 +134,8 @@ def test_zero_shot_accuracy_matches_a_manual_loop(tiny_checkpoint):
     labels = torch.tensor([world.label(i) for i in range(len(world))])
     assert accuracy == pytest.approx((predicted == labels).float().mean().item())
     assert 0.0 <= accuracy <= 1.0
+    recalls = [(predicted[labels == c] == c).float().mean().item() for c in labels.unique().tolist()]
+    assert result["mean_recall"] == pytest.approx(sum(recalls) / len(recalls))
 
 
 def test_cache_hit_returns_identical_weights_and_miss_on_other_names(tiny_checkpoint, tmp_path, monkeypatch):

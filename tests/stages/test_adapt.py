@@ -94,6 +94,12 @@ def test_run_folder_and_rerun_does_not_train_again(random_run):
     assert config["data"]["shots"] == 4 and config["data"]["n_images"] == 16 and config["training"]["lr"] == 0.01
     metrics = json.loads(out.metrics_path.read_text())
     assert metrics["adapted_accuracy"] == out.adapted_accuracy and metrics["eval"]["n_images"] == 16
+    for head in ("base", "probe", "adapted"):  # the mean of the per-class accuracies beside the micro accuracy
+        per_class = [c[head] for c in metrics["per_class"].values() if c["n_images"]]
+        assert metrics[f"{head}_mean_recall"] == pytest.approx(sum(per_class) / len(per_class))
+        assert getattr(out, f"{head}_mean_recall") == metrics[f"{head}_mean_recall"]
+        weighted = sum(c[head] * c["n_images"] for c in metrics["per_class"].values() if c["n_images"]) / 16
+        assert metrics[f"{head}_accuracy"] == pytest.approx(weighted)
     assert metrics["steps"] == out.steps == 12 and len(torch.load(out.out_dir / adapt.TRAINER_NAME)["losses"]) == 12
     assert out.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = out.prompts_path.stat().st_mtime_ns

@@ -251,6 +251,15 @@ def test_refuses_a_dataset_with_other_classes(world, tmp_path):
     assert_one_line_error(code, out, "do not match those of", "3 classes vs 20")
 
 
+def test_refuses_a_bad_splice_correction_and_an_unmeasurable_mean_error(world, tmp_path):
+    code, out = _cli(*_base_args(world, tmp_path / "m"), "--cache", world["store"], "--splice-correction", "median")
+    assert_one_line_error(code, out, "unknown splice correction 'median'")
+    code, out = _cli(*_base_args(world, tmp_path / "m"), "--dataset", "synthetic", "--limit", "48",
+                     "--splice-correction", "mean_error")  # no stored mean error and no store to measure it on
+    assert_one_line_error(code, out, "has no mean_error.safetensors", "--cache")
+    assert not (tmp_path / "m" / masking.RESULTS_FILE).exists()
+
+
 def test_refuses_bad_k_and_a_store_without_the_layer(world, tmp_path):
     args = _base_args(world, tmp_path / "m")
     args[args.index("--k") + 1] = "1,zero"
@@ -262,3 +271,57 @@ def test_refuses_bad_k_and_a_store_without_the_layer(world, tmp_path):
     code, out = _cli(*_base_args(world, tmp_path / "m"), "--cache", other)
     assert_one_line_error(code, out, "holds layers [1], not the SAE's layer 2")
     assert not (tmp_path / "m").exists()
+
+
+def test_splice_correction_mean_error_restores_a_biased_sae_and_every_table_has_mean_recall(tmp_path):
+    from pipeline.sae.io import MEAN_ERROR_NAME, MeanError, load_mean_error, save_mean_error
+
+    store_dir = _planted(tmp_path / "planted")[0]
+    store = ActivationStore(store_dir, mode="r")
+    d = store.d_model
+    sae = _random_sae(store, d_sae=2 * d, norm_scale=1.0)
+    offset_D = 3.0 * torch.randn(d, generator=torch.Generator().manual_seed(1))  # a large systematic bias
+    eye = torch.eye(d)
+    with torch.no_grad():  # x_hat = x + offset exactly: latents relu(x + o) and relu(-x - o), decoded as ±1
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.copy_(torch.cat([offset_D, -offset_D]))
+        sae.b_dec.zero_()
+    sae_dir, stats_dir = _sae_stats(tmp_path, store_dir, sae)
+    common = dict(sae_dir=sae_dir, stats_dir=stats_dir, cache_dir=store_dir, model=TINY, pretrained="none",
+                  ks=(1, "all"), n_seeds=2, device="cpu", progress=False, plots=False, probe_images=30)
+    runs = {c: mask.run(mask.Config(out_dir=tmp_path / c.replace(":", "_"), splice_correction=c, **common))
+            for c in ("none", "constant:0.0", "mean_error")}
+    records = {c: json.loads(o.results_path.read_text()) for c, o in runs.items()}
+    # none is today's sweep; adding 0.0 changes no bit.
+    assert records["none"]["accuracy"] == records["constant:0.0"]["accuracy"]
+    assert records["none"]["splice_correction"] == {"kind": "none"}
+    assert records["constant:0.0"]["config"]["splice_correction"] == "constant:0.0"
+    # The SAE folder had no mean error: it was measured on the store (every token of its 60 images), and is -offset.
+    fixed = records["mean_error"]["splice_correction"]
+    assert fixed["kind"] == "mean_error" and fixed["source"].startswith("measured on the store")
+    assert fixed["n_tokens"] == 60 * store.n_tokens
+    assert fixed["mean"] == pytest.approx(-float(offset_D.mean()), abs=1e-3)
+    acc = {c: r["accuracy"] for c, r in records.items()}
+    assert acc["none"]["clip"] == 1.0 and acc["none"]["sae_all_on"] == pytest.approx(11 / 30)  # the bias breaks it
+    assert acc["mean_error"]["sae_all_on"] == acc["mean_error"]["clip"]  # ... the correction restores it
+    assert acc["mean_error"]["sae_error_term"] == acc["none"]["sae_error_term"] == acc["none"]["clip"]
+    # A stored mean error is used as it is.
+    save_mean_error(sae_dir, MeanError(mean_error_D=-offset_D, n_tokens=7, token_kind="all",
+                                       cache_config_sha256=store.config_sha256))
+    assert load_mean_error(sae_dir).n_tokens == 7
+    again = json.loads(mask.run(mask.Config(out_dir=tmp_path / "stored", splice_correction="mean_error", **common))
+                       .results_path.read_text())
+    assert again["splice_correction"]["source"] == f"{MEAN_ERROR_NAME} of the SAE folder"
+    assert again["splice_correction"]["n_tokens"] == 7
+    # Every accuracy has its mean per-class recall beside it, computed from the same per-class counts.
+    rec = records["none"]["mean_recall"]
+    assert set(rec) == set(acc["none"]) - {"chance"}
+    with open(tmp_path / "none" / masking.PER_CLASS_FILE) as f:
+        rows = [r for r in csv.DictReader(f) if r["variant"] == "sae_all_on" and int(r["n_images"])]
+    assert rec["sae_all_on"] == pytest.approx(np.mean([int(r["n_correct"]) / int(r["n_images"]) for r in rows]))
+    assert set(rec["on"]) == {"1", "all"} and set(rec["random_off"]["1"]) == {"mean", "std"}
+    assert runs["none"].mean_recall["clip"] == rec["clip"]
+    flat = masking.read_accuracies(runs["none"].results_path, records["none"]["provenance"]["sae_weights_sha256"],
+                                   records["none"]["class_names"], "base")["accuracy"]
+    assert flat["mean_recall_on_k1"] == rec["on"]["1"] and flat["on_k1"] == acc["none"]["on"]["1"]

@@ -68,6 +68,7 @@ def test_run_folder_contents(short_run):
     assert config["training"]["batch_size"] == 64 and config["training"]["model"] == "tiny-clip"
     metrics = json.loads(short_run.metrics_path.read_text())
     assert metrics["accuracy"] == short_run.accuracy and metrics["steps"] == 60
+    assert metrics["mean_recall"] == short_run.mean_recall and 0 < short_run.mean_recall <= 1
     assert metrics["eval"]["split"] == "test" and metrics["eval"]["n_images"] == 200
     assert metrics["seconds"] >= metrics["train_seconds"] > 0
     assert short_run.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

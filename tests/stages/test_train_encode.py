@@ -233,3 +233,29 @@ def test_encode_refuses_an_sae_of_another_layer(planted, tmp_path):
     (cfg.out_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="trained on layer 5, which .* does not hold"):
         encode.run(encode.Config(cache_dir=store_dir, sae_dir=cfg.out_dir, out_dir=tmp_path / "c", device="cpu"))
+
+
+def test_the_mean_reconstruction_error_is_stored_with_the_sae(planted, tmp_path):
+    from cache.loader import TokenLoader
+    from pipeline.sae.io import MEAN_ERROR_NAME, load_mean_error, save_sae
+
+    cfg = _cfg(planted[0], tmp_path / "err", total_tokens=256 * 30, mean_error_tokens=5000)
+    out = train_stage.run(cfg)
+    stored = load_mean_error(out.sae_dir)
+    sae = load_sae(out.sae_dir)
+    assert stored.n_tokens == 5120 and stored.token_kind == "all"  # whole 256-token batches, at least 5000
+    assert stored.cache_config_sha256 == ActivationStore(planted[0], mode="r").config_sha256
+    # By hand: the same training tokens, x - x_hat averaged per dimension.
+    loader = TokenLoader(ActivationStore(planted[0], mode="r"), train_stage.LoaderConfig(
+        layer=0, batch_tokens=256, val_fraction=0.1, seed=0), split="train")
+    x_ND = torch.cat([x.float() for x, _ in zip(loader.batches(0), range(20))])
+    with torch.no_grad():
+        want_D = (x_ND - sae(x_ND)[0]).double().mean(0).float()
+    torch.testing.assert_close(stored.mean_error_D, want_D, rtol=0, atol=1e-6)
+    assert stored.mean_error_D.abs().max() > 1e-4  # a real, non-zero bias of this short run
+    # Measured with these weights only: new weights make it stale, refused in one line.
+    with torch.no_grad():
+        sae.b_dec.add_(1.0)
+    save_sae(sae, out.sae_dir)
+    with pytest.raises(UserError, match=f"{MEAN_ERROR_NAME} was measured with other weights"):
+        load_mean_error(out.sae_dir)
