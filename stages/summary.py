@@ -43,7 +43,7 @@ DEFINITIONS = {
                                               "pooled over classes (stages/remap.py; the paper's Table 1)",
     "base_accuracy, adapted_accuracy": "accuracy on the dataset's test images of the base model (zero-shot) and of "
                                        "the MaPLe-adapted model (stages/adapt.py)",
-    "*_recall": "the same predictions scored by mean per-class recall (balanced accuracy)",
+    "*_mean_recall": "the same predictions scored by mean per-class recall (balanced accuracy)",
     "clip, sae_all_on": "masking stage: plain CLIP, and CLIP with the SAE reconstruction spliced in, all latents on",
     "drop_off_k": "sae_all_on minus the accuracy with each image's class's top-k latents switched off",
     "drop_random_off_k": "sae_all_on minus the mean accuracy with k random latents switched off (the baseline)",
@@ -98,7 +98,7 @@ def row(metrics_dir: Path, dataset: str, layer: int, ks: tuple[int, ...]) -> dic
     out: dict[str, Any] = {g: remap["overall"].get(g) for g in GROUPS}
     out["n_relevant"] = remap.get("n_relevant")
     out["base_accuracy"], out["adapted_accuracy"] = adapt["base_accuracy"], adapt["adapted_accuracy"]
-    for key in ("base_recall", "adapted_recall"):  # mean per-class recall, where the stage reports it
+    for key in ("base_mean_recall", "adapted_mean_recall"):  # where the stage reports it
         if adapt.get(key) is not None:
             out[key] = adapt[key]
     out["clip"], out["sae_all_on"] = acc["clip"], acc["sae_all_on"]

@@ -19,7 +19,7 @@ def _publish(metrics: Path, dataset: str, layer: int, seed: float) -> None:
         path.write_text(json.dumps(record))
 
     put(summary.ADAPT_FILE.format(dataset=dataset), {"base_accuracy": 0.5 + seed, "adapted_accuracy": 0.8 + seed,
-                                                     "base_recall": 0.4 + seed, "adapted_recall": 0.7 + seed})
+                                                     "base_mean_recall": 0.4 + seed, "adapted_mean_recall": 0.7 + seed})
     acc = {"clip": 0.9, "sae_all_on": 0.85 - seed, "off": {"10": 0.6 - seed, "50": 0.3, "all": 0.05},
            "on": {"10": 0.4}, "random_off": {"10": {"mean": 0.84, "std": 0.01}, "50": {"mean": 0.8, "std": 0.02}}}
     put(summary.MASKING_FILE.format(dataset=dataset, layer=layer), {"accuracy": acc})
@@ -37,7 +37,7 @@ def test_each_row_is_the_published_numbers(tmp_path):
     rows = json.loads(out.results_path.read_text())["datasets"]
     texture = rows["synthetic-texture"]["layer3"]
     assert texture["high_high"] == pytest.approx(0.61) and texture["low_high"] == pytest.approx(0.14)
-    assert texture["base_accuracy"] == pytest.approx(0.51) and texture["adapted_recall"] == pytest.approx(0.71)
+    assert texture["base_accuracy"] == pytest.approx(0.51) and texture["adapted_mean_recall"] == pytest.approx(0.71)
     assert texture["drop_off_10"] == pytest.approx((0.85 - 0.01) - (0.6 - 0.01))
     assert texture["drop_off_50"] == pytest.approx(0.84 - 0.3)
     assert texture["drop_random_off_50"] == pytest.approx(0.84 - 0.8)
