@@ -20,6 +20,7 @@ from pipeline import maple, masking, splice
 from pipeline.datasets import open_dataset
 from pipeline.latents import LatentStats
 from pipeline.models import load_model
+from pipeline.remap import normalised
 from pipeline.sae import ReLUConfig, build, load_sae, save_sae
 from pipeline.sources import image_source
 from pipeline.statistics import Plan, reference_maps, shard_partial
@@ -122,6 +123,8 @@ def test_stats_count_prompt_tokens_in_the_mean_and_counts_but_not_as_class_token
     np.testing.assert_array_equal(keep.class_counts().sum(0) - drop.class_counts().sum(0), extra_S)
     assert not np.allclose(column(drop.table, "mean_activation"), column(keep.table, "mean_activation"),
                            equal_nan=True)
+    norm_CS, images_C = normalised(keep, "tokens")  # remap: by the keep store's own 67 tokens per image
+    np.testing.assert_allclose(norm_CS * images_C[:, None] * (T_BASE + N_CTX), keep.class_counts())
 
 
 def test_shard_statistics_treat_prompt_tokens_as_neither_class_token_nor_patch():
