@@ -10,6 +10,7 @@ import numpy as np
 
 from cache import schema
 from cache.errors import DamagedShard
+from cache.layout import patch_slice
 from cache.space import human_bytes
 from cache.store import ActivationStore, _is_kind
 
@@ -186,10 +187,11 @@ def _sample_rows(store: ActivationStore, max_chunks: int) -> list[slice]:
 
 
 def token_norm_stats(store: ActivationStore, max_chunks: int = 16) -> dict[str, Any]:
-    """L2 norms of class vs patch tokens per layer on a sample, so outlier tokens show before training."""
+    """L2 norms of class, patch (and any prompt) tokens per layer on a sample, so outlier tokens show before
+    training."""
     layout = store.token_layout
     cls = layout.get("class_token_index")  # None for stores of single tokens (an imported (n, d) array)
-    n_prefix = int(layout["n_prefix_tokens"])
+    patches = patch_slice(layout, store.n_tokens)
     rows = _sample_rows(store, max_chunks)
     valid = store.valid
     out: dict[str, Any] = {}
@@ -201,10 +203,10 @@ def token_norm_stats(store: ActivationStore, max_chunks: int = 16) -> dict[str, 
             continue
         norms_NT = np.linalg.norm(acts_NTD, axis=2)
         kinds = {"class": norms_NT[:, int(cls)] if cls is not None else norms_NT[:, :0],
-                 "patches": norms_NT[:, n_prefix:].ravel()}
+                 "patches": norms_NT[:, patches].ravel(), "prompts": norms_NT[:, patches.stop:].ravel()}
         stats = {k: {"mean": float(v.mean()), "median": float(np.median(v)), "p99": float(np.percentile(v, 99)),
                      "max": float(v.max())} for k, v in kinds.items() if v.size}
-        mean_abs_D = np.abs(acts_NTD[:, n_prefix:]).mean(axis=(0, 1))
+        mean_abs_D = np.abs(acts_NTD[:, patches]).mean(axis=(0, 1))
         top = np.argsort(mean_abs_D)[::-1][:3]
         stats["outlier_dims"] = [{"dim": int(d), "mean_abs_over_median": float(mean_abs_D[d] / max(np.median(mean_abs_D), 1e-12))}
                                  for d in top]

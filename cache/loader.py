@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cache.errors import UserError
+from cache.layout import patch_slice
 from cache.store import ActivationStore
 
 TOKEN_KINDS = ("all", "patches", "cls")
@@ -56,7 +57,7 @@ def token_indices(store: ActivationStore, kind: str) -> slice:
             raise UserError(f"{store.path} records no class token; use --token-kind all or patches")
         cls = int(layout["class_token_index"])
         return slice(cls, cls + 1)
-    return slice(int(layout["n_prefix_tokens"]), store.n_tokens)
+    return patch_slice(layout, store.n_tokens)
 
 
 def split_rows(store: ActivationStore, val_fraction: float, seed: int) -> dict[str, np.ndarray]:

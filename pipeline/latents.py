@@ -55,9 +55,10 @@ LATENT_COLUMNS = (
 )
 
 DEFINITIONS: dict[str, str] = {
-    "image_activation": "a_ij = mean of f_j over all T tokens of image i (class token, any registers and "
-                        "the patches); variants: f_j on the class token alone (cls) and the maximum of f_j "
-                        "over the patch tokens (max_patch)",
+    "image_activation": "a_ij = mean of f_j over all T tokens of image i (class token, any registers, the "
+                        "patches and an adapted model's kept vision prompt tokens, as the paper's reference); "
+                        "variants: f_j on the class token alone (cls) and the maximum of f_j over the patch "
+                        "tokens (max_patch; prompt tokens are no patches)",
     "frequency": "fraction of the valid images with a_ij > 0 (likewise for the variants)",
     "mean_activation": "mean of a_ij over the valid images with a_ij > 0; empty for latents that never fire",
     "dead": "a_ij = 0 on every valid image (no token of any image activates the latent)",
@@ -74,8 +75,8 @@ DEFINITIONS: dict[str, str] = {
                  "that two such draws have different classes",
     "top_class": "the class with the largest p_c (ties: the class of the higher-ranked reference); "
                  "top_class_share is that p_c",
-    "class_counts": "counts[c, j] = number of tokens (all T tokens) of the valid images of class c with "
-                    "f_j > threshold (compared in the codes' float32 precision: a stored 0.2 is not above 0.2)",
+    "class_counts": "counts[c, j] = number of tokens (all T tokens, kept prompt tokens too) of the valid images of "
+                    "class c with f_j > threshold (compared in the codes' float32 precision: a stored 0.2 is not above 0.2)",
 }
 
 

@@ -23,9 +23,11 @@ After block ``depth − 1`` the prompt tokens go through the remaining blocks li
 Only the prompts are trained; their names are those of the official implementation, so
 its checkpoints (``prompt_learner.ctx`` …) load by name when the shapes fit.
 
-Taps of the adapted model return the base model's token positions only (class token,
-then the patches in row-major order) and drop the appended vision prompt tokens, so a
-store of the adapted model has the base layout and the base model's SAE encodes it.
+Taps of the adapted model return the base model's token positions (class token, then the
+patches in row-major order) and either drop the appended vision prompt tokens (a store of
+the base layout) or keep them after the patches (``keep_prompts``: the paper's reference
+encodes, counts and masks them like every other token, 197 + 2 = 199 for ViT-B/16 with
+n_ctx 2; ``token_layout`` records where they are). The base model's SAE encodes both.
 
 Adapter folder (written by ``pipeline adapt``): ``config.json`` whose ``adapter`` section
 records the method, ``n_ctx``, ``depth``, ``ctx_init``, the class names, the names the prompts
@@ -51,6 +53,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cache.errors import UserError, require_integers
+from cache.layout import with_prompt_tokens
 from pipeline.models import LoadedModel, file_sha256
 from pipeline.tensorfile import save_tensors
 
@@ -255,12 +258,15 @@ class AdaptedCLIP:
         return self.clip.logit_scale.exp() * image_BE @ F.normalize(text_CE, dim=-1).T
 
     @torch.inference_mode()
-    def tap(self, images_BRHW: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
-        """Residual stream after each requested block at the base model's positions, ``(B, T, D)``.
+    def tap(self, images_BRHW: Tensor, layers: Sequence[int], *, keep_prompts: bool = False) -> dict[int, Tensor]:
+        """Residual stream after each requested block at the base model's positions, ``(B, T, D)``, then,
+        with ``keep_prompts``, the vision prompt tokens (``(B, T + X, D)``); without, they are dropped.
 
-        The appended vision prompt tokens are dropped; the forward stops after the last block asked.
+        The forward stops after the last block asked.
         """
         full = self.tap_with_prompts(images_BRHW, layers)
+        if keep_prompts:
+            return {layer: torch.cat([x_BTD, prompts_BXD], dim=1) for layer, (x_BTD, prompts_BXD) in full.items()}
         return {layer: x_BTD for layer, (x_BTD, _) in full.items()}
 
     @torch.inference_mode()
@@ -403,6 +409,11 @@ def load_adapter(adapter_dir: Path, model: LoadedModel) -> AdaptedCLIP:
     prompts = prompts_from_state(read_prompts_file(prompts_path), prompts_path)
     prompts = prompts.to(device=model.device)
     return AdaptedCLIP(model.model, open_clip.get_tokenizer(model.name), prompts, config)
+
+
+def token_layout(model: LoadedModel, n_ctx: int, *, keep_prompts: bool) -> dict[str, Any]:
+    """The stored token layout of the adapted model: the base model's, plus the kept prompt tokens."""
+    return with_prompt_tokens(model.token_layout(), n_ctx) if keep_prompts else model.token_layout()
 
 
 def adapter_identity(adapter_dir: Path) -> dict[str, Any]:

@@ -11,8 +11,9 @@ The paper does not fully specify its grouping rule; this is the one used here (`
 2. Normalised per class and model, so that base and adapted are on one scale:
    ``max`` (default): v[c, j] = counts[c, j] / max over j' of counts[c, j'] (the class's most counted
    latent is 1); ``tokens``: v[c, j] = counts[c, j] / (images of class c x tokens per image), the
-   fraction of the class's tokens on which latent j is above the threshold. A class without counts
-   has v = 0.
+   fraction of the class's tokens on which latent j is above the threshold (tokens per image of
+   each model's own store: an adapted store that keeps MaPLe's prompt tokens counts them too, as
+   the paper's reference, so its T is the base T + n_ctx). A class without counts has v = 0.
 3. high: v >= tau_high; low: v <= tau_low (0 <= tau_low < tau_high <= 1).
 4. A latent is relevant for class c when it is high in either model. Each relevant latent is in
    exactly one group: high->high (high in both), high->low (high in base, low in adapted),
@@ -58,7 +59,8 @@ DEFINITIONS: dict[str, str] = {
     "normalise_max": "v[c, j] = counts[c, j] / max_j' counts[c, j'], per class and model (the class's most counted "
                      "latent is 1; 0 for a class without counts)",
     "normalise_tokens": "v[c, j] = counts[c, j] / (images of class c x tokens per image): the fraction of the class's "
-                        "tokens on which latent j is above the threshold",
+                        "tokens on which latent j is above the threshold (tokens per image of that model's store: "
+                        "an adapted store's kept prompt tokens count)",
     "high_low": "high: v >= tau_high; low: v <= tau_low",
     "relevant": "latent j is relevant for class c when it is high in the base or in the adapted model",
     "groups": "each relevant latent is in one group: high->high (high in both), high->low (high in base, low in "

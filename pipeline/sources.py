@@ -2,8 +2,9 @@
 
 Every source yields ``Batch``es of tapped residuals ``x_BTD`` with their labels (``batches``)
 and plain CLIP's final image embeddings (``plain_features``), so the sweep need not know
-which one it reads. An adapted (MaPLe) model's vision prompt tokens at the tap ride along in
-``prompts_BXD``: the SAE never sees them, the blocks after the tap do.
+which one it reads. An adapted (MaPLe) model's vision prompt tokens at the tap either ride
+along in ``prompts_BXD`` (dropped: the SAE never sees them, the blocks after the tap do) or
+follow the patches in ``x_BTD`` (kept: encoded and masked like every other token).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class Batch:
     labels: np.ndarray  # int64
     x_BTD: torch.Tensor | None = None  # tapped residuals (not filled by plain_features)
     images: torch.Tensor | None = None  # preprocessed images
-    prompts_BXD: torch.Tensor | None = None  # an adapted model's vision prompt tokens at the tap
+    prompts_BXD: torch.Tensor | None = None  # an adapted model's vision prompt tokens at the tap that the SAE does
+                                             # not see (none left when x_BTD keeps them)
 
 
 class CacheSource:
@@ -127,18 +129,22 @@ class ImageSource:
 class AdaptedImageSource(ImageSource):
     """Rows of a dataset through a MaPLe-adapted model.
 
-    The SAE sees the tap at the base model's positions (class token and patches); the
-    vision prompt tokens at the tap ride along in the batch and rejoin them for the blocks
-    after the tap (``AdaptedCLIP.finish``), unmasked.
+    Dropped prompt tokens: the SAE sees the tap at the base model's positions (class token
+    and patches); the vision prompt tokens ride along in the batch and rejoin them for the
+    blocks after the tap (``AdaptedCLIP.finish``), unmasked. Kept (``keep_prompts``): they
+    follow the patches in ``x_BTD``, so the SAE encodes them and every mask applies to them.
     """
 
-    def __init__(self, images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP, layer: int, workers: int):
+    def __init__(self, images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP, layer: int, workers: int,
+                 keep_prompts: bool = False):
         super().__init__(images, model, layer, workers)
-        self.adapted = adapted
+        self.adapted, self.keep_prompts = adapted, keep_prompts
 
     def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
         for images, rows_B, labels in self._loader(rows, batch_size):
             x_BTD, prompts_BXD = self.adapted.tap_with_prompts(images, (self.layer,))[self.layer]
+            if self.keep_prompts:
+                x_BTD, prompts_BXD = torch.cat([x_BTD, prompts_BXD], dim=1), prompts_BXD[:, :0]
             yield Batch(rows=rows_B, labels=labels, x_BTD=x_BTD.to(torch.float32), prompts_BXD=prompts_BXD)
 
     def plain_features(self, model: LoadedModel, rows: np.ndarray, batch_size: int, tail_rows: int,
@@ -150,9 +156,10 @@ class AdaptedImageSource(ImageSource):
 
 
 def image_source(images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP | None, layer: int,
-                  workers: int) -> ImageSource:
-    """The images through the base model, or through ``adapted`` when given."""
+                 workers: int, *, keep_prompts: bool = False) -> ImageSource:
+    """The images through the base model, or through ``adapted`` when given (its prompt tokens encoded and masked
+    with ``keep_prompts``)."""
     if adapted is None:
         return ImageSource(images, model, layer, workers)
-    return AdaptedImageSource(images, model, adapted, layer, workers)
+    return AdaptedImageSource(images, model, adapted, layer, workers, keep_prompts)
 

@@ -38,13 +38,15 @@ class Plan:
     d_sae: int  # S
     n_classes: int  # C
     class_token_index: int | None  # None when the tokens have no class token
-    n_prefix_tokens: int  # patches are tokens n_prefix_tokens .. T-1
+    n_prefix_tokens: int  # patches are tokens n_prefix_tokens .. T - n_prompt_tokens - 1
     top_k: int  # K
     threshold: float
+    n_prompt_tokens: int = 0  # an adapted model's vision prompt tokens kept after the patches: in the image mean and
+                              # the class counts (every token, as the paper's reference), never patches
 
     @property
     def n_patches(self) -> int:
-        return self.n_tokens - self.n_prefix_tokens
+        return self.n_tokens - self.n_prefix_tokens - self.n_prompt_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +162,8 @@ def shard_partial(codes: ShardCodes, labels_N: np.ndarray, valid_N: np.ndarray, 
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
     pair_key = key[starts]
     del key
-    val, patch = val[order], pos[order] >= plan.n_prefix_tokens
+    pos = pos[order]
+    val, patch = val[order], (pos >= plan.n_prefix_tokens) & (pos < plan.n_prefix_tokens + plan.n_patches)
     del order, pos
     pair_img, pair_lat = pair_key // s, pair_key % s
     del pair_key
@@ -212,14 +215,14 @@ def merge(parts: list[Partial], *, d_sae: int, top_k: int) -> Partial:
 
 def reference_maps(codes: ShardCodes, local_images: np.ndarray, latents: np.ndarray, *, plan: Plan) -> np.ndarray:
     """``(m, P)`` float32: f of latent ``latents[r]`` on each patch token of local image ``local_images[r]``."""
-    t, p0 = plan.n_tokens, plan.n_prefix_tokens
-    out = np.zeros((len(latents), plan.n_patches), np.float32)
+    t, p0, p = plan.n_tokens, plan.n_prefix_tokens, plan.n_patches
+    out = np.zeros((len(latents), p), np.float32)
     ptr = codes.token_ptr
     for i in np.unique(local_images):
         rows = np.flatnonzero(local_images == i)
-        lo, hi = ptr[i * t + p0], ptr[(i + 1) * t]
+        lo, hi = ptr[i * t + p0], ptr[i * t + p0 + p]
         idx = codes.indices[lo:hi]
-        patch = np.repeat(np.arange(t - p0), np.diff(ptr[i * t + p0:(i + 1) * t + 1]))
+        patch = np.repeat(np.arange(p), np.diff(ptr[i * t + p0:i * t + p0 + p + 1]))
         order = np.argsort(latents[rows])
         wanted = latents[rows][order]
         at = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)

@@ -4,14 +4,17 @@ Resumable: shards already marked done are skipped, so rerunning the same command
 crash finishes the store, and the result is bit-identical to an uninterrupted run.
 
 With ``adapter`` (a MaPLe folder from ``pipeline adapt``) the store holds the adapted model's
-activations under the same protocol and layout: the base model's token positions only (its
-appended vision prompt tokens are dropped), so the base model's SAE encodes it; the
-adapter's prompts sha256 is part of the store's config.
+activations under the same protocol: the base model's token positions, then, with
+``prompt_tokens: keep`` (the paper's reference), the n_ctx vision prompt tokens MaPLe appends
+(``token_layout.prompt_token_indices``); with ``drop`` they are left out and the store has the
+base layout. The base model's SAE encodes either; the adapter's prompts sha256 (and ``keep``)
+is part of the store's config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import logging
@@ -38,6 +41,8 @@ from pipeline.threads import in_share, sized, worker_share
 from pipeline.world import TASKS, held_out_of
 
 log = logging.getLogger(__name__)
+
+PROMPT_TOKENS = ("drop", "keep")
 
 Tap = Callable[[torch.Tensor, tuple[int, ...]], dict[int, torch.Tensor]]  # images_BRHW, layers -> acts_BTD per layer
 
@@ -69,7 +74,10 @@ class Config:
     images_per_chunk: int | None = None  # identity: rows per Zarr chunk (default: ~3 MB chunks)
     images_per_shard: int | None = None  # identity: rows per shard file (default: ~64 MB shards)
     adapter: Path | None = None  # identity: MaPLe adapter folder (pipeline adapt --out): store the adapted model's
-                                 # activations (the base model's token positions; the vision prompt tokens are dropped)
+                                 # activations at the base model's token positions (see --prompt-tokens)
+    prompt_tokens: Literal["drop", "keep"] = "drop"  # identity: with --adapter, keep MaPLe's vision prompt tokens after
+                                                     # the patches (the paper: encoded, counted and masked like every
+                                                     # token) or drop them (the base layout); no effect without one
     synthetic_task: str = "shape_colour"  # identity: synthetic dataset only: which attributes make the classes
                                           # (shape_colour, shape, colour, size, texture, background)
     allow_held_out: bool = False  # identity: synthetic dataset only: allow values the model's pretraining held out
@@ -90,6 +98,8 @@ class Config:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.workers < 0:
             raise UserError(f"--workers must be 0 or more (got {self.workers})")
+        if self.prompt_tokens not in PROMPT_TOKENS:
+            raise UserError(f"unknown --prompt-tokens '{self.prompt_tokens}'; use one of {', '.join(PROMPT_TOKENS)}")
         if self.synthetic_task not in TASKS:
             raise UserError(f"unknown --task '{self.synthetic_task}'; choose one of: {', '.join(TASKS)}")
         if self.dataset != "synthetic" and (self.synthetic_task != "shape_colour" or self.allow_held_out):
@@ -162,9 +172,17 @@ def _versions() -> dict[str, str]:
     return {n: importlib.metadata.version(n) for n in names}
 
 
+def keeps_prompts(cfg: Config) -> bool:
+    """True when the store holds the adapted model's vision prompt tokens."""
+    return cfg.adapter is not None and cfg.prompt_tokens == "keep"
+
+
 def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: int, shard: int) -> dict[str, Any]:
-    """The store's identity; ``adapter`` appears only for adapted models, so base stores keep their sha256."""
-    adapter = {"adapter": maple.adapter_identity(cfg.adapter)} if cfg.adapter is not None else {}
+    """The store's identity; ``adapter`` appears only for adapted models and ``prompt_tokens`` only when they are
+    kept, so base stores and adapted stores that drop them keep their sha256."""
+    adapted = {"adapter": maple.adapter_identity(cfg.adapter)} if cfg.adapter is not None else {}
+    if keeps_prompts(cfg):
+        adapted["prompt_tokens"] = "keep"
     return {
         "format_version": schema.FORMAT_VERSION,
         "dataset": images.name, "split": images.split, "root": images.root,
@@ -175,19 +193,23 @@ def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: in
         "images_per_chunk": chunk, "images_per_shard": shard,
         "preprocess": model.preprocess_cfg(),
         **({"world": images.world} if images.world is not None else {}),
-        **adapter,
+        **adapted,
     }
 
 
 def _adapter_attrs(cfg: Config) -> dict[str, Any] | None:
     if cfg.adapter is None:
         return None
+    stored = ("the base model's positions, then the appended vision prompt tokens (token_layout."
+              "prompt_token_indices)" if keeps_prompts(cfg) else
+              "the base model's positions only; the appended vision prompt tokens are dropped")
     return {**maple.adapter_identity(cfg.adapter), "dir": str(cfg.adapter.resolve()),
-            "stored_tokens": "the base model's positions only; the appended vision prompt tokens are dropped"}
+            "prompt_tokens": cfg.prompt_tokens, "stored_tokens": stored}
 
 
-def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
-    bytes_per_image = model.n_tokens * model.width * 2  # of one layer's array
+def _spec(cfg: Config, model: LoadedModel, images: ImageSet, layout: dict[str, Any]) -> StoreSpec:
+    n_tokens = int(layout["n_tokens"])
+    bytes_per_image = n_tokens * model.width * 2  # of one layer's array
     chunk, shard = plan_layout(bytes_per_image, len(images), images_per_chunk=cfg.images_per_chunk,
                                images_per_shard=cfg.images_per_shard)
     content = _content_config(cfg, model, images, chunk, shard)
@@ -197,7 +219,7 @@ def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
                             "d_model": model.width, "dtype": cfg.dtype,
                             "layer_convention": "block index, 0-based, residual-stream output",
                             "adapter": _adapter_attrs(cfg)},
-        schema.ATTR_TOKEN_LAYOUT: model.token_layout(),
+        schema.ATTR_TOKEN_LAYOUT: layout,
         schema.ATTR_PREPROCESS: model.preprocess_cfg(),
         schema.ATTR_DATASET: {"name": images.name, "split": images.split, "root": images.root,
                               "limit": cfg.limit, "seed": cfg.seed,
@@ -205,7 +227,7 @@ def _spec(cfg: Config, model: LoadedModel, images: ImageSet) -> StoreSpec:
         schema.ATTR_VERSIONS: _versions(),
         schema.ATTR_WRITER: writer_record("extract", cfg),
     }
-    return StoreSpec(layers=cfg.layers, n_tokens=model.n_tokens, d_model=model.width,
+    return StoreSpec(layers=cfg.layers, n_tokens=n_tokens, d_model=model.width,
                      image_ids=images.image_ids, class_names=images.class_names,
                      images_per_chunk=chunk, images_per_shard=shard, config=content, attrs=attrs)
 
@@ -230,7 +252,7 @@ def _fill_shard(model: LoadedModel, tap: Tap, batches: Iterator[Any], store: Act
     """Compute one shard from the next batches of ``batches`` (which never cross shards)."""
     sl = store.shard_slice(shard)
     n = sl.stop - sl.start
-    acts = {layer: np.empty((n, model.n_tokens, model.width), np.float16) for layer in layers}
+    acts = {layer: np.empty((n, store.n_tokens, model.width), np.float16) for layer in layers}
     labels_N = np.empty(n, np.int64)
     valid_N = np.empty(n, bool)
     row = 0
@@ -255,18 +277,23 @@ def _loader(model: LoadedModel, images: ImageSet, store: ActivationStore, shards
                       num_workers=workers, pin_memory=model.device.startswith("cuda"))
 
 
-def _open(cfg: Config) -> tuple[LoadedModel, ImageSet, Tap]:
-    """The model, the images and the tap: the base model's, or the adapted model's (base positions only)."""
+def _open(cfg: Config) -> tuple[LoadedModel, ImageSet, Tap, dict[str, Any]]:
+    """The model, the images, the tap (the base model's, or the adapted model's: base positions, then the prompt
+    tokens when kept) and the token layout it gives."""
     model = load_model(cfg.model, cfg.pretrained, device=cfg.device, dtype=cfg.dtype, init_seed=cfg.seed)
     model.check_layers(cfg.layers)
-    tap = maple.load_adapter(cfg.adapter, model).tap if cfg.adapter is not None else model.tap
+    tap, layout = model.tap, model.token_layout()
+    if cfg.adapter is not None:
+        adapted = maple.load_adapter(cfg.adapter, model)
+        tap = functools.partial(adapted.tap, keep_prompts=keeps_prompts(cfg))
+        layout = maple.token_layout(model, adapted.n_ctx, keep_prompts=keeps_prompts(cfg))
     images = open_dataset(cfg.dataset, root=cfg.root, split=cfg.split, transform=model.preprocess,
                           limit=cfg.limit, seed=cfg.seed, image_size=model.image_size, synthetic_task=cfg.synthetic_task,
                           held_out=held_out_of(cfg.pretrained), allow_held_out=cfg.allow_held_out)
-    return model, images, tap
+    return model, images, tap, layout
 
 
-_WORKER_CACHE: dict[str, tuple[LoadedModel, ImageSet, Tap]] = {}
+_WORKER_CACHE: dict[str, tuple[LoadedModel, ImageSet, Tap, dict[str, Any]]] = {}
 
 
 def extract_shard_task(cfg: Config, shard: int) -> int:
@@ -279,7 +306,7 @@ def extract_shard_task(cfg: Config, shard: int) -> int:
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         _WORKER_CACHE[key] = _open(cfg)
-    model, images, tap = _WORKER_CACHE[key]
+    model, images, tap, _ = _WORKER_CACHE[key]
     store = ActivationStore(cfg.out_dir)
     if store.done[shard]:
         return shard
@@ -315,16 +342,16 @@ def _run_dask(cfg: Config, store: ActivationStore, pending: list[int], bar: Prog
 def run(cfg: Config) -> Outputs:
     """Extract (or finish extracting) the store described by ``cfg``."""
     started = time.perf_counter()
-    model, images, tap = _open(cfg)
+    model, images, tap, layout = _open(cfg)
     _require_a_readable_image(images)
-    spec = _spec(cfg, model, images)
+    spec = _spec(cfg, model, images, layout)
     with StoreLock(cfg.out_dir), space.room_for(cfg.out_dir, spec.nbytes, resumes="the last complete shard"):
         store = create_or_resume(cfg.out_dir, spec, overwrite=cfg.overwrite)
         pending = store.incomplete_shards()
         n_pending = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in pending)
         announce("extract",
                  f"{store.n_images:,} images of {cfg.dataset} ({images.split}) through {cfg.model} ({cfg.pretrained}), "
-                 f"blocks {', '.join(map(str, cfg.layers))}, {model.n_tokens} tokens each",
+                 f"blocks {', '.join(map(str, cfg.layers))}, {spec.n_tokens} tokens each",
                  f"into {store.path}: {space.human_bytes(spec.nbytes)} in {store.n_shards} "
                  f"shard{'s' * (store.n_shards != 1)}; {n_pending:,} images to compute"
                  + already(store.n_images - n_pending, "stored"))
@@ -342,10 +369,10 @@ def run(cfg: Config) -> Outputs:
         if skipped:
             log.warning("%d unreadable images were skipped (rows marked invalid, listed in attrs '%s')",
                         len(skipped), schema.ATTR_SKIPPED)
-        bytes_written = n_pending * model.n_tokens * model.width * 2 * len(cfg.layers)
+        bytes_written = n_pending * spec.n_tokens * model.width * 2 * len(cfg.layers)
         norms = token_norm_stats(store)
     return Outputs(store_dir=store.path, n_images=store.n_images, n_computed=n_pending,
-                   n_skipped=len(skipped), n_tokens=store.n_images * model.n_tokens,
+                   n_skipped=len(skipped), n_tokens=store.n_images * spec.n_tokens,
                    layers=cfg.layers, bytes_written=bytes_written,
                    seconds=time.perf_counter() - started, stream_seconds=stream_seconds, norms=norms)
 

@@ -24,6 +24,7 @@ import numpy as np
 from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError, require_threads
+from cache.layout import n_prompt_tokens
 from cache.store import ActivationStore, StoreLock
 from pipeline import groundtruth as gt
 from pipeline.configs import Stage
@@ -124,6 +125,10 @@ def _run(cfg: Config) -> Outputs:
         gt.check_world(cfg.world, world.config)
     layout = dict(codes.attrs.get("token_layout") or store.token_layout)
     n_prefix = int(layout.get("n_prefix_tokens", 1))
+    if n_prompt_tokens(layout):
+        raise UserError(f"{store.path} keeps an adapted model's vision prompt tokens, which have no place in the "
+                        "attribute ground truth; pass the store of the base model (or one extracted with "
+                        "--prompt-tokens drop)")
     grid_hw = tuple(int(g) for g in layout["patch_grid"])
     if len(grid_hw) != 2 or grid_hw[0] * grid_hw[1] != codes.n_tokens - n_prefix:
         raise UserError(f"the token layout's patch grid {list(grid_hw)} does not match "

@@ -37,10 +37,13 @@ images. Before any masking, plain CLIP's accuracy with the head is computed and 
 An adapted model (``adapter``: a MaPLe folder from ``pipeline adapt``) is masked with the
 base model's SAE from images: the SAE sees the tap at the base model's token positions and
 the vision prompt tokens rejoin them, unmasked, for the blocks after the tap; the zero-shot
-head is the adapter's learned prompt per class. Its stores hold no prompt tokens, so they
-cannot serve the tap: with ``cache_dir`` (a store extracted with this adapter) the store
-only names the images, which are read and run up to the tap. An adapted store without
-its adapter, or another adapter's store, is refused.
+head is the adapter's learned prompt per class. With ``prompt_tokens: keep`` (the paper's
+reference) the SAE encodes the prompt tokens too and they are masked like every other token;
+the default follows the ``cache_dir`` store (``pipeline extract --prompt-tokens``), and a
+request that contradicts the store is refused. Either way the tap is recomputed from the
+images: with ``cache_dir`` (a store extracted with this adapter) the store only names the
+images, which are read and run up to the tap. An adapted store without its adapter, or
+another adapter's store, is refused.
 
 The masked forwards reuse the tapped residuals of an activation store when ``cache_dir``
 is given: only the blocks after the tap run (and no image is read). Otherwise images are
@@ -105,6 +108,9 @@ class Config:
                                    # after the tap (no images read)
     adapter: Path | None = None  # MaPLe adapter folder (pipeline adapt --out): mask the adapted model with the base
                                  # model's SAE (reads images: a --cache store of this adapter only names them)
+    prompt_tokens: Literal["drop", "keep"] | None = None  # with --adapter: the SAE encodes and masks MaPLe's vision
+                                                          # prompt tokens too (keep, the paper) or they pass the splice
+                                                          # unmasked (drop); default: the --cache store's, else drop
     dataset: str | None = None  # evaluation dataset (see pipeline.datasets); default: the store's
     root: str | None = None  # dataset root; default: the store's
     split: str | None = None  # evaluation split; default: the store's, else the dataset's default split
@@ -181,6 +187,8 @@ class Config:
             raise UserError(f"--layer must be a block index >= 0 (got {self.layer})")
         if self.cache_dir is None and self.dataset is None:
             raise UserError("give --dataset (with --root) to read images, or --cache STORE to reuse its activations")
+        if self.prompt_tokens not in (None, "drop", "keep"):
+            raise UserError(f"unknown --prompt-tokens '{self.prompt_tokens}'; use drop or keep")
         if self.adapter is not None and self.class_prompts is not None:
             raise UserError("--class-prompts does not apply with --adapter: the adapted model prompts the names "
                             "it was trained with")
@@ -346,6 +354,11 @@ def _open_store(cfg: Config, layer: int, model_name: str, pretrained: str) -> Ac
         what = "another adapter's" if stored_adapter else "the base model's"
         raise UserError(f"the store {store.path} holds {what} activations, not those of the adapter in {cfg.adapter}; "
                         f"pass the store extracted with --adapter {cfg.adapter}, or --dataset/--root without --cache")
+    stored_prompts = _stored_prompt_tokens(store)
+    if cfg.adapter is not None and cfg.prompt_tokens not in (None, stored_prompts):
+        raise UserError(f"--prompt-tokens {cfg.prompt_tokens} contradicts the store {store.path}, extracted with "
+                        f"--prompt-tokens {stored_prompts}; leave it out, or pass a store extracted with "
+                        f"--prompt-tokens {cfg.prompt_tokens}")
     if m.get("name") != model_name or str(m.get("pretrained", "")).lower() != _pretrained_id(pretrained).lower():
         raise UserError(f"the store {store.path} holds activations of {m.get('name')}/{m.get('pretrained')}, not "
                         f"{model_name}/{_pretrained_id(pretrained)}; pass that model or a store of this one")
@@ -383,6 +396,20 @@ def correction_shift(cfg: Config, sae: SAE, store: ActivationStore | None,
     shift_D = shift_D.to(device, torch.float32)
     return shift_D, {"kind": "mean_error", **info, "mean": float(shift_D.mean()),
                      "mean_abs": float(shift_D.abs().mean())}
+
+
+def _prompt_tokens(cfg: Config, store: ActivationStore | None) -> str | None:
+    """An adapted model's prompt tokens: kept (encoded and masked) or dropped (unmasked); None for the base model."""
+    if cfg.adapter is None:
+        return None
+    if cfg.prompt_tokens is not None:
+        return cfg.prompt_tokens
+    return _stored_prompt_tokens(store) if store is not None else "drop"
+
+
+def _stored_prompt_tokens(store: ActivationStore) -> str:
+    """What ``pipeline extract --prompt-tokens`` did with an adapted store's prompt tokens (absent: drop)."""
+    return (store.attrs.get(schema.ATTR_CONFIG) or {}).get("prompt_tokens", "drop")
 
 
 def _holdout(valid: np.ndarray, n_probe: int, seed: int) -> np.ndarray:
@@ -442,7 +469,8 @@ def _run(cfg: Config) -> Outputs:
                               limit=data["limit"], seed=data["seed"], image_size=model.image_size,
                               **synthetic_options(data.get("world")))
         check_classes(images.class_names, stats, f"dataset '{images.name}' split '{images.split}'")
-        source = image_source(images, model, adapted, layer, cfg.workers)
+        source = image_source(images, model, adapted, layer, cfg.workers,
+                              keep_prompts=_prompt_tokens(cfg, store) == "keep")
         class_names = images.class_names
         data["split"] = images.split
     n_classes = len(class_names)
@@ -534,7 +562,8 @@ def _run(cfg: Config) -> Outputs:
                    "splice_correction": cfg.splice_correction, "n_seeds": cfg.n_seeds,
                    "random_seed": cfg.random_seed, "head": head_kind, "dataset": data, "model": model_name,
                    "pretrained": model.pretrained, "dtype": cfg.dtype, "class_token_only": cfg.class_token_only,
-                   "adapter": maple.adapter_identity(cfg.adapter) if cfg.adapter is not None else None},
+                   "adapter": maple.adapter_identity(cfg.adapter) if cfg.adapter is not None else None,
+                   "prompt_tokens": _prompt_tokens(cfg, store)},
         "provenance": {"sae_dir": str(cfg.sae_dir.resolve()), "sae_weights_sha256": weights_sha,
                        "adapter_dir": str(cfg.adapter.resolve()) if cfg.adapter is not None else None,
                        "sae_config": sae.config.to_dict(), "stats_dir": str(cfg.stats_dir.resolve()),

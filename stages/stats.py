@@ -28,6 +28,7 @@ import numpy as np
 from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError, require_threads
+from cache.layout import n_prompt_tokens
 from cache.store import ActivationStore, StoreLock
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
@@ -130,7 +131,7 @@ def _run(cfg: Config) -> Outputs:
     cls_index = layout.get("class_token_index")
     plan = Plan(n_tokens=codes.n_tokens, d_sae=codes.d_sae, n_classes=len(class_names),
                 class_token_index=None if cls_index is None else int(cls_index), n_prefix_tokens=n_prefix,
-                top_k=cfg.top_k, threshold=cfg.threshold)
+                top_k=cfg.top_k, threshold=cfg.threshold, n_prompt_tokens=n_prompt_tokens(layout))
     grid = [int(g) for g in layout.get("patch_grid") or [plan.n_patches]]
     grid_hw = (grid[0], grid[1]) if len(grid) == 2 else (1, int(np.prod(grid)))
     if grid_hw[0] * grid_hw[1] != plan.n_patches:

@@ -49,6 +49,7 @@ def study(tmp_path_factory):
     params["extract"]["layers"] = list(LAYERS)
     params["sae"].update(total_tokens=20_000, batch_images=16, warmup_steps=5)
     params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
+    params["summary"]["ks"] = [10]
     params["adapt"].update(shots=1, epochs=2, test_limit=40)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _sh("git", "init", "-q", cwd=repo)
