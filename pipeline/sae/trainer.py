@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 TRAIN_STATE_VERSION = 2  # 2: the version is stored as format_version (pipeline.runfiles.save_state)
 REVIVALS = ("auto", "ghost_grads", "auxk", "none")
 RECON_LOSSES = {"token_norm": losses.recon_loss_token_norm, "mse": losses.mse}
+RECON_ERRORS = {"token_norm": losses.token_norm_errors, "mse": losses.squared_errors}
+"""The per-element errors each reconstruction loss averages (ghost grads rescale to them)."""
 
 
 class NonFiniteLossError(UserError):
@@ -164,7 +166,8 @@ def objectives(sae: SAE, cfg: TrainConfig) -> list[Objective]:
         aux = functools.partial(losses.auxk_loss, aux_k=sae.config.aux_k)
         terms.append(Objective("aux", aux, sae.config.aux_coef, needs_dead=True))
     elif revival == "ghost_grads":
-        terms.append(Objective("aux", functools.partial(losses.ghost_grads_loss, match=recon), needs_dead=True))
+        ghost = functools.partial(losses.ghost_grads_loss, match=RECON_ERRORS[cfg.recon_loss])
+        terms.append(Objective("aux", ghost, needs_dead=True))
     return terms
 
 
