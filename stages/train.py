@@ -103,6 +103,8 @@ class Config:
     mean_error_tokens: int = 200_000  # training tokens the stored mean reconstruction error is measured on
     overwrite: bool = False  # replace an SAE folder trained with other settings
     threads: int | None = None  # torch CPU threads; default: the CPUs this process may use
+    micro_batch_tokens: int | None = None  # tokens per micro-batch of a step (the update is the whole batch's);
+                                           # default: parts of about 2 GiB of (tokens x latents) tensors
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -114,6 +116,9 @@ class Config:
             raise UserError("--tokens and --batch-images must be at least 1")
         if self.expansion <= 0:
             raise UserError(f"--expansion must be positive (got {self.expansion})")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise UserError(f"--micro-batch-tokens must be at least 1 (got {self.micro_batch_tokens}); "
+                            "leave it out for the automatic size")
         if self.max_val_tokens < 1:  # checked here: validation runs only after the whole training
             raise UserError(f"--max-val-tokens must be at least 1 (got {self.max_val_tokens})")
         if self.mean_error_tokens < 1:
@@ -180,7 +185,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
     train_cfg = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, log_every=cfg.log_every,
                             checkpoint_every=cfg.checkpoint_every, total_tokens=cfg.total_tokens,
                             batch_tokens=loader_cfg.batch_tokens, device=device, dtype=cfg.dtype,
-                            revival=cfg.revival)
+                            revival=cfg.revival, micro_batch_tokens=cfg.micro_batch_tokens)
     ckpt_dir = cfg.out_dir / CHECKPOINT_DIR
     history: list[dict[str, float]] = []
     if run.resumes and (ckpt_dir / TRAINER_NAME).exists():

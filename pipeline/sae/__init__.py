@@ -35,6 +35,8 @@ from pipeline.sae.losses import (
     l1_penalty,
     mse,
     recon_loss_token_norm,
+    squared_errors,
+    token_norm_errors,
 )
 from pipeline.sae.metrics import DENSE_THRESHOLD, FiringCounter, RunningMetrics, evaluate, mean_error
 from pipeline.sae.relu import ReLUConfig, ReLUSAE
@@ -46,7 +48,8 @@ __all__ = [
     "register", "registered_archs", "ReLUConfig", "ReLUSAE", "TopKConfig", "TopKSAE",
     "BatchTopKConfig", "BatchTopKSAE", "geometric_median",
     "init_b_dec_", "normalize_decoder_", "remove_parallel_grad_", "auxk_loss",
-    "ghost_grads_loss", "l1_penalty", "mse", "recon_loss_token_norm", "DENSE_THRESHOLD",
+    "ghost_grads_loss", "l1_penalty", "mse", "recon_loss_token_norm", "squared_errors",
+    "token_norm_errors", "DENSE_THRESHOLD",
     "FiringCounter", "RunningMetrics", "evaluate", "mean_error", "NonFiniteLossError", "Trainer",
     "TrainConfig", "FORMAT_VERSION", "load_sae", "load_trainer", "read_sae_config",
     "save_sae", "save_training_state",

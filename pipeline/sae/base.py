@@ -22,7 +22,7 @@ import dataclasses
 import math
 import re
 from dataclasses import MISSING, dataclass
-from typing import Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +256,9 @@ class SAE(nn.Module):
     """The architecture's config class, set by ``register``."""
     default_revival: ClassVar[str] = "none"
     """Dead-latent revival the trainer uses by default ("ghost_grads" or "auxk")."""
+    batch_wide: ClassVar[bool] = False
+    """Training-mode ``activate`` depends on the whole batch (BatchTopK): a batch trained in
+    micro-batches first goes through ``batch_context``, then each part through ``activate_part``."""
 
     def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
@@ -341,9 +344,21 @@ class SAE(nn.Module):
         return self.decode(codes), codes
 
     # -- hooks -------------------------------------------------------------------------
+    def batch_context(self, pre_chunks: Iterable[Tensor], n_tokens: int) -> Any:
+        """What training-mode activation needs from a whole batch of ``n_tokens`` tokens that it
+        sees in micro-batches (``pre_chunks``: the batch's pre-activations, part by part).
+        Only called when ``batch_wide``."""
+        raise NotImplementedError
+
+    def activate_part(self, pre_BS: Tensor, context: Any) -> Codes:
+        """Training-mode activation of one micro-batch given its batch's ``batch_context``
+        (None: the part is the whole batch)."""
+        return self.activate(pre_BS)
+
     @torch.no_grad()
-    def update_running_stats_(self, codes: Codes) -> None:
-        """Called by the trainer after each applied step with that step's codes."""
+    def update_running_stats_(self, codes: Codes | None, context: Any = None) -> None:
+        """Called by the trainer after each applied step with that step's codes, or, when the
+        step ran in micro-batches, with None and the step's ``batch_context``."""
 
     def inference_threshold(self) -> float | None:
         """The inference threshold θ, for architectures that have one (else None)."""

@@ -118,8 +118,13 @@ class FiringCounter:
     @torch.no_grad()
     def update(self, codes: Codes) -> None:
         """Count one batch of codes (no host sync)."""
-        counts_S = codes.fire_counts().to(self.window_counts_S.device)
-        n = codes.n_tokens
+        self.add(codes.fire_counts(), codes.n_tokens)
+
+    @torch.no_grad()
+    def add(self, counts_S: Tensor, n: int) -> None:
+        """Count one batch of ``n`` tokens given its per-latent firing counts (a batch seen in
+        parts must be added once, with the parts' summed counts, to keep batch resolution)."""
+        counts_S = counts_S.to(self.window_counts_S.device)
         fired_S = counts_S > 0
         self.tokens_since_fired_S.add_(n).masked_fill_(fired_S, 0)
         self.window_counts_S += counts_S

@@ -15,6 +15,7 @@ active latents per token therefore varies (mean ≈ k), and before any training 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,21 @@ class TopKSAE(SAE):
         return Codes(d_sae=self.config.d_sae, vals_BK=torch.relu(vals_BK), idx_BK=idx_BK)
 
 
+@dataclass(frozen=True)
+class BatchBudget:
+    """A whole training batch's BatchTopK cut, for training it in micro-batches."""
+
+    cut: Tensor  # the k·B-th largest ReLU'd pre-activation of the batch: parts keep values ≥ it
+    min_kept: Tensor  # the smallest positive kept value (inf if none), which θ follows
+
+
 @register("batchtopk", BatchTopKConfig)
 class BatchTopKSAE(SAE):
     """Batch TopK in training mode; threshold θ (buffer ``threshold``) in eval mode."""
 
     config: BatchTopKConfig
     default_revival = "auxk"
+    batch_wide = True
 
     def __init__(self, config: BatchTopKConfig, *, generator: torch.Generator | None = None):
         super().__init__(config, generator=generator)
@@ -103,10 +113,33 @@ class BatchTopKSAE(SAE):
         return Codes(d_sae=self.config.d_sae, acts_BS=acts_BS)
 
     @torch.no_grad()
-    def update_running_stats_(self, codes: Codes) -> None:
+    def batch_context(self, pre_chunks: Iterable[Tensor], n_tokens: int) -> BatchBudget:
+        """The k·B largest ReLU'd values over all parts, merged part by part (never (B, S) at once)."""
+        n_keep = self.config.k * n_tokens
+        top = min_pos = None
+        for pre_BS in pre_chunks:
+            flat = torch.relu(pre_BS.detach()).flatten().float()
+            part = flat.topk(min(n_keep, flat.numel()), sorted=False).values
+            top = part if top is None else torch.cat([top, part]).topk(min(n_keep, len(top) + len(part))).values
+            low = torch.where(flat > 0, flat, torch.inf).min()
+            min_pos = low if min_pos is None else torch.minimum(min_pos, low)
+        cut = top.min()
+        return BatchBudget(cut=cut, min_kept=torch.where(cut > 0, cut, min_pos))
+
+    def activate_part(self, pre_BS: Tensor, context: BatchBudget | None) -> Codes:
+        if context is None:
+            return self.activate(pre_BS)
+        acts_BS = torch.relu(pre_BS)
+        return Codes(d_sae=self.config.d_sae, acts_BS=acts_BS * (acts_BS.float() >= context.cut))
+
+    @torch.no_grad()
+    def update_running_stats_(self, codes: Codes | None, context: BatchBudget | None = None) -> None:
         """Move θ toward the smallest positive activation kept in this training batch."""
-        acts = codes.dense().detach().to(torch.float32)
-        min_kept = torch.where(acts > 0, acts, torch.inf).min()
+        if context is None:
+            acts = codes.dense().detach().to(torch.float32)
+            min_kept = torch.where(acts > 0, acts, torch.inf).min()
+        else:
+            min_kept = context.min_kept
         seen = torch.isfinite(min_kept)
         first = self.n_threshold_updates == 0
         lr = self.config.threshold_lr

@@ -21,6 +21,15 @@ gradient parallel to each decoder row is removed; Adam step (learning rate warme
 linearly over ``warmup_steps``, then constant); decoder rows renormalised; firing counters
 and the architecture's running statistics (BatchTopK threshold) updated.
 
+Micro-batches: a batch of B tokens is run in parts of at most ``micro_batch_tokens`` tokens
+(automatic: parts whose (tokens × latents) tensors stay near ``MICRO_BATCH_BYTES``). Every loss
+is a mean over tokens, so part c's loss is weighted by B_c / B and its gradients accumulate to
+the whole batch's; everything judged over the batch stays whole-batch: the dead mask (read
+before the step), AuxK's residual variance (a no-grad pass over the parts first, only while
+latents are dead), BatchTopK's k·B budget (``SAE.batch_context``, a no-grad pass first), the
+firing counters (the parts' counts are added as one batch), θ, and the logged L0 and FVU. The
+update equals the one-part step up to float rounding (summation order), or ties at BatchTopK's cut.
+
 bf16: ``TrainConfig.dtype="bfloat16"`` runs the SAE forward under ``torch.autocast`` with
 float32 master weights and float32 losses; there is no gradient scaler (bf16 needs none),
 so every step is applied.
@@ -54,7 +63,14 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STATE_VERSION = 2  # 2: the version is stored as format_version (pipeline.runfiles.save_state)
 REVIVALS = ("auto", "ghost_grads", "auxk", "none")
+MICRO_BATCH_BYTES = 2 * 2**30
+"""Automatic micro-batches keep one part's (tokens × latents) float32 tensors near this size."""
+DENSE_COPIES = 8
+"""(tokens × latents) tensors a step holds at its peak (pre-activations, codes, their
+gradients, ghost-grad terms), rounded up: the automatic part size divides by it."""
 RECON_LOSSES = {"token_norm": losses.recon_loss_token_norm, "mse": losses.mse}
+RECON_ERRORS = {"token_norm": losses.token_norm_errors, "mse": losses.squared_errors}
+"""The per-element errors each reconstruction loss averages (ghost grads rescale to them)."""
 
 
 class NonFiniteLossError(UserError):
@@ -106,6 +122,9 @@ class TrainConfig:
     "ghost_grads", "auxk" (TopK family only) or "none"."""
     recon_loss: str = "token_norm"
     """Reconstruction term: "token_norm" (PatchSAE reference) or "mse"."""
+    micro_batch_tokens: int | None = None
+    """Tokens per micro-batch (the update is the whole batch's); None = automatic, from
+    ``MICRO_BATCH_BYTES`` and the SAE's width (one part when the batch fits)."""
 
     def __post_init__(self) -> None:
         check_number("train lr", self.lr, strict=True)
@@ -116,6 +135,8 @@ class TrainConfig:
             check_int(f"train {name}", getattr(self, name), minimum=1)
         if self.total_tokens is not None:
             check_int("train total_tokens", self.total_tokens, minimum=1)
+        if self.micro_batch_tokens is not None:
+            check_int("train micro_batch_tokens", self.micro_batch_tokens, minimum=1)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train betas must be two numbers in [0, 1), got {self.betas}")
@@ -132,6 +153,12 @@ class TrainConfig:
         except RuntimeError as exc:
             raise UserError(f"unknown train device {self.device!r}: use cpu, cuda or cuda:N") from exc
 
+    def part_tokens(self, d_sae: int) -> int:
+        """Tokens per micro-batch for an SAE of ``d_sae`` latents."""
+        if self.micro_batch_tokens is not None:
+            return self.micro_batch_tokens
+        return max(1, MICRO_BATCH_BYTES // (DENSE_COPIES * 4 * d_sae))
+
     @property
     def schedule(self) -> training.Schedule:
         """Linear warm-up over ``warmup_steps``, then constant ``lr``."""
@@ -146,6 +173,7 @@ class Objective:
     loss: Callable[[losses.Forward], Tensor]
     weight: float | None = None
     needs_dead: bool = False  # the loss reads Forward.dead_S
+    needs_residual_var: bool = False  # split into micro-batches, the loss reads Forward.residual_var
 
 
 def objectives(sae: SAE, cfg: TrainConfig) -> list[Objective]:
@@ -162,9 +190,10 @@ def objectives(sae: SAE, cfg: TrainConfig) -> list[Objective]:
                 "positive pre-activation to learn from): use revival 'ghost_grads' or 'auto'"
             )
         aux = functools.partial(losses.auxk_loss, aux_k=sae.config.aux_k)
-        terms.append(Objective("aux", aux, sae.config.aux_coef, needs_dead=True))
+        terms.append(Objective("aux", aux, sae.config.aux_coef, needs_dead=True, needs_residual_var=True))
     elif revival == "ghost_grads":
-        terms.append(Objective("aux", functools.partial(losses.ghost_grads_loss, match=recon), needs_dead=True))
+        ghost = functools.partial(losses.ghost_grads_loss, match=RECON_ERRORS[cfg.recon_loss])
+        terms.append(Objective("aux", ghost, needs_dead=True))
     return terms
 
 
@@ -230,49 +259,83 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         xn_BD = sae.to_normed(x_BD.to(self.device, non_blocking=True))
-        with torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"
-        ):
-            pre_BS = sae.pre_acts(xn_BD)
-            codes = sae.activate(pre_BS)
-            xn_hat_BD = sae.decode_normed(codes)
+        parts = xn_BD.split(self.cfg.part_tokens(cfg.d_sae))
+        n = xn_BD.shape[0]
         dead_S = self.firing.dead_mask() if any(t.needs_dead for t in self.terms) else None
-        f = losses.Forward(xn_BD, xn_hat_BD, pre_BS, codes, sae.W_dec, dead_S)
-        raw: dict[str, Tensor] = {}
-        values: dict[str, Tensor] = {}
-        loss = None
-        for term in self.terms:
-            raw[term.name] = term.loss(f)
-            values[term.name] = raw[term.name] if term.weight is None else term.weight * raw[term.name]
-            loss = values[term.name] if loss is None else loss + values[term.name]
-        l1 = raw["l1"] if "l1" in raw else losses.l1_penalty(f)
-        if not torch.isfinite(loss):
+        context = residual_var = None
+        if len(parts) > 1 and sae.batch_wide:
+            with torch.no_grad(), self._autocast():
+                context = sae.batch_context((sae.pre_acts(xn_MD) for xn_MD in parts), n)
+        if len(parts) > 1 and any(t.needs_residual_var for t in self.terms) and bool(dead_S.any()):
+            residual_var = self._residual_var(parts, context)
+
+        sums: dict[str, Tensor] = {}
+        counts_S = err = l0 = kept = None
+        for xn_MD in parts:
+            with self._autocast():
+                pre_MS = sae.pre_acts(xn_MD)
+                codes = sae.activate_part(pre_MS, context)
+                xn_hat_MD = sae.decode_normed(codes)
+            f = losses.Forward(xn_MD, xn_hat_MD, pre_MS, codes, sae.W_dec, dead_S, residual_var)
+            raw = {term.name: term.loss(f) for term in self.terms}
+            values = {t.name: raw[t.name] if t.weight is None else t.weight * raw[t.name] for t in self.terms}
+            first, *rest = values.values()
+            loss = sum(rest, first)
+            share = xn_MD.shape[0] / n
+            (loss * share).backward()
+            with torch.no_grad():
+                values.update(loss=loss, l1_raw=raw["l1"] if "l1" in raw else losses.l1_penalty(f))
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0) + value.detach() * share
+                codes = codes.detach()
+                part_err = (xn_MD.float() - xn_hat_MD.float()).pow(2).sum()
+                counts_S = codes.fire_counts() if counts_S is None else counts_S + codes.fire_counts()
+                err = part_err if err is None else err + part_err
+                l0 = codes.l0().sum() if l0 is None else l0 + codes.l0().sum()
+            kept = codes if len(parts) == 1 else None
+            del f, raw, values, loss, codes, pre_MS, xn_hat_MD
+        if not torch.isfinite(sums["loss"]):
             raise NonFiniteLossError(self.n_steps)
 
-        loss.backward()
         remove_parallel_grad_(sae)
         self.optimizer.step()
         normalize_decoder_(sae)
-        codes = codes.detach()
-        self.firing.update(codes)
-        sae.update_running_stats_(codes)
+        self.firing.add(counts_S, n)
+        sae.update_running_stats_(kept, context)
         self.n_steps += 1
-        self.tokens_seen += x_BD.shape[0]
+        self.tokens_seen += n
 
         with torch.no_grad():
-            err = (xn_BD.float() - xn_hat_BD.float()).pow(2).sum()
             var = (xn_BD.float() - xn_BD.float().mean(dim=0)).pow(2).sum()
             return {
-                "loss": loss.detach(),
-                "recon_loss": values["recon"].detach(),
-                "l1": l1.detach(),
-                "aux_loss": values.get("aux", torch.zeros((), device=self.device)).detach(),
-                "l0": codes.l0().mean(),
+                "loss": sums["loss"],
+                "recon_loss": sums["recon"],
+                "l1": sums["l1_raw"],
+                "aux_loss": sums.get("aux", torch.zeros((), device=self.device)),
+                "l0": l0 / n,
                 "fvu": err / var.clamp_min(1e-12),
                 "lr": torch.tensor(lr),
                 "dead_fraction": self.firing.dead_fraction(),
                 "dense_fraction": self.firing.dense_fraction(),
             }
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"
+        )
+
+    @torch.no_grad()
+    def _residual_var(self, parts: tuple[Tensor, ...], context) -> Tensor:
+        """mean_b ‖e_b − ē‖² of the residual e = x̃ − x̂ over the whole batch (float64 sums over the parts)."""
+        sum_D = sq = None
+        for xn_MD in parts:
+            with self._autocast():
+                xn_hat_MD = self.sae.decode_normed(self.sae.activate_part(self.sae.pre_acts(xn_MD), context))
+            e_MD = (xn_MD.float() - xn_hat_MD.float()).double()
+            sum_D = e_MD.sum(dim=0) if sum_D is None else sum_D + e_MD.sum(dim=0)
+            sq = e_MD.pow(2).sum() if sq is None else sq + e_MD.pow(2).sum()
+        n = sum(len(p) for p in parts)
+        return ((sq - sum_D.pow(2).sum() / n) / n).float()
 
     # -- loop --------------------------------------------------------------------------
     def fit(

@@ -259,3 +259,23 @@ def test_the_mean_reconstruction_error_is_stored_with_the_sae(planted, tmp_path)
     save_sae(sae, out.sae_dir)
     with pytest.raises(UserError, match=f"{MEAN_ERROR_NAME} was measured with other weights"):
         load_mean_error(out.sae_dir)
+
+
+def test_micro_batches_reach_the_trainer_and_give_the_same_sae(planted, tmp_path, monkeypatch):
+    store, _ = planted
+    seen = []
+
+    class Spy(train_stage.Trainer):
+        def step(self, x_BD):
+            seen.append(self.cfg.part_tokens(self.sae.config.d_sae))
+            return super().step(x_BD)
+
+    monkeypatch.setattr(train_stage, "Trainer", Spy)
+    whole = load_sae(train_stage.run(_cfg(store, tmp_path / "whole", total_tokens=256 * 20)).sae_dir)
+    parts = load_sae(train_stage.run(_cfg(store, tmp_path / "parts", total_tokens=256 * 20,
+                                          micro_batch_tokens=100)).sae_dir)
+    assert seen[0] >= 256 and set(seen[20:]) == {100} and len(seen) == 40
+    for name, p in whole.state_dict().items():
+        torch.testing.assert_close(parts.state_dict()[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(UserError, match="--micro-batch-tokens must be at least 1"):
+        _cfg(store, tmp_path / "bad", micro_batch_tokens=0)

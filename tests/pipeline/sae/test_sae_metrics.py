@@ -10,7 +10,15 @@ import torch
 from sae_helpers import make_sae_config, random_batches
 
 from pipeline.sae import Codes, FiringCounter, RunningMetrics, build, evaluate
-from pipeline.sae.losses import Forward, auxk_loss, ghost_grads_loss, l1_penalty, mse, recon_loss_token_norm
+from pipeline.sae.losses import (
+    Forward,
+    auxk_loss,
+    ghost_grads_loss,
+    l1_penalty,
+    mse,
+    recon_loss_token_norm,
+    token_norm_errors,
+)
 
 
 def _batches_with_different_means():
@@ -114,11 +122,74 @@ def test_ghost_grads_loss_matches_recon_and_only_trains_dead_latents():
     dead = torch.zeros(S, dtype=torch.bool)
     dead[[0, 3]] = True
     f = Forward(x, x_hat, pre, Codes(d_sae=S, acts_BS=torch.relu(pre)), W_dec, dead)
-    loss = ghost_grads_loss(f, match=lambda _: torch.tensor(0.123))
-    assert loss.item() == pytest.approx(0.123, rel=1e-5)  # value rescaled to the recon loss
+    loss = ghost_grads_loss(f, match=lambda _: torch.full((B, D), 0.123))
+    # each element rescaled to the recon error, r·γ/(γ + 1e-6): a little under r where γ is tiny
+    assert 0.95 * 0.123 < loss.item() <= 0.123
     loss.backward()
     assert (W_dec.grad[~dead] == 0).all() and (pre.grad[:, ~dead] == 0).all()
     assert pre.grad[:, dead].abs().sum() > 0
+
+
+def _ghost_reference(x, W_enc, b_enc, W_dec, b_dec, dead):
+    """The reference's ghost-grad formula, written out plainly: (recon loss, ghost loss)."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    x_hat = torch.relu(pre) @ W_dec + b_dec
+    mse_loss = (x_hat - x) ** 2 / (x**2).sum(dim=-1, keepdim=True).sqrt()
+    residual = x - x_hat
+    ghost_out = torch.exp(pre[:, dead]) @ W_dec[dead, :]
+    scale = torch.norm(residual, dim=-1) / (1e-6 + torch.norm(ghost_out, dim=-1) * 2)
+    ghost_out = ghost_out * scale[:, None].detach()
+    ghost = (ghost_out - residual.detach()) ** 2 / (residual.detach() ** 2).sum(dim=-1, keepdim=True).sqrt()
+    ghost = (mse_loss / (ghost + 1e-6)).detach() * ghost
+    return mse_loss.mean(), ghost.mean()
+
+
+def _ghost_scalar_rescale(f: Forward):
+    """The former formula: one detached scalar makes the ghost loss's value equal the recon loss."""
+    dead_idx = f.dead_S.nonzero().squeeze(1)
+    e = (f.x_BD - f.x_hat_BD).detach()
+    g_BD = torch.exp(f.pre_BS[:, dead_idx]) @ f.W_dec_SD[dead_idx]
+    e_norm = e.norm(dim=1, keepdim=True)
+    g_BD = g_BD * (e_norm / (2 * g_BD.norm(dim=1, keepdim=True) + 1e-6)).detach()
+    raw = ((g_BD - e).pow(2).mean(dim=1) / e_norm.squeeze(1)).mean()
+    return raw * (recon_loss_token_norm(f).detach() / raw.detach())
+
+
+def test_ghost_grads_loss_and_gradients_match_the_reference_per_element_rescale():
+    sae = build(make_sae_config("relu", d_in=12, d_sae=40), seed=4)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-1.0, 0.5, 40))
+        sae.b_dec.copy_(0.3 * torch.ones(12))
+    x = random_batches(1, batch=32, d_in=12, seed=5, offset=1.0)[0]
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = True
+    params = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    def grads(loss):
+        return [g.clone() for g in torch.autograd.grad(loss, [getattr(sae, n) for n in params])]
+
+    pre = sae.pre_acts(x)
+    codes = sae.activate(pre)
+    f = Forward(x, sae.decode_normed(codes), pre, codes, sae.W_dec, dead)
+    ours = ghost_grads_loss(f, match=token_norm_errors)
+    ours_grads = grads(ours)
+    # the reference in float64: 1/(γ + 1e-6) amplifies rounding, so even the reference's own
+    # float32 gradients are ~1e-4 (relative norm) from it; ours must be as close
+    params64 = [getattr(sae, n).detach().double().requires_grad_() for n in params]
+    recon_ref, ghost_ref = _ghost_reference(x.double(), *params64, dead)
+    assert ours.item() == pytest.approx(ghost_ref.item(), rel=1e-5)
+    assert ghost_ref.item() == pytest.approx(recon_ref.item(), rel=1e-2)  # the reference's value ≈ its recon loss
+    for name, got, want in zip(params, ours_grads, torch.autograd.grad(ghost_ref, params64)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 3e-4, (name, err)
+
+    pre = sae.pre_acts(x)
+    codes = sae.activate(pre)
+    scalar = _ghost_scalar_rescale(Forward(x, sae.decode_normed(codes), pre, codes, sae.W_dec, dead))
+    assert scalar.item() == pytest.approx(recon_ref.item(), rel=1e-5)  # its value is the recon loss ...
+    scalar_grads = grads(scalar)
+    for name, got, old in zip(params, ours_grads, scalar_grads):  # ... but other gradients
+        assert (got - old).norm() > 0.3 * got.norm(), name
 
 
 def _numpy_firing_reference(fire_NS: np.ndarray, window: int, threshold: float):
