@@ -39,6 +39,7 @@ import yaml
 from app import study
 from app.params import load_params
 from cache.errors import UserError
+from pipeline.sae import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def _train_row(params: Mapping[str, Any], label: str, layer: int, geo: Geometry,
     d_sae = int(train.expansion * geo.width)
     per_image = {"all": geo.n_tokens, "patches": geo.n_tokens - 1, "cls": 1}[train.token_kind]
     batch = train.batch_images * per_image
-    micro = getattr(train, "micro_batch_tokens", None) or batch
+    micro = min(batch, TrainConfig(micro_batch_tokens=train.micro_batch_tokens).part_tokens(d_sae))  # as train splits
     n_steps = math.ceil(train.total_tokens / batch)
     params_bytes = (2 * geo.width * d_sae + d_sae + geo.width) * 4
     sae_key = (train.arch, geo.width, train.k)

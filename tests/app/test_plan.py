@@ -70,7 +70,9 @@ def test_paper_study_token_counts_and_sae_sizes_are_exact():
     assert [key[0] for key in rows].count("train") == 1  # one SAE reads every dataset
     assert train.tokens == n_steps * batch == 20_464 * 25_216 == 516_020_224
     assert train.disk_bytes == 5 * (2 * 768 * 49_152 + 49_152 + 768) * 4
-    assert train.peak_bytes == plan.step_memory(d_in=768, d_sae=49_152, arch="relu", batch_tokens=batch)
+    micro = TrainConfig().part_tokens(49_152)  # the trainer's automatic micro-batch at this width
+    assert micro < batch and "per micro-batch" in train.disk_note
+    assert train.peak_bytes == plan.step_memory(d_in=768, d_sae=49_152, arch="relu", batch_tokens=micro) < 4e9
     for dataset, n in {"imagenet": 50_000, "eurosat": 27_000, "caltech101": 8_677, "dtd": 1_880,
                        "food101": 25_250, "sun397": 108_754}.items():
         assert rows["extract", dataset].images == n
