@@ -25,11 +25,14 @@ class ReLUConfig(SAEConfig):
 class ReLUSAE(SAE):
     """f = ReLU(pre); sparsity comes from the L1 term of the loss. Codes are dense (B, S).
 
-    Dead latents are revived by ghost gradients by default (the reference method).
+    Dead latents are revived by ghost gradients by default (the reference method). Weights
+    start from the reference's independent Kaiming-uniform init, not the tied one
+    (``SAE.reset_parameters`` says why).
     """
 
     config: ReLUConfig
     default_revival = "ghost_grads"
+    default_init = "reference"
 
     def activate(self, pre_BS: Tensor) -> Codes:
         return Codes(d_sae=self.config.d_sae, acts_BS=torch.relu(pre_BS))
