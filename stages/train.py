@@ -80,8 +80,8 @@ class Config:
     normalize: bool = False  # identity: scale activations to unit mean norm x sqrt(D) (the scale is stored with the SAE)
     revival: Literal["auto", "ghost_grads", "auxk", "none"] = "auto"  # identity: dead-latent revival (auto: ghost grads
                                                                       # for relu, AuxK for the TopK family)
-    init: Literal["auto", "tied", "reference"] = "auto"  # identity: initial weights (auto: reference = independent
-                                                         # Kaiming-uniform for relu, tied W_enc = W_dec^T for the TopK family)
+    init: Literal["auto", "tied", "reference"] = "auto"  # identity: initial weights: tied W_enc = W_dec^T (auto, every
+                                                         # arch) or reference (PatchSAE's independent Kaiming-uniform)
     dead_window_tokens: int = 1_000_000  # identity: a latent is dead if silent for this many tokens
     val_fraction: float = 0.05  # identity: images held out for validation metrics and early stopping
     window_chunks: int = 64  # identity: chunks shuffled together by the loader

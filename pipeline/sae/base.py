@@ -283,11 +283,13 @@ class SAE(nn.Module):
         "tied": W_enc = W_decᵀ (Gao et al. 2024; right for the TopK family, whose k caps the
         first reconstruction). "reference": independent Kaiming-uniform W_enc (D, S) and W_dec
         (S, D), bound √(6 / size(1)) as torch's ``kaiming_uniform_``, then unit decoder rows (the
-        PatchSAE reference). For a ReLU SAE the tied init is wrong: about half of the S
-        latents fire on every token, each ≈ ‖x‖ along its own row, so the first reconstruction
-        is ≈ √(S/2)·‖x‖ (FVU ≈ 990 at ×64), and the first steps only shrink it; the reference
-        W_enc has column norms ≈ √(2D/S), so the first reconstruction is ≈ ‖x − b_dec‖ in a
-        random direction (FVU ≈ 2) and training goes straight to the dictionary (NOTES-relu.md).
+        PatchSAE reference). For a ReLU SAE the tied start overshoots: about half of the S
+        latents fire on every token, so the first reconstruction is far too large (FVU ≈ 990
+        at ×64); the reference W_enc has column norms ≈ √(2D/S), so its first reconstruction
+        is ≈ ‖x − b_dec‖ long in a direction unrelated to x (FVU ≈ 2). Yet on planted
+        dictionaries the tied start recovers the features better, because each latent starts
+        as a matched filter of its own decoder row (NOTES-relu.md); every architecture
+        defaults to it.
 
         ``b_dec`` should then be set to the geometric median of a sample
         (``Trainer.init_from_sample``).

@@ -26,13 +26,14 @@ class ReLUSAE(SAE):
     """f = ReLU(pre); sparsity comes from the L1 term of the loss. Codes are dense (B, S).
 
     Dead latents are revived by ghost gradients by default (the reference method). Weights
-    start from the reference's independent Kaiming-uniform init, not the tied one
-    (``SAE.reset_parameters`` says why).
+    start tied (W_enc = W_decᵀ) by default, not from the reference's independent
+    Kaiming-uniform init: on planted dictionaries the tied start recovers the features far
+    better (mean max cosine 0.97 vs 0.48 at the same λ and budget, NOTES-relu.md) although
+    its first reconstruction is much too large; ``init="reference"`` reproduces the reference.
     """
 
     config: ReLUConfig
     default_revival = "ghost_grads"
-    default_init = "reference"
 
     def activate(self, pre_BS: Tensor) -> Codes:
         return Codes(d_sae=self.config.d_sae, acts_BS=torch.relu(pre_BS))

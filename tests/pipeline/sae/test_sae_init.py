@@ -35,11 +35,10 @@ def test_both_inits_have_unit_decoder_rows_zero_biases_and_are_seeded(init):
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_auto_is_reference_for_relu_and_tied_for_the_topk_family(arch):
+def test_auto_is_tied_for_every_arch(arch):
     sae = build(make_sae_config(arch), seed=0)
-    expected = "reference" if arch == "relu" else "tied"
-    assert arch_class(arch).default_init == expected
-    assert torch.allclose(sae.W_enc, sae.W_dec.T) == (expected == "tied")
+    assert arch_class(arch).default_init == "tied"
+    assert torch.allclose(sae.W_enc, sae.W_dec.T)
 
 
 def test_unknown_init_is_a_user_error():
