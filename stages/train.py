@@ -89,6 +89,8 @@ class Config:
     normalize: bool = False  # identity: scale activations to unit mean norm x sqrt(D) (the scale is stored with the SAE)
     revival: Literal["auto", "ghost_grads", "auxk", "none"] = "auto"  # identity: dead-latent revival (auto: ghost grads
                                                                       # for relu, AuxK for the TopK family)
+    init: Literal["auto", "tied", "reference"] = "auto"  # identity: initial weights: tied W_enc = W_dec^T (auto, every
+                                                         # arch) or reference (PatchSAE's independent Kaiming-uniform)
     dead_window_tokens: int = 1_000_000  # identity: a latent is dead if silent for this many tokens
     val_fraction: float = 0.05  # identity: images held out for validation metrics and early stopping
     window_chunks: int = 64  # identity: chunks shuffled together by the loader
@@ -203,7 +205,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
             dead_window_tokens=cfg.dead_window_tokens, dtype="float32",
             model=f"{store.attrs['model']['name']}/{store.attrs['model']['pretrained']}", layer=cfg.layer,
             token_kind=cfg.token_kind, cache_config_sha256=store.config_sha256, **given)
-        trainer = Trainer(build(sae_cfg, seed=cfg.seed).to(device), train_cfg)
+        trainer = Trainer(build(sae_cfg, seed=cfg.seed, init=cfg.init).to(device), train_cfg)
         trainer.init_from_sample(sample_ND.to(device))
     resumed_from = trainer.n_steps
     n_steps_total = math.ceil(cfg.total_tokens / loader_cfg.batch_tokens)

@@ -37,6 +37,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 TOKEN_KINDS = ("all", "patches", "cls")
+INITS = ("auto", "tied", "reference")
+"""Weight inits ``build`` knows: "auto" (the architecture's ``default_init``), "tied", "reference"."""
 RECORD_ORDER = (
     "arch", "d_in", "d_sae", "k", "l1", "aux_k", "aux_coef", "dead_window_tokens", "norm_scale",
     "dtype", "threshold_lr", "model", "layer", "token_kind", "cache_config_sha256",
@@ -259,8 +261,10 @@ class SAE(nn.Module):
     batch_wide: ClassVar[bool] = False
     """Training-mode ``activate`` depends on the whole batch (BatchTopK): a batch trained in
     micro-batches first goes through ``batch_context``, then each part through ``activate_part``."""
+    default_init: ClassVar[str] = "tied"
+    """Weight init ``init="auto"`` picks ("tied" or "reference"; see ``reset_parameters``)."""
 
-    def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None):
+    def __init__(self, config: SAEConfig, *, generator: torch.Generator | None = None, init: str = "auto"):
         super().__init__()
         if type(config) is not self.config_class:
             raise ValueError(
@@ -273,19 +277,38 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(S, dtype=dtype))
         self.W_dec = nn.Parameter(torch.empty(S, D, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(D, dtype=dtype))
-        self.reset_parameters(generator=generator)
+        self.reset_parameters(generator=generator, init=init)
 
     @torch.no_grad()
-    def reset_parameters(self, *, generator: torch.Generator | None = None) -> None:
-        """Tied init: W_dec rows random unit vectors, W_enc = W_decᵀ, both biases zero.
+    def reset_parameters(self, *, generator: torch.Generator | None = None, init: str = "auto") -> None:
+        """Random weights, both biases zero; W_dec rows always unit vectors.
+
+        "tied": W_enc = W_decᵀ (Gao et al. 2024; right for the TopK family, whose k caps the
+        first reconstruction). "reference": independent Kaiming-uniform W_enc (D, S) and W_dec
+        (S, D), bound √(6 / size(1)) as torch's ``kaiming_uniform_``, then unit decoder rows (the
+        PatchSAE reference). For a ReLU SAE the tied start overshoots: about half of the S
+        latents fire on every token, so the first reconstruction is far too large (FVU ≈ 990
+        at ×64); the reference W_enc has column norms ≈ √(2D/S), so its first reconstruction
+        is ≈ ‖x − b_dec‖ long in a direction unrelated to x (FVU ≈ 2). Yet on planted
+        dictionaries the tied start recovers the features better, because each latent starts
+        as a matched filter of its own decoder row (NOTES-relu.md); every architecture
+        defaults to it.
 
         ``b_dec`` should then be set to the geometric median of a sample
         (``Trainer.init_from_sample``).
         """
-        w_SD = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+        if init not in INITS:
+            raise UserError(f"unknown SAE init {init!r}: use one of {', '.join(INITS)}")
+        init = self.default_init if init == "auto" else init
+        if init == "tied":
+            w_SD = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+        else:
+            self.W_enc.copy_(_kaiming_uniform(self.W_enc.shape, generator))
+            w_SD = _kaiming_uniform(self.W_dec.shape, generator)
         w_SD /= w_SD.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec.copy_(w_SD)
-        self.W_enc.copy_(w_SD.T)
+        if init == "tied":
+            self.W_enc.copy_(w_SD.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -407,10 +430,20 @@ def registered_archs() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def build(config: SAEConfig, *, seed: int | None = None) -> SAE:
-    """A freshly initialised SAE of the config's architecture; ``seed`` makes the init reproducible."""
+def build(config: SAEConfig, *, seed: int | None = None, init: str = "auto") -> SAE:
+    """A freshly initialised SAE of the config's architecture; ``seed`` makes the init reproducible.
+
+    ``init`` is one of ``INITS`` (see ``SAE.reset_parameters``); it is how training starts, not
+    part of the SAE, so checkpoints do not record it.
+    """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return _REGISTRY[config.arch](config, generator=generator)
+    return _REGISTRY[config.arch](config, generator=generator, init=init)
+
+
+def _kaiming_uniform(shape: torch.Size, generator: torch.Generator | None) -> Tensor:
+    """U(−b, b) with b = √(6 / shape[1]): torch's ``kaiming_uniform_`` (ReLU gain) for a 2-D shape."""
+    bound = math.sqrt(6.0 / shape[1])
+    return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
 def estimate_norm_scale(x_ND: Tensor) -> float:

@@ -25,7 +25,11 @@ class ReLUConfig(SAEConfig):
 class ReLUSAE(SAE):
     """f = ReLU(pre); sparsity comes from the L1 term of the loss. Codes are dense (B, S).
 
-    Dead latents are revived by ghost gradients by default (the reference method).
+    Dead latents are revived by ghost gradients by default (the reference method). Weights
+    start tied (W_enc = W_decᵀ) by default, not from the reference's independent
+    Kaiming-uniform init: on planted dictionaries the tied start recovers the features far
+    better (mean max cosine 0.97 vs 0.48 at the same λ and budget, NOTES-relu.md) although
+    its first reconstruction is much too large; ``init="reference"`` reproduces the reference.
     """
 
     config: ReLUConfig

@@ -96,8 +96,8 @@ class BatchTopKSAE(SAE):
     default_revival = "auxk"
     batch_wide = True
 
-    def __init__(self, config: BatchTopKConfig, *, generator: torch.Generator | None = None):
-        super().__init__(config, generator=generator)
+    def __init__(self, config: BatchTopKConfig, *, generator: torch.Generator | None = None, init: str = "auto"):
+        super().__init__(config, generator=generator, init=init)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("n_threshold_updates", torch.zeros((), dtype=torch.int64))
 
