@@ -111,7 +111,7 @@ def _sha256(path: Path) -> str:
 def test_the_dag_trains_one_sae_per_block_for_every_dataset(study):
     """`dvc dag`: extract-sae feeds each block's train, which feeds every dataset's encode."""
     repo, _ = study
-    edges = {tuple(line.strip().strip('"').split('" -> "'))
+    edges = {tuple(line.strip().rstrip(";").strip('"').split('" -> "'))
              for line in _sh("dvc", "dag", "--dot", cwd=repo).splitlines() if "->" in line}
     for layer in LAYERS:
         assert ("extract-sae", f"train@{layer}") in edges
