@@ -107,7 +107,7 @@ def image_count(dataset: str, split: str | None, limit: int | None) -> tuple[int
     from pipeline.datasets import SOURCES, SYNTHETIC_DEFAULT_IMAGES, default_split
 
     if study.is_world(dataset):
-        return (limit, "data.limit") if limit else (SYNTHETIC_DEFAULT_IMAGES, "synthetic default")
+        return (limit, "the limit in params") if limit else (SYNTHETIC_DEFAULT_IMAGES, "synthetic default")
     split = split or default_split(dataset)
     if dataset in SOURCES and split not in SOURCES[dataset].splits:
         raise UserError(f"dataset '{dataset}' has no split '{split}'; choose one of: "
@@ -116,9 +116,9 @@ def image_count(dataset: str, split: str | None, limit: int | None) -> tuple[int
     if known is None:
         if limit is None:
             raise UserError(f"the plan does not know how many images {dataset} ({split}) has; set data.limit")
-        return limit, "data.limit (the folder may hold fewer)"
+        return limit, "the limit in params (the folder may hold fewer)"
     if limit is not None and limit < known:
-        return limit, "data.limit"
+        return limit, "the limit in params"
     return known, f"assumed: {dataset} {split} has {known:,}"
 
 
