@@ -173,7 +173,7 @@ def test_run_stage_reads_its_params_section(chain, tmp_path, monkeypatch):
     where = ("--dataset", "synthetic", "--layer", "3", "--params", params)
     code, output = _cli("run-stage", "groundtruth", *where)
     assert code == 0, output
-    metrics = json.loads((run / "groundtruth-metrics.json").read_text())
+    metrics = json.loads((tmp_path / "work" / "metrics" / "synthetic" / "layer3" / "groundtruth.json").read_text())
     assert len(metrics["best_auroc"]) == 7 and (run / "groundtruth" / gt.LATENTS_FILE).is_file()
     assert "definitions" not in metrics and "config" not in metrics.get("provenance", {})  # numbers only
     record = json.loads((run / "groundtruth" / gt.GROUNDTRUTH_FILE).read_text())
