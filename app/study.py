@@ -56,7 +56,9 @@ from typing import Any
 
 import stages
 from cache import jsonfile
+from cache.atomic import atomic_write
 from cache.errors import UserError
+from cache.store import StoreLock
 from pipeline import livelog
 from pipeline.configs import from_section
 
@@ -323,8 +325,9 @@ def run_step(step: Step, params: Mapping[str, Any], dataset: str | None = None, 
     spec = stages.load(step.stage)
     if step.stage == "pretrain" and not _made_here(params, work):
         out_dir = resolve(step.paths["out_dir"], work, None, None)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / NOT_USED).write_text("model.pretrained is not this folder's tiny CLIP: nothing to pretrain\n")
+        with StoreLock(out_dir):  # one writer per folder, as every stage: a running pretrain is not overwritten
+            atomic_write(out_dir / NOT_USED, lambda tmp: Path(tmp).write_text(
+                "model.pretrained is not this folder's tiny CLIP: nothing to pretrain\n"))
         live = resolve(step.paths["live_dir"], work, None, None)  # dvc.yaml declares its files: they must exist
         (live / livelog.PLOTS_DIR).mkdir(parents=True, exist_ok=True)
         _publish_record({"used": 0}, live / livelog.METRICS_FILE)
