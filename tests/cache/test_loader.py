@@ -160,3 +160,41 @@ def test_batches_equal_a_plain_reference_of_the_stream(tmp_path, kind, val, wind
     got = torch.cat(_take(TokenLoader(store, cfg), n_batches, start=start)).numpy()
     want = _reference_stream(store, cfg, "train", start + n_batches * batch)[start:]
     np.testing.assert_array_equal(got, want)
+
+
+def test_closing_a_stream_stops_its_prefetch_and_the_next_stream_reuses_its_memory(tmp_path, monkeypatch):
+    """The prefetch of the second window is blocked in its first chunk until the stream is closing: it then
+    reads no further chunk, and the loader's next stream fills the same two buffers with the same batches."""
+    import threading
+
+    import cache.loader as loader_module
+
+    store = _id_store(tmp_path)
+    cfg = LoaderConfig(layer=0, batch_tokens=7, window_chunks=4, seed=0)
+    want = _take(TokenLoader(store, cfg), 12)
+    loader = TokenLoader(store, cfg)
+    closing, reads, read = threading.Event(), [], store.read
+
+    class Pool(loader_module.ThreadPoolExecutor):
+        def shutdown(self, *args, **kwargs):  # the stream has told its reader to stop
+            closing.set()
+            super().shutdown(*args, **kwargs)
+
+    def slow_read(*args, **kwargs):
+        reads.append(args[1])
+        if len(reads) > cfg.window_chunks:  # the prefetch of the second window
+            assert closing.wait(timeout=60)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(store, "read", slow_read)
+    it = loader.batches(0)
+    next(it)
+    it.close()
+    assert len(reads) == cfg.window_chunks + 1
+    buffers = [b.__array_interface__["data"][0] for b in loader._free_buffers]
+    assert len(buffers) == 2
+    monkeypatch.setattr(store, "read", read)
+    got = _take(loader, 12)
+    assert all(torch.equal(x, y) for x, y in zip(want, got))
+    assert sorted(buffers) == sorted(b.__array_interface__["data"][0] for b in loader._free_buffers)
