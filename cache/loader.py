@@ -91,6 +91,7 @@ class TokenLoader:
         self.window_tokens = int(np.sort(self.tokens_per_chunk)[::-1][:cfg.window_chunks].sum())  # the largest window
         self._free_buffers: list[np.ndarray] = []
         self._buffers_lock = threading.Lock()
+        self._batch_memory = _Recycler((cfg.batch_tokens, self.d_model), self.array.dtype)  # shared by its streams
 
     @property
     def d_model(self) -> int:
@@ -169,7 +170,7 @@ class TokenLoader:
         """
         b = self.cfg.batch_tokens
         carry: np.ndarray | None = None  # tail of the previous window, shorter than a batch
-        recycled = _Recycler((b, self.d_model), self.array.dtype)
+        recycled = self._batch_memory
 
         def gather(window: np.ndarray, idx: np.ndarray) -> np.ndarray:
             if len(idx) < b:  # a window's tail: a copy (the window's buffer is refilled later)
@@ -255,18 +256,21 @@ class _Recycler:
 
     A fresh batch (38 MB at the paper's 128 images) is above malloc's mmap threshold, so
     each one would be mapped, page-faulted and zeroed anew; reusing a few costs nothing.
+    A loader keeps one for all its streams, so a new stream (an evaluation) starts with warm memory.
     A batch the consumer still holds (directly, through a tensor or a view) is never reused.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 4):
         self.shape, self.dtype, self.keep = shape, dtype, keep
         self.pool: list[np.ndarray] = []
+        self.lock = threading.Lock()  # two streams of one loader may run in two threads
 
     def array(self) -> np.ndarray:
-        for a in self.pool:
-            if sys.getrefcount(a) == 3:  # the pool's list, the loop's name and getrefcount's argument
-                return a
-        a = np.empty(self.shape, self.dtype)
-        if len(self.pool) < self.keep:
-            self.pool.append(a)
-        return a
+        with self.lock:
+            for a in self.pool:
+                if sys.getrefcount(a) == 3:  # the pool's list, the loop's name and getrefcount's argument
+                    return a
+            a = np.empty(self.shape, self.dtype)
+            if len(self.pool) < self.keep:
+                self.pool.append(a)
+            return a
