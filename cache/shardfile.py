@@ -10,7 +10,7 @@ differ from that layout, or a store that is not a local directory, goes through 
 ``tests/cache/test_shardfile.py`` checks that the bytes equal zarr's own encoding.
 
 Reading rows of one chunk through zarr costs about twice a plain file read (an async round
-trip per call), which the shuffled loader pays for every chunk; ``read_rows`` reads the
+trip per call), which the shuffled loader pays for every chunk; a ``ShardReader`` reads the
 shard index and then the rows' bytes straight from the file, falling back to zarr for any
 other layout.
 """
