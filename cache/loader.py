@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -87,6 +88,10 @@ class TokenLoader:
         self.tokens_per_epoch = int(self.tokens_per_chunk.sum())
         if self.tokens_per_epoch == 0:
             raise UserError(f"the {split} split of {store.path} has no tokens; check --val-fraction and the store")
+        self.window_tokens = int(np.sort(self.tokens_per_chunk)[::-1][:cfg.window_chunks].sum())  # the largest window
+        self._free_buffers: list[np.ndarray] = []
+        self._buffers_lock = threading.Lock()
+        self._batch_memory = _Recycler((cfg.batch_tokens, self.d_model), self.array.dtype)  # shared by its streams
 
     @property
     def d_model(self) -> int:
@@ -96,43 +101,39 @@ class TokenLoader:
         order = np.random.default_rng([self.cfg.seed, 2, epoch]).permutation(len(self.chunk_starts))
         return [order[i:i + self.cfg.window_chunks] for i in range(0, len(order), self.cfg.window_chunks)]
 
-    def _read_window(self, epoch: int, w: int, chunks: np.ndarray, buf_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The window's tokens (unshuffled, float16, in ``buf_ND``) and the order to draw them in.
-
-        Batches are gathered from the window in that order and converted one at a time, so
-        the window is never copied whole again; the two window buffers are reused.
-        """
+    def _read_chunk(self, k: int, out_ND: np.ndarray) -> None:
+        """Chunk ``k``'s tokens of the split into ``out_ND`` (exactly their number), checked against its digest."""
         c, d, t = self.store.images_per_chunk, self.d_model, self.store.n_tokens
-        every_token = self.tokens_T == slice(0, t)
-        n_tokens = int(self.tokens_per_chunk[chunks].sum())
-        pos = 0
-        for k in chunks:
-            start = int(self.chunk_starts[k])
-            stop = min(start + c, self.store.n_images)
-            rows = self.rows[start:stop]
-            if every_token and rows.all():  # the common case: straight from the file into the window
-                n = (stop - start) * t
-                self.store.read(self.cfg.layer, start, stop, out=buf_ND[pos:pos + n].reshape(stop - start, t, d))
-                pos += n
-                continue
-            acts_NTD = self.store.read(self.cfg.layer, start, stop)[rows][:, self.tokens_T]
-            n = acts_NTD.shape[0] * acts_NTD.shape[1]
-            buf_ND[pos:pos + n] = acts_NTD.reshape(n, d)
-            pos += n
-        perm = np.random.default_rng([self.cfg.seed, 3, epoch, w]).permutation(n_tokens)
-        return buf_ND[:n_tokens], perm
+        start = int(self.chunk_starts[k])
+        stop = min(start + c, self.store.n_images)
+        rows = self.rows[start:stop]
+        if self.tokens_T == slice(0, t) and rows.all():  # the common case: straight from the file
+            self.store.read(self.cfg.layer, start, stop, out=out_ND.reshape(stop - start, t, d))
+            return
+        out_ND[...] = self.store.read(self.cfg.layer, start, stop)[rows][:, self.tokens_T].reshape(-1, d)
+
+    def _window_buffers(self) -> list[np.ndarray]:
+        """Two buffers for the largest window: the ones a finished stream gave back, else new ones.
+
+        A new buffer (190 MB at the defaults) is page-faulted and zeroed as it is first filled, which
+        cost a stream that reads one epoch of 2,048 images an eighth of its time (and fresh batch
+        memory another twentieth); a loader's later streams (evaluations, resumes) reuse the memory.
+        """
+        with self._buffers_lock:
+            kept, self._free_buffers = self._free_buffers, []
+        return kept + [np.empty((self.window_tokens, self.d_model), dtype=self.array.dtype)
+                       for _ in range(2 - len(kept))]
 
     def _token_stream(self, start_token: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(window, draw order) pairs, the first order cut at ``start_token``; prefetches one ahead
         into the other of two reused buffers (the consumer finishes a window before the next
-        but one is read into its buffer)."""
+        but one is read into its buffer). Closing the stream stops the prefetch between chunks."""
         epoch, skip = divmod(start_token, self.tokens_per_epoch)
-        largest = max(int(self.tokens_per_chunk[w].sum()) for e in (epoch, epoch + 1) for w in self._windows(e))
-        largest = max(largest, int(np.sort(self.tokens_per_chunk)[::-1][: self.cfg.window_chunks].sum()))
-        buffers = [np.empty((largest, self.d_model), dtype=self.array.dtype) for _ in range(2)]
+        buffers, closed = self._window_buffers(), threading.Event()
         n_read = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-loader") as pool:
-            pending: Future | None = None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-loader")
+        try:
+            pending: _Window | None = None
             while True:
                 windows = self._windows(epoch)
                 sizes = [int(self.tokens_per_chunk[w].sum()) for w in windows]
@@ -143,17 +144,22 @@ class TokenLoader:
                 jobs = [(epoch, i, windows[i]) for i in range(first, len(windows))]
                 for j, job in enumerate(jobs):
                     if pending is None:
-                        current = self._read_window(*job, buffers[n_read % 2])
+                        pending = _Window(self, *job, buffers[n_read % 2], closed)
+                        pool.submit(pending.work)
                         n_read += 1
-                    else:
-                        current = pending.result()
+                    window, order = pending.result()
                     nxt = jobs[j + 1] if j + 1 < len(jobs) else (epoch + 1, 0, self._windows(epoch + 1)[0])
-                    pending = pool.submit(self._read_window, *nxt, buffers[n_read % 2])
+                    pending = _Window(self, *nxt, buffers[n_read % 2], closed)
+                    pool.submit(pending.work)
                     n_read += 1
-                    window, order = current
                     yield window, order[skip:]
                     skip = 0
                 epoch += 1
+        finally:
+            closed.set()
+            pool.shutdown(wait=True)  # then nothing writes into the buffers any more
+            with self._buffers_lock:
+                self._free_buffers = buffers
 
     def batches(self, start_token: int = 0) -> Iterator[torch.Tensor]:
         """Endless ``(batch_tokens, D)`` batches of the stream, from token ``start_token``.
@@ -164,7 +170,7 @@ class TokenLoader:
         """
         b = self.cfg.batch_tokens
         carry: np.ndarray | None = None  # tail of the previous window, shorter than a batch
-        recycled = _Recycler((b, self.d_model), self.array.dtype)
+        recycled = self._batch_memory
 
         def gather(window: np.ndarray, idx: np.ndarray) -> np.ndarray:
             if len(idx) < b:  # a window's tail: a copy (the window's buffer is refilled later)
@@ -187,6 +193,55 @@ class TokenLoader:
                 carry = gather(window, order[pos:])
 
 
+class _Window:
+    """One window's chunks, read into its buffer by whichever thread is free: the prefetch thread, and the
+    consumer whenever it would otherwise wait for them (a consumer idling while one thread reads leaves a
+    core unused: the first window of every stream, and any window the consumer catches up with).
+
+    Batches are gathered from the window in its draw order and converted one at a time, so the window is
+    never copied whole again.
+    """
+
+    def __init__(self, loader: TokenLoader, epoch: int, w: int, chunks: np.ndarray, buf_ND: np.ndarray,
+                 closed: threading.Event):
+        ends = np.cumsum(loader.tokens_per_chunk[chunks]).tolist()
+        self.spans = list(zip([0, *ends[:-1]], ends))  # where each chunk's tokens go in the buffer
+        self.loader, self.chunks, self.buf_ND, self.closed = loader, chunks, buf_ND, closed
+        self.order_seed = [loader.cfg.seed, 3, epoch, w]
+        self._cond = threading.Condition()
+        self._taken, self._unfinished = 0, len(chunks)
+        self._error: BaseException | None = None
+
+    def work(self) -> None:
+        """Read chunks nobody has taken yet until none is left; after the stream is closed, none."""
+        while True:
+            with self._cond:
+                i, self._taken = self._taken, self._taken + 1
+            if i >= len(self.chunks):
+                return
+            try:
+                if not self.closed.is_set() and self._error is None:
+                    lo, hi = self.spans[i]
+                    self.loader._read_chunk(int(self.chunks[i]), self.buf_ND[lo:hi])
+            except BaseException as err:  # noqa: BLE001 - raised again in the consumer by result()
+                self._error = err
+            finally:
+                with self._cond:
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window's tokens (unshuffled, float16) and the order to draw them in, once every chunk is in;
+        reads the chunks nobody has taken meanwhile."""
+        self.work()
+        with self._cond:
+            self._cond.wait_for(lambda: self._unfinished == 0)
+        if self._error is not None:
+            raise self._error
+        n_tokens = self.spans[-1][1]
+        return self.buf_ND[:n_tokens], np.random.default_rng(self.order_seed).permutation(n_tokens)
+
+
 def _gather(window_ND: np.ndarray, idx: np.ndarray, out_BD: np.ndarray) -> np.ndarray:
     """Rows ``idx`` of the window into ``out_BD``.
 
@@ -201,18 +256,21 @@ class _Recycler:
 
     A fresh batch (38 MB at the paper's 128 images) is above malloc's mmap threshold, so
     each one would be mapped, page-faulted and zeroed anew; reusing a few costs nothing.
+    A loader keeps one for all its streams, so a new stream (an evaluation) starts with warm memory.
     A batch the consumer still holds (directly, through a tensor or a view) is never reused.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 4):
         self.shape, self.dtype, self.keep = shape, dtype, keep
         self.pool: list[np.ndarray] = []
+        self.lock = threading.Lock()  # two streams of one loader may run in two threads
 
     def array(self) -> np.ndarray:
-        for a in self.pool:
-            if sys.getrefcount(a) == 3:  # the pool's list, the loop's name and getrefcount's argument
-                return a
-        a = np.empty(self.shape, self.dtype)
-        if len(self.pool) < self.keep:
-            self.pool.append(a)
-        return a
+        with self.lock:
+            for a in self.pool:
+                if sys.getrefcount(a) == 3:  # the pool's list, the loop's name and getrefcount's argument
+                    return a
+            a = np.empty(self.shape, self.dtype)
+            if len(self.pool) < self.keep:
+                self.pool.append(a)
+            return a

@@ -30,7 +30,7 @@ from zarr.codecs import ZstdCodec
 from cache import schema
 from cache.digest import digest
 from cache.errors import DamagedShard, UserError
-from cache.shardfile import read_rows, write_rows
+from cache.shardfile import ShardReader, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +351,7 @@ class ActivationStore:
         self._sums: np.ndarray | None = None
         self._meta: tuple[np.ndarray, np.ndarray] | None = None
         self._arrays: dict[int, zarr.Array] = {}
+        self._readers: dict[int, ShardReader] = {}
 
     # -- metadata -----------------------------------------------------------------
     @property
@@ -401,6 +402,11 @@ class ActivationStore:
         if layer not in self._arrays:  # opening reads and parses its metadata: once per store object
             self._arrays[layer] = self.group[schema.acts_path(layer)]
         return self._arrays[layer]
+
+    def _reader(self, layer: int) -> ShardReader:
+        if layer not in self._readers:
+            self._readers[layer] = ShardReader(self.acts(layer))
+        return self._readers[layer]
 
     @property
     def labels(self) -> np.ndarray:
@@ -462,7 +468,7 @@ class ActivationStore:
         c = self.images_per_chunk
         if start % c or (stop % c and stop != self.n_images):
             raise ValueError(f"rows {start}:{stop} are not whole chunks of {c} images")
-        array, column = self.acts(layer), self.layers.index(layer)
+        array, reader, column = self.acts(layer), self._reader(layer), self.layers.index(layer)
         shard_rows = self.images_per_shard
         if out is None:
             out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
@@ -471,7 +477,7 @@ class ActivationStore:
         while lo < stop:  # one shard (one file) per read
             hi = min(stop, (lo // shard_rows + 1) * shard_rows)
             try:
-                read_rows(array, lo, hi, out=out[lo - start:hi - start], chunk_digests=digests)
+                reader.read(lo, hi, out=out[lo - start:hi - start], chunk_digests=digests)
             except Exception as err:  # noqa: BLE001 - a truncated or overwritten file raises anything
                 self._damaged(lo // c, f"layer {layer} cannot be read: {type(err).__name__}: {err}")
             lo = hi

@@ -128,3 +128,73 @@ def test_stream_is_the_same_whether_batches_are_kept_or_dropped(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(kept, dropped))
     assert len({x.data_ptr() for x in kept}) == 40
     assert len(addresses) < 10  # memory of dropped batches was reused
+
+
+def _reference_stream(store, cfg, split, n_tokens):
+    """The stream by its definition, in plain numpy: chunks holding tokens of the split in the seeded
+    order of each epoch, ``window_chunks`` at a time, each window's tokens in the window's seeded order."""
+    acts_NTD = store.acts(cfg.layer)[:]
+    rows = split_rows(store, cfg.val_fraction, cfg.seed)[split]
+    tokens = {"all": slice(None), "cls": slice(0, 1), "patches": slice(1, None)}[cfg.token_kind]
+    c = store.images_per_chunk
+    chunks = [acts_NTD[s:s + c][rows[s:s + c]][:, tokens].reshape(-1, acts_NTD.shape[2])
+              for s in range(0, store.n_images, c)]
+    chunks = [x for x in chunks if len(x)]
+    parts, epoch = [], 0
+    while sum(map(len, parts)) < n_tokens:
+        order = np.random.default_rng([cfg.seed, 2, epoch]).permutation(len(chunks))
+        for w, i in enumerate(range(0, len(order), cfg.window_chunks)):
+            window = np.concatenate([chunks[k] for k in order[i:i + cfg.window_chunks]])
+            parts.append(window[np.random.default_rng([cfg.seed, 3, epoch, w]).permutation(len(window))])
+        epoch += 1
+    return np.concatenate(parts)[:n_tokens]
+
+
+@pytest.mark.parametrize("kind,val,window,batch,start", [
+    ("all", 0.0, 3, 7, 0), ("all", 0.0, 4, 50, 333), ("patches", 0.0, 2, 9, 5), ("cls", 0.0, 5, 4, 0),
+    ("all", 0.3, 3, 11, 100), ("patches", 0.3, 64, 13, 7)])
+def test_batches_equal_a_plain_reference_of_the_stream(tmp_path, kind, val, window, batch, start):
+    store = _id_store(tmp_path)  # every token's first coordinate is its id: equal arrays mean equal order
+    cfg = LoaderConfig(layer=0, token_kind=kind, val_fraction=val, window_chunks=window, batch_tokens=batch, seed=5)
+    n_batches = 3 * TokenLoader(store, cfg).tokens_per_epoch // batch  # about three epochs
+    got = torch.cat(_take(TokenLoader(store, cfg), n_batches, start=start)).numpy()
+    want = _reference_stream(store, cfg, "train", start + n_batches * batch)[start:]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_closing_a_stream_stops_its_prefetch_and_the_next_stream_reuses_its_memory(tmp_path, monkeypatch):
+    """The prefetch of the second window, if it started, is blocked in its first chunk until the stream is
+    closing: it then reads no further chunk, and the loader's next stream fills the same two buffers with the same batches."""
+    import threading
+
+    import cache.loader as loader_module
+
+    store = _id_store(tmp_path)
+    cfg = LoaderConfig(layer=0, batch_tokens=7, window_chunks=4, seed=0)
+    want = _take(TokenLoader(store, cfg), 12)
+    loader = TokenLoader(store, cfg)
+    closing, reads, read = threading.Event(), [], store.read
+
+    class Pool(loader_module.ThreadPoolExecutor):
+        def shutdown(self, *args, **kwargs):  # the stream has told its reader to stop
+            closing.set()
+            super().shutdown(*args, **kwargs)
+
+    def slow_read(*args, **kwargs):
+        reads.append(args[1])
+        if len(reads) > cfg.window_chunks:  # the prefetch of the second window
+            assert closing.wait(timeout=60)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(store, "read", slow_read)
+    it = loader.batches(0)
+    next(it)
+    it.close()
+    assert len(reads) <= cfg.window_chunks + 1  # the first window, and at most the chunk being read
+    buffers = [b.__array_interface__["data"][0] for b in loader._free_buffers]
+    assert len(buffers) == 2
+    monkeypatch.setattr(store, "read", read)
+    got = _take(loader, 12)
+    assert all(torch.equal(x, y) for x, y in zip(want, got))
+    assert sorted(buffers) == sorted(b.__array_interface__["data"][0] for b in loader._free_buffers)
