@@ -289,9 +289,10 @@ class Trainer:
                     sums[name] = sums.get(name, 0) + value.detach() * share
                 codes = codes.detach()
                 part_err = (xn_MD.float() - xn_hat_MD.float()).pow(2).sum()
-                counts_S = codes.fire_counts() if counts_S is None else counts_S + codes.fire_counts()
+                part_counts_S = codes.fire_counts()
+                counts_S = part_counts_S if counts_S is None else counts_S + part_counts_S
                 err = part_err if err is None else err + part_err
-                l0 = codes.l0().sum() if l0 is None else l0 + codes.l0().sum()
+                l0 = part_counts_S.sum() if l0 is None else l0 + part_counts_S.sum()  # Σ_b L0_b
             kept = codes if len(parts) == 1 else None
             del f, raw, values, loss, codes, pre_MS, xn_hat_MD
         if not torch.isfinite(sums["loss"]):
