@@ -22,20 +22,24 @@ are printed last.
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-import torch
-from _util import peak_rss_mb
-
-from pipeline.sae import TrainConfig, Trainer, build, config_class
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar (read when tqdm is imported)
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from _util import peak_rss_mb  # noqa: E402
+
+from pipeline.sae import TrainConfig, Trainer, build, config_class  # noqa: E402
 
 N_ACTIVE, FEATURES_PER_DIM, EXPANSION, K = 8, 4, 8, 8
 EVAL_TOKENS = 16_384
@@ -53,8 +57,8 @@ class Size:
 
 
 SIZES = {
-    128: Size(d_in=128, batch=4096, budget_share=1.0, l1_ours=4e-4, l1_lens=2.0),
-    768: Size(d_in=768, batch=4096, budget_share=0.1, l1_ours=1e-4, l1_lens=2.0),
+    128: Size(d_in=128, batch=4096, budget_share=1.0, l1_ours=1e-3, l1_lens=5.0),
+    768: Size(d_in=768, batch=1024, budget_share=0.05, l1_ours=7e-5, l1_lens=5.0),
 }
 
 
@@ -76,12 +80,72 @@ def planted(d_in: int, n_tokens: int, seed: int) -> torch.Tensor:
     return x_ND * (math.sqrt(d_in) / x_ND.norm(dim=1).mean())
 
 
-def batches(pool_ND: torch.Tensor, batch: int, n_steps: int) -> Iterator[torch.Tensor]:
-    """``n_steps`` batches: consecutive slices of the pool, wrapping around."""
-    per_pass = pool_ND.shape[0] // batch
-    for i in range(n_steps):
-        j = i % per_pass
-        yield pool_ND[j * batch:(j + 1) * batch]
+class Turns:
+    """Two trainers, each in its own thread, take turns of ``chunk`` batches; each one's clock runs only on its turn.
+
+    So both see the same machine load, drift included (the ratio is robust to other work on
+    the machine), while each runs its own unmodified training loop, start-up included.
+    """
+
+    def __init__(self, chunk: int):
+        self.chunk, self.turn, self.done = chunk, 0, [False, False]
+        self.seconds = [0.0, 0.0]
+        self.started: list[float | None] = [None, None]  # when each clock last started (None: stopped)
+        self.cond = threading.Condition()
+
+    def run(self, jobs) -> list:
+        """Run the two ``jobs(turns, me)`` in turns; returns their results."""
+        results: list = [None, None]
+        errors: list = []
+
+        def worker(me: int) -> None:
+            self._wait(me)
+            try:
+                results[me] = jobs[me](self, me)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+            finally:
+                self._stop(me)
+                with self.cond:
+                    self.done[me] = True
+                    self.turn = 1 - me
+                    self.cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(me,)) for me in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    def _wait(self, me: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == me or self.done[1 - me])
+        self.started[me] = time.perf_counter()
+
+    def _stop(self, me: int) -> None:
+        if self.started[me] is not None:
+            self.seconds[me] += time.perf_counter() - self.started[me]
+            self.started[me] = None
+
+    def stop_clock(self, me: int) -> None:
+        """End this trainer's timing (training is over; evaluation follows, untimed)."""
+        self._stop(me)
+
+    def batches(self, me: int, pool_ND: torch.Tensor, batch: int, n_steps: int) -> Iterator[torch.Tensor]:
+        """``n_steps`` batches, consecutive slices of the pool (wrapping around), handing over every ``chunk``."""
+        per_pass = pool_ND.shape[0] // batch
+        for i in range(n_steps):
+            if i and i % self.chunk == 0:
+                self._stop(me)
+                with self.cond:
+                    self.turn = 1 - me
+                    self.cond.notify_all()
+                self._wait(me)
+            j = i % per_pass
+            yield pool_ND[j * batch:(j + 1) * batch]
 
 
 def fvu_l0(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, acts_l0_N: torch.Tensor) -> tuple[float, float]:
@@ -90,29 +154,27 @@ def fvu_l0(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, acts_l0_N: torch.Tensor) 
     return float(fvu), float(acts_l0_N.float().mean())
 
 
-def train_ours(arch: str, size: Size, pool_ND, n_steps: int, lr: float, warmup: int, eval_ND):
-    start = time.perf_counter()
+def train_ours(turns: Turns, me: int, arch: str, size: Size, pool_ND, n_steps: int, lr: float, warmup: int, eval_ND):
     extra = {"l1": size.l1_ours} if arch == "relu" else {"k": K}
     sae = build(config_class(arch)(d_in=size.d_in, d_sae=EXPANSION * size.d_in, **extra), seed=0)
     trainer = Trainer(sae, TrainConfig(lr=lr, warmup_steps=warmup, batch_tokens=size.batch,
                                        log_every=10**9, checkpoint_every=10**9))
     trainer.init_from_sample(pool_ND[:size.batch])
-    trainer.fit(batches(pool_ND, size.batch, n_steps))
-    seconds = time.perf_counter() - start
+    trainer.fit(turns.batches(me, pool_ND, size.batch, n_steps))
+    turns.stop_clock(me)
     sae.eval()
     with torch.no_grad():
         x_hat_ND, codes = sae(eval_ND)
-    return seconds, *fvu_l0(eval_ND, x_hat_ND, codes.l0())
+    return fvu_l0(eval_ND, x_hat_ND, codes.l0())
 
 
-def train_lens(arch: str, size: Size, pool_ND, n_steps: int, lr: float, warmup: int, eval_ND):
+def train_lens(turns: Turns, me: int, arch: str, size: Size, pool_ND, n_steps: int, lr: float, warmup: int, eval_ND):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    start = time.perf_counter()
     shape = dict(d_in=size.d_in, d_sae=EXPANSION * size.d_in)
     if arch == "relu":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**shape, l1_coefficient=size.l1_lens))
@@ -124,25 +186,29 @@ def train_lens(arch: str, size: Size, pool_ND, n_steps: int, lr: float, warmup: 
         total_training_samples=n_steps * size.batch, train_batch_size_samples=size.batch, lr=lr,
         lr_end=lr, lr_warm_up_steps=warmup, logger=LoggingConfig(log_to_wandb=False),
     )
-    SAETrainer(cfg=cfg, sae=sae, data_provider=batches(pool_ND, size.batch, n_steps)).fit()
-    seconds = time.perf_counter() - start
+    SAETrainer(cfg=cfg, sae=sae, data_provider=turns.batches(me, pool_ND, size.batch, n_steps)).fit()
+    turns.stop_clock(me)
     sae.eval()
     with torch.no_grad():
         acts_NS, pre_NS = sae.encode_with_hidden_pre(eval_ND)
         if arch == "batchtopk":  # its inference form (saved as JumpReLU): the learned threshold
             acts_NS = pre_NS.relu() * (pre_NS > sae.topk_threshold)
         x_hat_ND = sae.decode(acts_NS)
-    return seconds, *fvu_l0(eval_ND, x_hat_ND, (acts_NS > 0).sum(dim=1))
+    return fvu_l0(eval_ND, x_hat_ND, (acts_NS > 0).sum(dim=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1_000_000,
-                        help="token budget at d 128 (d 768 trains a tenth of it)")
+                        help="token budget at d 128 (d 768 trains a twentieth of it)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=5, help="steps per turn (the trainers alternate)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(SIZES), choices=sorted(SIZES))
-    parser.add_argument("--archs", nargs="+", default=["relu", "topk", "batchtopk"])
+    parser.add_argument("--archs", nargs="+", default=["relu", "topk", "batchtopk"],
+                        choices=["relu", "topk", "batchtopk"])
+    parser.add_argument("--l1-ours", type=float, help="our ReLU's L1 weight (default: per size)")
+    parser.add_argument("--l1-lens", type=float, help="SAELens's ReLU L1 weight (default: per size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import_start = time.perf_counter()
@@ -153,6 +219,9 @@ def main() -> None:
     rows = []
     for d in args.sizes:
         size = SIZES[d]
+        for field, value in (("l1_ours", args.l1_ours), ("l1_lens", args.l1_lens)):
+            if value is not None:
+                size = dataclasses.replace(size, **{field: value})
         n_steps = max(1, round(args.tokens * size.budget_share / size.batch))
         warmup = max(1, n_steps // 10)
         pool_ND = planted(d, min(n_steps, 256) * size.batch, seed=1)
@@ -161,8 +230,11 @@ def main() -> None:
               f" tokens (pool {pool_ND.shape[0]:,}), lr {args.lr}, warm-up {warmup} steps, k {K},"
               f" L1 ours {size.l1_ours:g} / SAELens {size.l1_lens:g}")
         for arch in args.archs:
-            for tool, train in (("ours", train_ours), ("SAELens", train_lens)):
-                seconds, fvu, l0 = train(arch, size, pool_ND, n_steps, args.lr, warmup, eval_ND)
+            turns = Turns(args.chunk)
+            run = dict(arch=arch, size=size, pool_ND=pool_ND, n_steps=n_steps, lr=args.lr, warmup=warmup,
+                       eval_ND=eval_ND)
+            results = turns.run([functools.partial(train_ours, **run), functools.partial(train_lens, **run)])
+            for tool, seconds, (fvu, l0) in zip(("ours", "SAELens"), turns.seconds, results):
                 tok_s = n_steps * size.batch / seconds
                 rows.append((d, arch, tool, tok_s))
                 print(f"  {arch:9s} {tool:7s} {seconds:7.1f} s  {tok_s:9,.0f} tokens/s  FVU {fvu:.3f}  L0 {l0:6.1f}",
