@@ -212,7 +212,7 @@ class Codes:
         if self.acts_BS is not None:
             return self.acts_BS
         out_BS = self.vals_BK.new_zeros(self.vals_BK.shape[0], self.d_sae)
-        return out_BS.scatter(1, self.idx_BK, self.vals_BK)
+        return out_BS.scatter_add(1, self.idx_BK, self.vals_BK)  # adding: an inactive slot may repeat an index
 
     def l0(self) -> Tensor:
         """Number of active (> 0) latents per token, float (B,)."""
