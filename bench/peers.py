@@ -57,8 +57,8 @@ class Size:
 
 
 SIZES = {
-    128: Size(d_in=128, batch=4096, budget_share=1.0, l1_ours=1e-3, l1_lens=5.0),
-    768: Size(d_in=768, batch=1024, budget_share=0.05, l1_ours=7e-5, l1_lens=5.0),
+    128: Size(d_in=128, batch=4096, budget_share=1.0, l1_ours=1.2e-3, l1_lens=5.0),
+    768: Size(d_in=768, batch=1024, budget_share=0.25, l1_ours=3e-4, l1_lens=5.0),
 }
 
 
@@ -200,7 +200,7 @@ def train_lens(turns: Turns, me: int, arch: str, size: Size, pool_ND, n_steps: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1_000_000,
-                        help="token budget at d 128 (d 768 trains a twentieth of it)")
+                        help="token budget at d 128 (d 768: a quarter of it, in batches of 1,024)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=5, help="steps per turn (the trainers alternate)")
     parser.add_argument("--lr", type=float, default=1e-3)

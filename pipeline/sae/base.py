@@ -179,8 +179,8 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
 class Codes:
     """The latent codes of a batch of tokens, dense or as fixed-width (value, index) pairs.
 
-    Exactly one representation is set: ``acts_BS`` (dense, relu and BatchTopK) or
-    ``vals_BK`` + ``idx_BK`` (TopK). Values are ≥ 0; a (value, index) slot whose value is 0
+    Exactly one representation is set: ``acts_BS`` (dense: relu, BatchTopK at inference) or
+    ``vals_BK`` + ``idx_BK`` (TopK; BatchTopK in training). Values are ≥ 0; a (value, index) slot whose value is 0
     is not active. Codes are in the SAE's normalised units.
     """
 

@@ -4,13 +4,14 @@ TopK (Gao et al. 2024): per token, keep the k largest pre-activations, then ReLU
 fixed-width (vals_BK, idx_BK) pairs; a slot whose value is 0 is inactive, so L0 ≤ k.
 
 BatchTopK (Bussmann et al. 2024): during training, keep the k·B largest ReLU'd
-pre-activations across the whole batch of B tokens, so tokens share a budget of k on
-average. Inference cannot depend on the batch, so in eval mode a latent is active when its
+pre-activations across the whole batch of B tokens (all of them at a tie with the k·B-th),
+so tokens share a budget of k on average; training codes are (vals_BK, idx_BK) pairs as
+wide as the busiest token, padded with inactive 0 slots (``batch_top``). Inference cannot depend on the batch, so in eval mode a latent is active when its
 ReLU'd pre-activation exceeds a threshold θ: the running estimate (rate
 ``config.threshold_lr``; the first estimate is taken as is) of the smallest activation kept
 in each training batch. θ is a buffer saved in the checkpoint. At inference the number of
 active latents per token therefore varies (mean ≈ k), and before any training step θ = 0
-(every positive pre-activation is kept). Codes are dense (B, S).
+(every positive pre-activation is kept). Inference codes are dense (B, S).
 """
 
 from __future__ import annotations
