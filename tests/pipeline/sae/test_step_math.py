@@ -15,6 +15,7 @@ from sae_helpers import make_sae_config, random_batches
 from pipeline.sae import Codes, build
 from pipeline.sae import base as sae_base
 from pipeline.sae import topk as topk_module
+from pipeline.sae.geometry import remove_parallel_grad_
 from pipeline.sae.topk import batch_top
 
 
@@ -172,3 +173,17 @@ def test_decoders_equal_their_plain_forms(zero_slots):
     acts_BS = torch.relu(torch.randn(20, 48, generator=g))
     torch.testing.assert_close(sae.decode_normed(Codes(d_sae=48, acts_BS=acts_BS)),
                                acts_BS @ sae.W_dec + sae.b_dec)
+
+
+def test_parallel_gradient_removal_equals_the_normalised_row_form():
+    sae = build(make_sae_config("relu"), seed=0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(48, 1, generator=g) + 0.5)  # rows not unit: the formula must not assume it
+    grad_SD = torch.randn(48, 16, generator=g)
+    sae.W_dec.grad = grad_SD.clone()
+    remove_parallel_grad_(sae)
+    w_SD = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    plain_SD = grad_SD - (grad_SD * w_SD).sum(dim=1, keepdim=True) * w_SD
+    torch.testing.assert_close(sae.W_dec.grad, plain_SD, rtol=1e-5, atol=1e-6)
+    assert (sae.W_dec.grad * w_SD).sum(dim=1).abs().max() < 1e-5
