@@ -4,10 +4,11 @@
 
 `sae-lens` is installed for this benchmark only (the `interop` extra); it is never a
 dependency of the project. Each size trains ReLU+L1, TopK and BatchTopK (k = 8) with both
-trainers, one after the other in this process, on the same in-memory pool of activations,
-with the same token budget, batch, learning rate, warm-up and thread count. Wall time runs
-from building the SAE to the end of training (our start-up includes the norm-free b_dec
-init from a sample; SAELens's its trainer set-up); the data pool is made beforehand.
+trainers on the same in-memory pool of activations, with the same token budget, batch,
+learning rate, warm-up and thread count. The two trainers run in turns of ``--chunk``
+steps (``Turns``), each timed on its own turns from building the SAE to its last step, so
+start-up counts (ours: the b_dec init from a sample; SAELens: its trainer's set-up) and
+load from other work hits both alike. The data pool is made beforehand.
 
 Data: a planted dictionary in superposition (4·D unit features, 8 active per token drawn
 ∝ 1/i, exponential magnitudes), scaled so tokens have mean norm √D, which is what both
@@ -27,19 +28,19 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar (read when tqdm is imported)
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import argparse
+import dataclasses
+import functools
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import torch  # noqa: E402
-from _util import peak_rss_mb  # noqa: E402
+import torch
+from _util import peak_rss_mb
 
-from pipeline.sae import TrainConfig, Trainer, build, config_class  # noqa: E402
+from pipeline.sae import TrainConfig, Trainer, build, config_class
 
 N_ACTIVE, FEATURES_PER_DIM, EXPANSION, K = 8, 4, 8, 8
 EVAL_TOKENS = 16_384
@@ -102,7 +103,7 @@ class Turns:
             self._wait(me)
             try:
                 results[me] = jobs[me](self, me)
-            except BaseException as exc:  # reported by the main thread
+            except Exception as exc:  # noqa: BLE001  (re-raised by the main thread)
                 errors.append(exc)
             finally:
                 self._stop(me)
@@ -170,12 +171,18 @@ def train_ours(turns: Turns, me: int, arch: str, size: Size, pool_ND, n_steps: i
 
 def train_lens(turns: Turns, me: int, arch: str, size: Size, pool_ND, n_steps: int, lr: float, warmup: int, eval_ND):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.batchtopk_sae import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.standard_sae import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+    )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    shape = dict(d_in=size.d_in, d_sae=EXPANSION * size.d_in)
+    shape = {"d_in": size.d_in, "d_sae": EXPANSION * size.d_in}
     if arch == "relu":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**shape, l1_coefficient=size.l1_lens))
     elif arch == "topk":
@@ -212,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import_start = time.perf_counter()
-    import sae_lens  # noqa: F401  (imported once, outside the timed runs)
+    import sae_lens  # imported once, outside the timed runs
     print(f"sae-lens {sae_lens.__version__} imported in {time.perf_counter() - import_start:.1f} s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
@@ -231,8 +238,8 @@ def main() -> None:
               f" L1 ours {size.l1_ours:g} / SAELens {size.l1_lens:g}")
         for arch in args.archs:
             turns = Turns(args.chunk)
-            run = dict(arch=arch, size=size, pool_ND=pool_ND, n_steps=n_steps, lr=args.lr, warmup=warmup,
-                       eval_ND=eval_ND)
+            run = {"arch": arch, "size": size, "pool_ND": pool_ND, "n_steps": n_steps, "lr": args.lr,
+                   "warmup": warmup, "eval_ND": eval_ND}
             results = turns.run([functools.partial(train_ours, **run), functools.partial(train_lens, **run)])
             for tool, seconds, (fvu, l0) in zip(("ours", "SAELens"), turns.seconds, results):
                 tok_s = n_steps * size.batch / seconds
