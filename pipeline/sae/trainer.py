@@ -28,7 +28,8 @@ the whole batch's; everything judged over the batch stays whole-batch: the dead 
 before the step), AuxK's residual variance (a no-grad pass over the parts first, only while
 latents are dead), BatchTopK's k·B budget (``SAE.batch_context``, a no-grad pass first), the
 firing counters (the parts' counts are added as one batch), θ, and the logged L0 and FVU. The
-update equals the one-part step up to float rounding (summation order), or ties at BatchTopK's cut.
+update equals the one-part step up to float rounding (summation order); BatchTopK keeps every
+value tied with its cut either way.
 
 bf16: ``TrainConfig.dtype="bfloat16"`` runs the SAE forward under ``torch.autocast`` with
 float32 master weights and float32 losses; there is no gradient scaler (bf16 needs none),
