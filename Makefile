@@ -46,11 +46,12 @@ test: setup-test browser
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup-test
 	$(PY) bench/writer.py
 	$(PY) bench/extract.py
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
+	$(PY) bench/peers.py
 	$(PY) bench/encode.py
 	$(PY) bench/stats.py
 	$(PY) bench/masking.py

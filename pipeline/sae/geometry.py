@@ -76,8 +76,10 @@ def remove_parallel_grad_(sae: SAE) -> None:
     grad = sae.W_dec.grad
     if grad is None:
         return
-    w_SD = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    grad -= (grad * w_SD).sum(dim=1, keepdim=True) * w_SD
+    # g − (g·w / ‖w‖²) w, without first building w / ‖w‖ (fewer passes over (S, D))
+    W_SD = sae.W_dec
+    coef_S1 = (grad * W_SD).sum(dim=1, keepdim=True) / W_SD.norm(dim=1, keepdim=True).pow(2).clamp_min(1e-24)
+    grad.addcmul_(W_SD, coef_S1, value=-1)
 
 
 @torch.no_grad()

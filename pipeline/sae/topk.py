@@ -4,13 +4,14 @@ TopK (Gao et al. 2024): per token, keep the k largest pre-activations, then ReLU
 fixed-width (vals_BK, idx_BK) pairs; a slot whose value is 0 is inactive, so L0 ≤ k.
 
 BatchTopK (Bussmann et al. 2024): during training, keep the k·B largest ReLU'd
-pre-activations across the whole batch of B tokens, so tokens share a budget of k on
-average. Inference cannot depend on the batch, so in eval mode a latent is active when its
+pre-activations across the whole batch of B tokens (all of them at a tie with the k·B-th),
+so tokens share a budget of k on average; training codes are (vals_BK, idx_BK) pairs as
+wide as the busiest token, padded with inactive 0 slots (``batch_top``). Inference cannot depend on the batch, so in eval mode a latent is active when its
 ReLU'd pre-activation exceeds a threshold θ: the running estimate (rate
 ``config.threshold_lr``; the first estimate is taken as is) of the smallest activation kept
 in each training batch. θ is a buffer saved in the checkpoint. At inference the number of
 active latents per token therefore varies (mean ≈ k), and before any training step θ = 0
-(every positive pre-activation is kept). Codes are dense (B, S).
+(every positive pre-activation is kept). Inference codes are dense (B, S).
 """
 
 from __future__ import annotations
@@ -88,9 +89,71 @@ class BatchBudget:
     min_kept: Tensor  # the smallest positive kept value (inf if none), which θ follows
 
 
+SAMPLE_VALUES = 2**18
+"""``batch_top`` guesses its floor from about this many values of the batch (whole tokens)."""
+FLOOR_MARGINS = (2, 8)
+"""Floors ``batch_top`` tries: the sample's rank at these multiples of the budget, then 0."""
+
+
+def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None = None) -> tuple[Codes, Tensor]:
+    """BatchTopK's training selection: every ReLU'd pre-activation ≥ the cut, as sparse codes.
+
+    The cut is ``cut`` if given, else the ``n_keep``-th largest ReLU'd value of the whole
+    (B, S) batch (0 if fewer are positive); values ≥ it and > 0 are kept, so ties at the cut
+    are all kept (as the micro-batched step always did). Returns (codes, cut); codes are
+    (vals_BK, idx_BK) with K the most any token kept, kept slots first, the rest 0.
+
+    A flat top-(k·B) over B·S values costs ~8× a per-token TopK on CPU, so instead: guess a
+    floor t from a sample of tokens, gather every positive value ≥ t in one pass, and if
+    there are at least ``n_keep`` of them, the cut (≥ t) is their ``n_keep``-th largest and
+    every kept value is among them: the plain definition's result. Too few: a lower floor,
+    at last 0 (every positive value).
+    """
+    n_rows, n_latents = pre_BS.shape
+    with torch.no_grad():
+        p_BS = pre_BS.detach().float()
+        margins = iter(FLOOR_MARGINS)
+        floor = cut
+        while True:
+            if n_keep is not None:
+                margin = next(margins, None)
+                floor = None if margin is None else _sample_floor(p_BS, margin * n_keep)
+            above_BS = p_BS > 0 if floor is None or not floor > 0 else p_BS >= floor
+            rows_N, cols_N = above_BS.nonzero(as_tuple=True)
+            if n_keep is None or len(rows_N) >= n_keep or floor is None:
+                break
+        vals_N = p_BS[rows_N, cols_N]
+        if n_keep is not None:
+            cut = _kth_largest(vals_N, n_keep) if len(vals_N) >= n_keep else vals_N.new_zeros(())
+            kept_N = vals_N >= cut
+            rows_N, cols_N = rows_N[kept_N], cols_N[kept_N]
+        # rows come sorted (nonzero is row-major): slot = rank within the row
+        count_B = torch.bincount(rows_N, minlength=n_rows)
+        n_slots = max(1, int(count_B.max()))
+        slot_N = torch.arange(len(rows_N), device=rows_N.device) - (count_B.cumsum(0) - count_B)[rows_N]
+        idx_BK = rows_N.new_zeros(n_rows, n_slots).index_put_((rows_N, slot_N), cols_N)
+        live_BK = torch.arange(n_slots, device=rows_N.device) < count_B[:, None]
+    vals_BK = torch.relu(pre_BS.gather(1, idx_BK)) * live_BK
+    return Codes(d_sae=n_latents, vals_BK=vals_BK, idx_BK=idx_BK), cut
+
+
+def _sample_floor(p_BS: Tensor, rank: int) -> Tensor:
+    """A guess at the ``rank``-th largest value of ``p_BS`` from evenly spaced tokens (≥ 0)."""
+    n_rows = p_BS.shape[0]
+    step = max(1, n_rows * p_BS.shape[1] // SAMPLE_VALUES)
+    sample = p_BS[::step].flatten()
+    return torch.relu(_kth_largest(sample, max(1, rank * len(p_BS[::step]) // n_rows)))
+
+
+def _kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest of a 1-D tensor (the smallest one if k exceeds its length)."""
+    return values.kthvalue(values.numel() - min(k, values.numel()) + 1).values
+
+
 @register("batchtopk", BatchTopKConfig)
 class BatchTopKSAE(SAE):
-    """Batch TopK in training mode; threshold θ (buffer ``threshold``) in eval mode."""
+    """Batch TopK in training mode (sparse codes, ``batch_top``); threshold θ (buffer
+    ``threshold``) in eval mode (dense codes)."""
 
     config: BatchTopKConfig
     default_revival = "auxk"
@@ -102,14 +165,10 @@ class BatchTopKSAE(SAE):
         self.register_buffer("n_threshold_updates", torch.zeros((), dtype=torch.int64))
 
     def activate(self, pre_BS: Tensor) -> Codes:
-        acts_BS = torch.relu(pre_BS)
         if self.training:
-            flat = acts_BS.flatten()
-            n_keep = min(self.config.k * acts_BS.shape[0], flat.numel())
-            vals, idx = flat.topk(n_keep, sorted=False)
-            acts_BS = torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts_BS)
-        else:
-            acts_BS = acts_BS * (acts_BS > self.threshold.to(acts_BS.dtype))
+            return batch_top(pre_BS, n_keep=self.config.k * pre_BS.shape[0])[0]
+        acts_BS = torch.relu(pre_BS)
+        acts_BS = acts_BS * (acts_BS > self.threshold.to(acts_BS.dtype))
         return Codes(d_sae=self.config.d_sae, acts_BS=acts_BS)
 
     @torch.no_grad()
@@ -129,15 +188,14 @@ class BatchTopKSAE(SAE):
     def activate_part(self, pre_BS: Tensor, context: BatchBudget | None) -> Codes:
         if context is None:
             return self.activate(pre_BS)
-        acts_BS = torch.relu(pre_BS)
-        return Codes(d_sae=self.config.d_sae, acts_BS=acts_BS * (acts_BS.float() >= context.cut))
+        return batch_top(pre_BS, cut=context.cut)[0]
 
     @torch.no_grad()
     def update_running_stats_(self, codes: Codes | None, context: BatchBudget | None = None) -> None:
         """Move θ toward the smallest positive activation kept in this training batch."""
         if context is None:
-            acts = codes.dense().detach().to(torch.float32)
-            min_kept = torch.where(acts > 0, acts, torch.inf).min()
+            vals = (codes.acts_BS if codes.acts_BS is not None else codes.vals_BK).detach().float()
+            min_kept = torch.where(vals > 0, vals, torch.inf).min()
         else:
             min_kept = context.min_kept
         seen = torch.isfinite(min_kept)

@@ -28,7 +28,8 @@ the whole batch's; everything judged over the batch stays whole-batch: the dead 
 before the step), AuxK's residual variance (a no-grad pass over the parts first, only while
 latents are dead), BatchTopK's k·B budget (``SAE.batch_context``, a no-grad pass first), the
 firing counters (the parts' counts are added as one batch), θ, and the logged L0 and FVU. The
-update equals the one-part step up to float rounding (summation order), or ties at BatchTopK's cut.
+update equals the one-part step up to float rounding (summation order); BatchTopK keeps every
+value tied with its cut either way.
 
 bf16: ``TrainConfig.dtype="bfloat16"`` runs the SAE forward under ``torch.autocast`` with
 float32 master weights and float32 losses; there is no gradient scaler (bf16 needs none),
@@ -289,9 +290,10 @@ class Trainer:
                     sums[name] = sums.get(name, 0) + value.detach() * share
                 codes = codes.detach()
                 part_err = (xn_MD.float() - xn_hat_MD.float()).pow(2).sum()
-                counts_S = codes.fire_counts() if counts_S is None else counts_S + codes.fire_counts()
+                part_counts_S = codes.fire_counts()
+                counts_S = part_counts_S if counts_S is None else counts_S + part_counts_S
                 err = part_err if err is None else err + part_err
-                l0 = codes.l0().sum() if l0 is None else l0 + codes.l0().sum()
+                l0 = part_counts_S.sum() if l0 is None else l0 + part_counts_S.sum()  # Σ_b L0_b
             kept = codes if len(parts) == 1 else None
             del f, raw, values, loss, codes, pre_MS, xn_hat_MD
         if not torch.isfinite(sums["loss"]):

@@ -56,13 +56,13 @@ def test_batchtopk_parts_keep_the_whole_batch_budget():
     sae = build(make_sae_config("batchtopk", k=3), seed=1)
     x = random_batches(1, batch=40, seed=4, offset=1.0)[0]
     pre = sae.pre_acts(x).detach()
-    whole = sae.activate(pre).acts_BS
+    whole = sae.activate(pre).dense()
     budget = sae.batch_context(pre.split(15), 40)
-    parts = torch.cat([sae.activate_part(p, budget).acts_BS for p in pre.split(15)])
+    parts = torch.cat([sae.activate_part(p, budget).dense() for p in pre.split(15)])
     assert torch.equal(parts, whole)
     assert int((whole > 0).sum()) == 3 * 40
     assert budget.min_kept == whole[whole > 0].min()
-    per_part = torch.cat([sae.activate(p).acts_BS for p in pre.split(15)])
+    per_part = torch.cat([sae.activate(p).dense() for p in pre.split(15)])
     assert not torch.equal(per_part, whole)  # each part's own budget would keep another set
 
 
