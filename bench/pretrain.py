@@ -17,7 +17,8 @@ from pathlib import Path
 
 from _util import peak_rss_mb
 
-from app.params import load_params, section
+from app.params import load_params
+from pipeline.configs import from_section
 from stages import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +32,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    settings = section(load_params(ROOT / "params.yaml"), "pretrain",
-                       {"model", "steps", "batch_size", "lr", "warmup_steps", "positives", "seed", "held_out",
-                        "eval_images", "device"})
+    settings = dict(load_params(ROOT / "params.yaml")["pretrain"])
     settings.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None})
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     try:
-        out = pretrain.run(pretrain.Config(out_dir=work / "run", threads=args.threads, progress=True, **settings))
+        cfg = from_section(pretrain.Config, "pretrain", settings,
+                           bound={"out_dir": work / "run", "threads": args.threads, "progress": True})
+        out = pretrain.run(cfg)
     finally:
         shutil.rmtree(work)
-    print(f"{settings['model']}: {out.steps} steps x {settings['batch_size']} pairs, "
-          f"{args.threads} threads")
+    print(f"{cfg.model}: {out.steps} steps x {cfg.batch_size} pairs, {cfg.precision}, {args.threads} threads")
     print(f"training wall time        : {out.train_seconds:7.1f} s   (target <= ~{TARGET_SECONDS:.0f} s)")
     print(f"zero-shot accuracy        : {100 * out.accuracy:7.1f} %   (target >= {100 * TARGET_ACCURACY:.0f} %, "
           f"{out.n_classes} classes, chance {100 / out.n_classes:.1f} %)")
