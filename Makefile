@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/stats.py
 	$(PY) bench/masking.py
 	$(PY) bench/distributed.py
+	$(PY) bench/pretrain_step.py
 	$(PY) bench/pretrain.py
 
 clean-demo:

@@ -17,9 +17,13 @@ from pathlib import Path
 
 from _util import peak_rss_mb
 
-from app.params import load_params
-from pipeline.configs import from_section
-from stages import pretrain
+from pipeline.threads import quiet_openmp
+
+quiet_openmp()  # as `pipeline pretrain` does, before torch is imported: waiting OpenMP threads sleep
+
+from app.params import load_params  # noqa: E402
+from pipeline.configs import from_section  # noqa: E402
+from stages import pretrain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_ACCURACY = 0.90

@@ -255,6 +255,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over ``_param_groups``, fused: one kernel for the whole update (steps 10 % faster on 2 CPU cores)."""
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=True)
+
+
 def contrastive_loss(model: torch.nn.Module, images_BRHW: torch.Tensor, tokens_BQ: torch.Tensor,
                      positive_BB: torch.Tensor, precision: str = "float32") -> torch.Tensor:
     """CLIP's symmetric InfoNCE of one batch with the model's learnable logit scale; image i's
@@ -358,8 +364,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, wo
                 started: float) -> Outputs:
     out_dir = cfg.out_dir
     image_size = world.image_size
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
-                                  fused=True)  # one kernel for the whole update: steps 10 % faster on 2 CPU cores
+    optimizer = make_optimizer(model, cfg)
     start_step, losses, train_seconds = 0, [], 0.0
     rng_state = torch.Generator().manual_seed(cfg.seed).get_state()  # the process's own default seed is random
     trainer_path = out_dir / TRAINER_NAME
@@ -465,7 +470,8 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
     return train_seconds + time.perf_counter() - resumed
 
 
-__all__ = ["Config", "Outputs", "run", "PairBatches", "lr_at", "contrastive_loss", "evaluate", "eval_record", "train_world"]
+__all__ = ["Config", "Outputs", "run", "PairBatches", "lr_at", "make_optimizer", "contrastive_loss", "evaluate",
+           "eval_record", "train_world"]
 
 
 def summary(out: Outputs) -> str:
