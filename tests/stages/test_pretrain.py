@@ -205,8 +205,9 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    whole = pretrain.run(_tiny(tmp_path / "whole", checkpoint_every=2, workers=1))
+@pytest.mark.parametrize("precision", pretrain.PRECISIONS)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, precision):
+    whole = pretrain.run(_tiny(tmp_path / "whole", checkpoint_every=2, workers=1, precision=precision))
     real_lr_at = pretrain.lr_at
 
     def crash_at_step_5(step, cfg):
@@ -214,7 +215,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
             raise _Killed
         return real_lr_at(step, cfg)
 
-    cfg = _tiny(tmp_path / "crashed", checkpoint_every=2)
+    cfg = _tiny(tmp_path / "crashed", checkpoint_every=2, precision=precision)
     monkeypatch.setattr(pretrain, "lr_at", crash_at_step_5)
     with pytest.raises(_Killed):
         pretrain.run(cfg)
