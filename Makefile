@@ -56,6 +56,7 @@ bench: setup-test
 	$(PY) bench/stats.py
 	$(PY) bench/masking.py
 	$(PY) bench/distributed.py
+	$(PY) bench/pretrain_step.py
 	$(PY) bench/pretrain.py
 
 clean-demo:

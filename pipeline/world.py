@@ -536,12 +536,13 @@ class SyntheticWorld:
         """Caption of image i naming all its attribute values."""
         return caption_for(self.scene(i))
 
-    def partial_caption_values(self, i) -> dict[str, str]:
+    def partial_caption_values(self, i, scene: dict[str, Any] | None = None) -> dict[str, str]:
         """The attribute values image i's partial caption names (``partial_caption_values``),
-        drawn from a stream of its own so images and full captions stay unchanged."""
+        drawn from a stream of its own so images and full captions stay unchanged. ``scene``:
+        image i's scene if the caller has it (from ``draw``), to save drawing it again."""
         i = self._index(i)
         rng = np.random.default_rng([_RNG_SALT, self.config.seed, self._split_id, i, 1])
-        return partial_caption_values(self.scene(i), rng)
+        return partial_caption_values(self.scene(i) if scene is None else scene, rng)
 
     def partial_caption(self, i) -> str:
         """Caption of image i naming a random subset of its attribute values (``partial_caption_values``)."""
@@ -549,10 +550,15 @@ class SyntheticWorld:
 
     def render(self, i) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 (H, W, R) image, bool (H, W) object mask) of image i."""
+        return self.draw(i)[1:]
+
+    def draw(self, i) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        """(scene, uint8 (H, W, R) image, bool (H, W) object mask) of image i: ``scene`` and
+        ``render`` from one pass over its stream, for callers that need both."""
         i = self._index(i)
         rng = self._rng(i)
         scene = _sample_scene(rng, self.class_attributes[i % self.n_classes], self._allowed)
-        return render_scene(scene, self.config.image_size, rng)
+        return (scene, *render_scene(scene, self.config.image_size, rng))
 
     def mask(self, i) -> np.ndarray:
         """Bool (H, W) object mask of image i (pixels at least half covered by the object)."""

@@ -30,8 +30,8 @@ BEFORE = {
     "remap": "--base --adapted --out --high --low --normalise --base-masking --adapted-masking --no-plots",
     "concept-addition": "--out --params --held-out --task --control --layer",
     "import": "--out --shape --dtype --key --labels --class-names --prefix-tokens --layer --model --overwrite",
-    "pretrain": "--world --out --model --steps --batch-size --lr --warmup-steps --positives --weight-decay --seed "
-                "--held-out --task --templates --eval-images --workers --overwrite --no-progress --threads "
+    "pretrain": "--world --out --model --steps --batch-size --lr --warmup-steps --positives --weight-decay --precision "
+                "--seed --held-out --task --templates --eval-images --workers --overwrite --no-progress --threads "
                 "--device --checkpoint-every",
     "adapt": "--dataset --root --out --model --pretrained --shots --seed --train-split --test-split --test-limit "
              "--n-ctx --depth --ctx-init --class-prompts --epochs --batch-size --lr --warmup-epochs --warmup-lr "

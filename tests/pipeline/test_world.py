@@ -60,6 +60,10 @@ def test_same_seed_gives_identical_images_captions_masks_in_any_order():
         assert np.array_equal(a.mask(i), forward[i][1])
         image, label = a[i]
         assert np.array_equal(np.asarray(image), forward[i][0]) and label == b[i][1]
+        scene, pixels_HWR, mask_HW = b.draw(i)  # one pass gives what scene and render give
+        assert scene == a.scene(i) and np.array_equal(pixels_HWR, forward[i][0])
+        assert np.array_equal(mask_HW, forward[i][1])
+        assert b.partial_caption_values(i, scene) == a.partial_caption_values(i)
     # The length does not change the content, nor does pickling (worker processes).
     longer = pickle.loads(pickle.dumps(make_world(500, seed=3)))
     assert all(np.array_equal(longer.render(i)[0], forward[i][0]) for i in range(30))

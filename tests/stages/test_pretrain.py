@@ -172,6 +172,23 @@ def test_contrastive_loss_is_clips_with_own_captions_and_spreads_the_target_over
     torch.testing.assert_close(pretrain.contrastive_loss(model, None, None, positive_BB), expected)
 
 
+def test_bfloat16_loss_runs_the_encoders_in_bfloat16_and_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip").train()
+    world = SyntheticWorld(WorldConfig(seed=3), n_images=16, split="train")
+    pairs = pretrain.PairBatches(world, 16, open_clip.get_tokenizer("tiny-clip"), (0.5,) * 3, (0.5,) * 3)
+    images_BRHW, tokens_BQ, true_BB = pairs[0]
+    seen = []
+    hook = model.visual.transformer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    full = pretrain.contrastive_loss(model, images_BRHW, tokens_BQ, true_BB, "float32")
+    half = pretrain.contrastive_loss(model, images_BRHW, tokens_BQ, true_BB, "bfloat16")
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16] and half.dtype == torch.float32
+    assert half != full and half.item() == pytest.approx(full.item(), rel=0.02)
+    half.backward()  # the math attention kernel's backward: every weight gets a float32 gradient
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     cfg = _tiny(Path("unused"), steps=100, warmup_steps=10, lr=1e-3)
     lrs = [pretrain.lr_at(s, cfg) for s in range(100)]
@@ -188,8 +205,9 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    whole = pretrain.run(_tiny(tmp_path / "whole", checkpoint_every=2, workers=1))
+@pytest.mark.parametrize("precision", pretrain.PRECISIONS)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, precision):
+    whole = pretrain.run(_tiny(tmp_path / "whole", checkpoint_every=2, workers=1, precision=precision))
     real_lr_at = pretrain.lr_at
 
     def crash_at_step_5(step, cfg):
@@ -197,7 +215,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
             raise _Killed
         return real_lr_at(step, cfg)
 
-    cfg = _tiny(tmp_path / "crashed", checkpoint_every=2)
+    cfg = _tiny(tmp_path / "crashed", checkpoint_every=2, precision=precision)
     monkeypatch.setattr(pretrain, "lr_at", crash_at_step_5)
     with pytest.raises(_Killed):
         pretrain.run(cfg)
@@ -242,6 +260,7 @@ def test_another_config_in_the_same_folder_is_refused(tmp_path):
     ({"task": "nope"}, "unknown --task 'nope'"),
     ({"templates": "mine"}, "unknown --templates 'mine'"),
     ({"positives": "all"}, "unknown --positives 'all'"),
+    ({"precision": "float16"}, "unknown --precision 'float16'"),
 ])
 def test_bad_config_values_are_user_errors(tmp_path, overrides, needle):
     with pytest.raises(UserError) as err:
