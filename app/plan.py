@@ -63,7 +63,7 @@ CODE_ENTRY_BYTES = 8  # int32 latent id + float32 value per nonzero
 SAE_COPIES_AT_REST = 5  # final weights, checkpoint weights, trainer state (weights, Adam m, Adam v)
 # float32 (B, S) tensors alive at the peak of one training step, revival active (measured with a
 # storage-counting dispatch mode: tests/app/test_plan.py), per architecture
-STEP_BS_TENSORS = {"relu": 6, "topk": 4, "batchtopk": 6}
+STEP_BS_TENSORS = {"relu": 5, "topk": 4, "batchtopk": 4}
 STEP_BD_TENSORS = 4  # float32 (B, D) tensors: input, normalised input, reconstruction, its gradient
 FIRING_BYTES_PER_LATENT = 24  # the trainer's dead-latent counters: two int64 and one float64 per latent
 CALIBRATION_IMAGES = 2
