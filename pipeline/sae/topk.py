@@ -132,8 +132,10 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
         n_slots = max(1, int(count_B.max()))
         slot_N = torch.arange(len(rows_N), device=rows_N.device) - (count_B.cumsum(0) - count_B)[rows_N]
         idx_BK = rows_N.new_zeros(n_rows, n_slots).index_put_((rows_N, slot_N), cols_N)
-        live_BK = torch.arange(n_slots, device=rows_N.device) < count_B[:, None]
-    vals_BK = torch.relu(pre_BS.gather(1, idx_BK)) * live_BK
+    # only the kept values are gathered (and their gradient scattered back): the padding
+    # slots, often most of (B, K), cost nothing but their zeros
+    vals_N = torch.relu(pre_BS[rows_N, cols_N])
+    vals_BK = vals_N.new_zeros(n_rows, n_slots).index_put((rows_N, slot_N), vals_N)
     return Codes(d_sae=n_latents, vals_BK=vals_BK, idx_BK=idx_BK), cut
 
 
