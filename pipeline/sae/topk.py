@@ -89,7 +89,7 @@ class BatchBudget:
     min_kept: Tensor  # the smallest positive kept value (inf if none), which θ follows
 
 
-SAMPLE_VALUES = 2**18
+SAMPLE_VALUES = 2**16
 """``batch_top`` guesses its floor from about this many values of the batch (whole tokens)."""
 FLOOR_MARGINS = (2, 8)
 """Floors ``batch_top`` tries: the sample's rank at these multiples of the budget, then 0."""
@@ -119,7 +119,8 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
                 margin = next(margins, None)
                 floor = None if margin is None else _sample_floor(p_BS, margin * n_keep)
             above_BS = p_BS > 0 if floor is None or not floor > 0 else p_BS >= floor
-            rows_N, cols_N = above_BS.nonzero(as_tuple=True)
+            flat_N = above_BS.view(-1).nonzero().squeeze(1)  # flat: ~20 % faster than (row, col) pairs
+            rows_N, cols_N = flat_N // n_latents, flat_N % n_latents
             if n_keep is None or len(rows_N) >= n_keep or floor is None:
                 break
         vals_N = p_BS[rows_N, cols_N]
