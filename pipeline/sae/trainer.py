@@ -219,7 +219,7 @@ class Trainer:
         self.terms = objectives(sae, cfg) if terms is None else terms
         self.schedule = cfg.schedule
         self.optimizer = torch.optim.Adam(
-            self.sae.parameters(), lr=self.schedule.lr_at(0), betas=cfg.betas, eps=cfg.adam_eps
+            self.sae.parameters(), lr=self.schedule.lr_at(0), betas=cfg.betas, eps=cfg.adam_eps, fused=True
         )
         self.firing = FiringCounter(
             sae.config.d_sae, window_tokens=sae.config.dead_window_tokens, device=self.device
