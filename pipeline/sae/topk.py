@@ -119,15 +119,14 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
                 margin = next(margins, None)
                 floor = None if margin is None else _sample_floor(p_BS, margin * n_keep)
             above_BS = p_BS > 0 if floor is None or not floor > 0 else p_BS >= floor
-            flat_N = above_BS.view(-1).nonzero().squeeze(1)  # flat: ~20 % faster than (row, col) pairs
-            rows_N, cols_N = flat_N // n_latents, flat_N % n_latents
-            if n_keep is None or len(rows_N) >= n_keep or floor is None:
+            flat_N = above_BS.reshape(-1).nonzero().squeeze(1)  # flat indices: ~20 % faster than (row, col) pairs
+            if n_keep is None or len(flat_N) >= n_keep or floor is None:
                 break
-        vals_N = p_BS[rows_N, cols_N]
         if n_keep is not None:
+            vals_N = p_BS.reshape(-1)[flat_N]
             cut = _kth_largest(vals_N, n_keep) if len(vals_N) >= n_keep else vals_N.new_zeros(())
-            kept_N = vals_N >= cut
-            rows_N, cols_N = rows_N[kept_N], cols_N[kept_N]
+            flat_N = flat_N[vals_N >= cut]
+        rows_N, cols_N = flat_N // n_latents, flat_N % n_latents
         # rows come sorted (nonzero is row-major): slot = rank within the row
         count_B = torch.bincount(rows_N, minlength=n_rows)
         n_slots = max(1, int(count_B.max()))
@@ -135,7 +134,7 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
         idx_BK = rows_N.new_zeros(n_rows, n_slots).index_put_((rows_N, slot_N), cols_N)
     # only the kept values are gathered (and their gradient scattered back): the padding
     # slots, often most of (B, K), cost nothing but their zeros
-    vals_N = torch.relu(pre_BS[rows_N, cols_N])
+    vals_N = torch.relu(pre_BS.reshape(-1)[flat_N])
     vals_BK = vals_N.new_zeros(n_rows, n_slots).index_put((rows_N, slot_N), vals_N)
     return Codes(d_sae=n_latents, vals_BK=vals_BK, idx_BK=idx_BK), cut
 
