@@ -90,12 +90,11 @@ def check_sae_fits_store(sae: SAE, store: ActivationStore) -> int:
 def codes_to_csr(codes: Codes) -> ShardCodes:
     """CSR of one batch: nonzeros per token in ascending latent order."""
     if codes.is_sparse:
-        order = codes.idx_BK.argsort(dim=1)
-        idx_BK = codes.idx_BK.gather(1, order)
-        vals_BK = codes.vals_BK.gather(1, order)
-        keep = vals_BK > 0
-        counts = keep.sum(1)
-        indices, values = idx_BK[keep], vals_BK[keep]
+        order = (codes.rows_N * codes.d_sae + codes.idx_N).argsort()  # by token, then latent
+        values, indices, rows = codes.vals_N[order], codes.idx_N[order], codes.rows_N[order]
+        keep = values > 0
+        indices, values = indices[keep], values[keep]
+        counts = torch.bincount(rows[keep], minlength=codes.n_tokens)
     else:
         rows, indices = codes.acts_BS.nonzero(as_tuple=True)
         values = codes.acts_BS[rows, indices]
@@ -184,7 +183,8 @@ def _drop_rows(codes: Codes, drop_B: torch.Tensor) -> Codes:
     if not drop_B.any():
         return codes
     if codes.is_sparse:
-        return Codes(d_sae=codes.d_sae, vals_BK=codes.vals_BK.masked_fill(drop_B[:, None], 0), idx_BK=codes.idx_BK)
+        return Codes(d_sae=codes.d_sae, vals_N=codes.vals_N.masked_fill(drop_B[codes.rows_N], 0),
+                     idx_N=codes.idx_N, count_B=codes.count_B)
     return Codes(d_sae=codes.d_sae, acts_BS=codes.acts_BS.masked_fill(drop_B[:, None], 0))
 
 

@@ -19,6 +19,7 @@ Shapes: W_enc (D, S), b_enc (S,), W_dec (S, D) with unit-norm rows, b_dec (D,).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import MISSING, dataclass
@@ -177,47 +178,69 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
 
 @dataclass(frozen=True, eq=False)
 class Codes:
-    """The latent codes of a batch of tokens, dense or as fixed-width (value, index) pairs.
+    """The latent codes of a batch of tokens, dense or as sparse entries.
 
     Exactly one representation is set: ``acts_BS`` (dense: relu, BatchTopK at inference) or
-    ``vals_BK`` + ``idx_BK`` (TopK; BatchTopK in training). Values are ≥ 0; a (value, index) slot whose value is 0
-    is not active. Codes are in the SAE's normalised units.
+    the entries ``vals_N``, ``idx_N`` with ``count_B`` (TopK; BatchTopK in training), in
+    token order: token b owns the ``count_B[b]`` consecutive entries after those of tokens
+    before it, each a distinct latent. Sparse codes hold only what a token keeps, so
+    BatchTopK's uneven counts cost no padding. Values are ≥ 0; an entry whose value is 0 is
+    not active. Codes are in the SAE's normalised units.
     """
 
     d_sae: int
     acts_BS: Tensor | None = None
-    vals_BK: Tensor | None = None
-    idx_BK: Tensor | None = None
+    vals_N: Tensor | None = None
+    idx_N: Tensor | None = None
+    count_B: Tensor | None = None
 
     def __post_init__(self) -> None:
-        sparse = self.vals_BK is not None, self.idx_BK is not None
+        sparse = [getattr(self, f) is not None for f in ("vals_N", "idx_N", "count_B")]
         if self.acts_BS is not None:
             if any(sparse):
-                raise ValueError("Codes takes either acts_BS or (vals_BK, idx_BK), not both")
+                raise ValueError("Codes takes either acts_BS or sparse entries, not both")
         elif not all(sparse):
-            raise ValueError("Codes needs acts_BS, or both vals_BK and idx_BK")
+            raise ValueError("Codes needs acts_BS, or all of vals_N, idx_N and count_B")
+
+    @classmethod
+    def fixed_width(cls, d_sae: int, vals_BK: Tensor, idx_BK: Tensor) -> "Codes":
+        """Sparse codes with K entries per token, from (B, K) values and latent indices."""
+        n_rows, width = vals_BK.shape
+        count_B = torch.full((n_rows,), width, dtype=torch.int64, device=vals_BK.device)
+        return cls(d_sae=d_sae, vals_N=vals_BK.reshape(-1), idx_N=idx_BK.reshape(-1), count_B=count_B)
 
     @property
     def is_sparse(self) -> bool:
-        """True for the (vals_BK, idx_BK) representation."""
+        """True for the sparse-entry representation."""
         return self.acts_BS is None
 
     @property
     def n_tokens(self) -> int:
         """Number of tokens B in the batch."""
-        return (self.acts_BS if self.acts_BS is not None else self.vals_BK).shape[0]
+        return self.acts_BS.shape[0] if self.acts_BS is not None else len(self.count_B)
+
+    @functools.cached_property
+    def rows_N(self) -> Tensor:
+        """The token of each sparse entry."""
+        return torch.repeat_interleave(self.count_B, output_size=len(self.vals_N))
+
+    @functools.cached_property
+    def offsets_B(self) -> Tensor:
+        """Where each token's sparse entries start."""
+        return self.count_B.cumsum(0) - self.count_B
 
     def dense(self) -> Tensor:
         """Codes as a dense (B, S) tensor (differentiable)."""
         if self.acts_BS is not None:
             return self.acts_BS
-        out_BS = self.vals_BK.new_zeros(self.vals_BK.shape[0], self.d_sae)
-        return out_BS.scatter_add(1, self.idx_BK, self.vals_BK)  # adding: an inactive slot may repeat an index
+        out_BS = self.vals_N.new_zeros(self.n_tokens, self.d_sae)
+        return out_BS.index_put((self.rows_N, self.idx_N), self.vals_N)
 
     def l0(self) -> Tensor:
         """Number of active (> 0) latents per token, float (B,)."""
-        vals = self.acts_BS if self.acts_BS is not None else self.vals_BK
-        return (vals > 0).sum(dim=1).to(torch.float32)
+        if self.acts_BS is not None:
+            return (self.acts_BS > 0).sum(dim=1).to(torch.float32)
+        return self._per_token((self.vals_N > 0).to(torch.float32))
 
     def l1(self) -> Tensor:
         """Sum of |f| over latents per token (B,) (differentiable).
@@ -225,8 +248,12 @@ class Codes:
         Codes are ≥ 0, so this is their plain sum: its gradient is a constant, where |f|'s
         would cost two more (B, S) passes (sign, product) in every ReLU training step.
         """
-        vals = self.acts_BS if self.acts_BS is not None else self.vals_BK
-        return vals.sum(dim=1)
+        if self.acts_BS is not None:
+            return self.acts_BS.sum(dim=1)
+        return self._per_token(self.vals_N)
+
+    def _per_token(self, values_N: Tensor) -> Tensor:
+        return values_N.new_zeros(self.n_tokens).index_add(0, self.rows_N, values_N)
 
     def fire_counts(self) -> Tensor:
         """Per latent, the number of tokens of this batch on which it is > 0 (int64, (S,))."""
@@ -237,19 +264,14 @@ class Codes:
                 torch.sign(part_BS).sum(dim=0, dtype=torch.float32).to(torch.int64)
                 for part_BS in self.acts_BS.detach().split(_EXACT_FLOAT_COUNT)
             )
-        idx = torch.where(self.vals_BK > 0, self.idx_BK, self.d_sae)
-        return torch.bincount(idx.flatten(), minlength=self.d_sae + 1)[: self.d_sae]
+        idx = torch.where(self.vals_N > 0, self.idx_N, self.d_sae)
+        return torch.bincount(idx, minlength=self.d_sae + 1)[: self.d_sae]
 
     def detach(self) -> "Codes":
         """The same codes cut from the autograd graph."""
-        return Codes(
-            d_sae=self.d_sae,
-            **{
-                f: getattr(self, f).detach()
-                for f in ("acts_BS", "vals_BK", "idx_BK")
-                if getattr(self, f) is not None
-            },
-        )
+        if self.acts_BS is not None:
+            return Codes(d_sae=self.d_sae, acts_BS=self.acts_BS.detach())
+        return Codes(d_sae=self.d_sae, vals_N=self.vals_N.detach(), idx_N=self.idx_N, count_B=self.count_B)
 
 
 class SAE(nn.Module):
@@ -368,22 +390,10 @@ class SAE(nn.Module):
         """Reconstruction in normalised units: f W_dec + b_dec, shape (B, D)."""
         if codes.acts_BS is not None:
             return F.linear(codes.acts_BS, self.W_dec.t(), self.b_dec)  # W_dec grad as gᵀf: faster on CPU
-        # Sparse decode: a weighted sum of each token's active decoder rows; never builds
-        # (B, S). When most slots are inactive (0) they are dropped first: BatchTopK pads
-        # every token to the busiest one's count, and the decoder gradient costs in
-        # proportion to the slots.
-        idx_BK, vals_BK = codes.idx_BK, codes.vals_BK.to(self.W_dec.dtype)
-        live_BK = vals_BK != 0
-        count_B = live_BK.sum(dim=1)
-        if 2 * int(count_B.sum()) >= live_BK.numel():
-            return F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum") + self.b_dec
-        live_N = live_BK.flatten().nonzero().squeeze(1)
+        # sparse: each token's weighted sum of its entries' decoder rows; never builds (B, S)
         out_BD = F.embedding_bag(
-            idx_BK.flatten()[live_N],
-            self.W_dec,
-            offsets=count_B.cumsum(0) - count_B,
-            per_sample_weights=vals_BK.flatten()[live_N],
-            mode="sum",
+            codes.idx_N, self.W_dec, offsets=codes.offsets_B,
+            per_sample_weights=codes.vals_N.to(self.W_dec.dtype), mode="sum",
         )
         return out_BD + self.b_dec
 

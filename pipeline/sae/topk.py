@@ -1,15 +1,15 @@
 """TopK and BatchTopK SAEs: sparsity by construction, no L1 needed.
 
 TopK (Gao et al. 2024): per token, keep the k largest pre-activations, then ReLU. Codes are
-fixed-width (vals_BK, idx_BK) pairs; a slot whose value is 0 is inactive, so L0 ≤ k.
+k sparse entries per token; an entry whose value is 0 is inactive, so L0 ≤ k.
 
 BatchTopK (Bussmann et al. 2024): during training, keep the k·B largest ReLU'd
 pre-activations across the whole batch of B tokens (all of them at a tie with the k·B-th),
-so tokens share a budget of k on average; training codes are (vals_BK, idx_BK) pairs as
-wide as the busiest token, padded with inactive 0 slots (``batch_top``). Inference cannot depend on the batch, so in eval mode a latent is active when its
-ReLU'd pre-activation exceeds a threshold θ: the running estimate (rate
-``config.threshold_lr``; the first estimate is taken as is) of the smallest activation kept
-in each training batch. θ is a buffer saved in the checkpoint. At inference the number of
+so tokens share a budget of k on average; training codes are sparse entries, as many per
+token as it keeps (``batch_top``). Inference cannot depend on the batch, so in eval mode a
+latent is active when its ReLU'd pre-activation exceeds a threshold θ: the running estimate
+(rate ``config.threshold_lr``; the first estimate is taken as is) of the smallest activation
+kept in each training batch. θ is a buffer saved in the checkpoint. At inference the number of
 active latents per token therefore varies (mean ≈ k), and before any training step θ = 0
 (every positive pre-activation is kept). Inference codes are dense (B, S).
 """
@@ -78,7 +78,7 @@ class TopKSAE(SAE):
 
     def activate(self, pre_BS: Tensor) -> Codes:
         vals_BK, idx_BK = pre_BS.topk(self.config.k, dim=1, sorted=False)
-        return Codes(d_sae=self.config.d_sae, vals_BK=torch.relu(vals_BK), idx_BK=idx_BK)
+        return Codes.fixed_width(self.config.d_sae, torch.relu(vals_BK), idx_BK)
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
 
     The cut is ``cut`` if given, else the ``n_keep``-th largest ReLU'd value of the whole
     (B, S) batch (0 if fewer are positive); values ≥ it and > 0 are kept, so ties at the cut
-    are all kept (as the micro-batched step always did). Returns (codes, cut); codes are
-    (vals_BK, idx_BK) with K the most any token kept, kept slots first, the rest 0.
+    are all kept (as the micro-batched step always did). Returns (codes, cut): sparse codes
+    holding exactly the kept entries, in ascending latent order within each token.
 
     A flat top-(k·B) over B·S values costs ~8× a per-token TopK on CPU, so instead: guess a
     floor t from a sample of tokens, gather every positive value ≥ t in one pass, and if
@@ -126,17 +126,9 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
             vals_N = p_BS.reshape(-1)[flat_N]
             cut = _kth_largest(vals_N, n_keep) if len(vals_N) >= n_keep else vals_N.new_zeros(())
             flat_N = flat_N[vals_N >= cut]
-        rows_N, cols_N = flat_N // n_latents, flat_N % n_latents
-        # rows come sorted (nonzero is row-major): slot = rank within the row
-        count_B = torch.bincount(rows_N, minlength=n_rows)
-        n_slots = max(1, int(count_B.max()))
-        slot_N = torch.arange(len(rows_N), device=rows_N.device) - (count_B.cumsum(0) - count_B)[rows_N]
-        idx_BK = rows_N.new_zeros(n_rows, n_slots).index_put_((rows_N, slot_N), cols_N)
-    # only the kept values are gathered (and their gradient scattered back): the padding
-    # slots, often most of (B, K), cost nothing but their zeros
-    vals_N = torch.relu(pre_BS.reshape(-1)[flat_N])
-    vals_BK = vals_N.new_zeros(n_rows, n_slots).index_put((rows_N, slot_N), vals_N)
-    return Codes(d_sae=n_latents, vals_BK=vals_BK, idx_BK=idx_BK), cut
+        count_B = torch.bincount(flat_N // n_latents, minlength=n_rows)  # nonzero is row-major: entries in token order
+    vals_N = torch.relu(pre_BS.reshape(-1)[flat_N])  # only the kept values carry gradient
+    return Codes(d_sae=n_latents, vals_N=vals_N, idx_N=flat_N % n_latents, count_B=count_B), cut
 
 
 def _sample_floor(p_BS: Tensor, rank: int) -> Tensor:
@@ -196,7 +188,7 @@ class BatchTopKSAE(SAE):
     def update_running_stats_(self, codes: Codes | None, context: BatchBudget | None = None) -> None:
         """Move θ toward the smallest positive activation kept in this training batch."""
         if context is None:
-            vals = (codes.acts_BS if codes.acts_BS is not None else codes.vals_BK).detach().float()
+            vals = (codes.acts_BS if codes.acts_BS is not None else codes.vals_N).detach().float()
             min_kept = torch.where(vals > 0, vals, torch.inf).min()
         else:
             min_kept = context.min_kept

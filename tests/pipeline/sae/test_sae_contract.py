@@ -73,7 +73,7 @@ def test_encoder_is_act_of_affine_map(arch):
 def test_topk_has_at_most_k_nonzeros_per_token(arch):
     sae = _trained_like(arch, k=3)
     codes = sae.encode(random_batches(1, batch=50)[0])
-    assert codes.vals_BK.shape == (50, 3) and codes.idx_BK.shape == (50, 3)
+    assert codes.vals_N.shape == (150,) and codes.count_B.tolist() == [3] * 50
     assert (codes.l0() <= 3).all()
     assert (codes.dense().count_nonzero(dim=1) <= 3).all()
 

@@ -222,11 +222,7 @@ def test_firing_counter_dead_and_dense_over_window(n_batches):
 
 def test_firing_counter_is_nan_before_one_window_and_counts_sparse_codes():
     counter = FiringCounter(6, window_tokens=10)
-    codes = Codes(
-        d_sae=6,
-        vals_BK=torch.tensor([[1.0, 0.0], [2.0, 3.0], [0.5, 0.0]]),
-        idx_BK=torch.tensor([[0, 1], [0, 5], [2, 3]]),
-    )
+    codes = Codes.fixed_width(6, torch.tensor([[1.0, 0.0], [2.0, 3.0], [0.5, 0.0]]), torch.tensor([[0, 1], [0, 5], [2, 3]]))
     assert codes.fire_counts().tolist() == [2, 0, 1, 0, 0, 1]
     counter.update(codes)
     assert math.isnan(counter.dead_fraction().item())

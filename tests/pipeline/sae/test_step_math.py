@@ -50,9 +50,9 @@ def test_batch_top_keeps_exactly_the_plain_definitions_latents(n_rows, n_latents
     assert torch.equal(dense_BS, _old_flat_topk(pre_BS, k * n_rows))  # no ties: the old result
     n_positive = int((pre_BS > 0).sum())
     assert int((dense_BS > 0).sum()) == min(k * n_rows, n_positive)
-    count_B = (codes.vals_BK > 0).sum(dim=1)
-    assert codes.vals_BK.shape[1] == int(count_B.max())  # as wide as the busiest token
-    assert torch.equal(codes.vals_BK > 0, torch.arange(codes.vals_BK.shape[1]) < count_B[:, None])  # kept first
+    assert (codes.vals_N > 0).all()  # exactly the kept entries, no padding
+    assert torch.equal(codes.count_B, (dense_BS > 0).sum(dim=1))
+    assert torch.equal(codes.rows_N * n_latents + codes.idx_N, dense_BS.flatten().nonzero().squeeze(1))  # CSR order
     assert float(cut) == (float(dense_BS[dense_BS > 0].min()) if n_positive >= k * n_rows else 0.0)
 
 
@@ -148,31 +148,35 @@ def test_fire_counts_equal_the_mask_sum_across_float_count_chunks(monkeypatch):
     assert counts_S.dtype == torch.int64 and torch.equal(counts_S, expected_S)
 
 
-@pytest.mark.parametrize("zero_slots", [0, 10])
-def test_decoders_equal_their_plain_forms(zero_slots):
-    """Dense decode, and sparse decode with (ragged) and without (padded) dropping inactive slots."""
+def test_decoders_equal_their_plain_forms():
+    """Sparse decode (uneven counts per token, an empty token, inactive 0 entries) and dense
+    decode equal the dense product, in value and in the gradients of W_dec and the values."""
     sae = build(make_sae_config("topk", k=12), seed=0)
     g = torch.Generator().manual_seed(10)
-    idx_BK = torch.randint(0, 48, (20, 12), generator=g)
-    vals_BK = torch.rand(20, 12, generator=g)
-    vals_BK[:, 12 - zero_slots:] = 0.0  # padding, as BatchTopK's codes carry
-    vals_BK.requires_grad_(True)
-    out_BD = sae.decode_normed(Codes(d_sae=48, vals_BK=vals_BK, idx_BK=idx_BK))
+    acts_BS = torch.relu(torch.randn(20, 48, generator=g) - 1.0)
+    acts_BS[3] = 0.0
+    acts_BS[5, :4] = 0.0
+    rows_N, idx_N = (acts_BS > 0).nonzero(as_tuple=True)
+    rows_N, idx_N = torch.cat([rows_N, torch.tensor([5, 5])]), torch.cat([idx_N, torch.tensor([0, 2])])
+    order = (rows_N * 48 + idx_N).argsort()
+    rows_N, idx_N = rows_N[order], idx_N[order]  # two inactive entries (value 0) on token 5
+    vals_N = acts_BS[rows_N, idx_N].clone().requires_grad_(True)
+    codes = Codes(d_sae=48, vals_N=vals_N, idx_N=idx_N, count_B=torch.bincount(rows_N, minlength=20))
+    assert torch.equal(codes.dense(), acts_BS) and torch.equal(codes.rows_N, rows_N)
     w_BD = torch.randn(20, 16, generator=g)
-    (out_BD * w_BD).sum().backward()
-    fast_W, fast_v = sae.W_dec.grad.clone(), vals_BK.grad.clone()
+    (sae.decode_normed(codes) * w_BD).sum().backward()
+    sparse_W, sparse_v = sae.W_dec.grad.clone(), vals_N.grad.clone()
     sae.zero_grad()
-    vals_BK.grad = None
-    plain_BD = F.embedding_bag(idx_BK, sae.W_dec, per_sample_weights=vals_BK, mode="sum") + sae.b_dec
+    dense_BS = acts_BS.clone().requires_grad_(True)
+    plain_BD = dense_BS @ sae.W_dec + sae.b_dec
     (plain_BD * w_BD).sum().backward()
-    torch.testing.assert_close(out_BD, plain_BD)
-    torch.testing.assert_close(fast_W, sae.W_dec.grad)
-    live = vals_BK.detach() != 0  # a dropped slot's value gets no gradient (it is 0 and stays 0)
-    torch.testing.assert_close(fast_v[live], vals_BK.grad[live])
-
-    acts_BS = torch.relu(torch.randn(20, 48, generator=g))
-    torch.testing.assert_close(sae.decode_normed(Codes(d_sae=48, acts_BS=acts_BS)),
-                               acts_BS @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(sae.decode_normed(codes), plain_BD)
+    torch.testing.assert_close(sparse_W, sae.W_dec.grad)
+    torch.testing.assert_close(sparse_v, dense_BS.grad[rows_N, idx_N])
+    torch.testing.assert_close(sae.decode_normed(Codes(d_sae=48, acts_BS=acts_BS)), plain_BD)
+    torch.testing.assert_close(codes.l0(), (acts_BS > 0).sum(dim=1).float())
+    torch.testing.assert_close(codes.l1(), acts_BS.sum(dim=1))
+    assert torch.equal(codes.fire_counts(), (acts_BS > 0).sum(dim=0))
 
 
 def test_parallel_gradient_removal_equals_the_normalised_row_form():
