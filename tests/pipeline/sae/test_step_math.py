@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from sae_helpers import make_sae_config, random_batches
 
 from pipeline.sae import Codes, build
