@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,8 +119,7 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
             if n_keep is not None:
                 margin = next(margins, None)
                 floor = None if margin is None else _sample_floor(p_BS, margin * n_keep)
-            above_BS = p_BS > 0 if floor is None or not floor > 0 else p_BS >= floor
-            flat_N = above_BS.reshape(-1).nonzero().squeeze(1)  # flat indices: ~20 % faster than (row, col) pairs
+            flat_N = _flat_at_least(p_BS, floor)
             if n_keep is None or len(flat_N) >= n_keep or floor is None:
                 break
         if n_keep is not None:
@@ -129,6 +129,25 @@ def batch_top(pre_BS: Tensor, *, n_keep: int | None = None, cut: Tensor | None =
         count_B = torch.bincount(flat_N // n_latents, minlength=n_rows)  # nonzero is row-major: entries in token order
     vals_N = torch.relu(pre_BS.reshape(-1)[flat_N])  # only the kept values carry gradient
     return Codes(d_sae=n_latents, vals_N=vals_N, idx_N=flat_N % n_latents, count_B=count_B), cut
+
+
+def _flat_at_least(p_BS: Tensor, floor: Tensor | None) -> Tensor:
+    """Ascending flat indices of the values ≥ ``floor`` (> 0 when it is None or ≤ 0).
+
+    The two (B, S) passes are most of BatchTopK's selection, so on CPU: numpy compares (torch's
+    comparison to bool runs ~3× slower there), and nonzero scans the mask 8 bytes at a time,
+    then only the words with a hit (flat indices: ~20 % faster than (row, col) pairs).
+    """
+    strict = floor is None or not floor > 0
+    if p_BS.device.type != "cpu":
+        return (p_BS > 0 if strict else p_BS >= floor).reshape(-1).nonzero().squeeze(1)
+    a = p_BS.numpy()
+    mask_N = torch.from_numpy(np.greater(a, 0) if strict else np.greater_equal(a, float(floor))).reshape(-1)
+    if mask_N.numel() % 8:
+        return mask_N.nonzero().squeeze(1)
+    words_W = mask_N.view(torch.int64).nonzero().squeeze(1)
+    bits_N = mask_N.view(-1, 8)[words_W].reshape(-1).nonzero().squeeze(1)
+    return words_W[bits_N // 8] * 8 + bits_N % 8
 
 
 def _sample_floor(p_BS: Tensor, rank: int) -> Tensor:
@@ -141,7 +160,10 @@ def _sample_floor(p_BS: Tensor, rank: int) -> Tensor:
 
 def _kth_largest(values: Tensor, k: int) -> Tensor:
     """The k-th largest of a 1-D tensor (the smallest one if k exceeds its length)."""
-    return values.kthvalue(values.numel() - min(k, values.numel()) + 1).values
+    pos = values.numel() - min(k, values.numel())
+    if values.device.type == "cpu":  # numpy's introselect: ~9× faster than torch's kthvalue on CPU
+        return torch.from_numpy(np.partition(values.numpy(), pos)[pos:pos + 1]).reshape(())
+    return values.kthvalue(pos + 1).values
 
 
 @register("batchtopk", BatchTopKConfig)
