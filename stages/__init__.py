@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from pipeline.configs import Stage
 
 NAMES = ("pretrain", "extract", "import", "train", "encode", "stats", "mask", "groundtruth", "report", "adapt",
-         "remap", "summary")
-_MODULES = {"import": "importer"}  # `import` is a Python keyword
+         "remap", "summary", "block-probe")
+_MODULES = {"import": "importer", "block-probe": "blockprobe"}  # `import` is a Python keyword
 
 
 def load(name: str) -> Stage:
