@@ -5,9 +5,12 @@ no latent detects is either the SAE's miss or the model's: this module says whic
 linear probe for each attribute on the block's own activations. Definitions:
 
 - Features of an image at a block: the class token (when the layout has one), the mean of the
-  patch tokens and their per-dimension maximum, concatenated. The maximum mirrors the ground
+  patch tokens, their per-dimension maximum, and the mean of each quadrant of the patch grid
+  (top-left, top-right, bottom-left, bottom-right; a middle row or column counts as bottom or
+  right, as the ground truth's positions do), concatenated. The maximum mirrors the ground
   truth's image score (a latent's maximum over patches): a small object moves few patches, which
-  the mean dilutes and the maximum keeps.
+  the mean dilutes and the maximum keeps. Without the quadrants no linear probe could read
+  position, which whole-image pooling erases.
 - Probe: ``pipeline.probe``'s multinomial logistic regression (features L2-normalised and
   standardised, L2 weight ``l2``, full-batch L-BFGS), one per attribute, fitted on the training
   images (a seeded share ``train_fraction`` of the valid images) and scored on the rest.
@@ -30,14 +33,21 @@ from cache.errors import UserError
 from pipeline.groundtruth import ATTRIBUTE_VALUES
 from pipeline.probe import ProbeConfig, fit_linear_probe
 
-FEATURES = ("class token", "patch mean", "patch max")
+FEATURES = ("class token", "patch mean", "patch max", "top-left mean", "top-right mean", "bottom-left mean",
+            "bottom-right mean")
 
 
-def pooled_features(acts_NTD: np.ndarray, n_prefix: int, class_index: int | None, patches: slice) -> np.ndarray:
+def pooled_features(acts_NTD: np.ndarray, n_prefix: int, class_index: int | None, patches: slice,
+                    grid_hw: tuple[int, int]) -> np.ndarray:
     """``(N, F)`` float32 image features of one block (see the module docstring): the class token if
-    any, then the mean and the maximum over the patch tokens."""
+    any, then the mean and the maximum over the patch tokens (row-major on ``grid_hw``), then the
+    mean of each quadrant."""
     patch_NPD = acts_NTD[:, patches].astype(np.float32)
-    parts = [patch_NPD.mean(axis=1), patch_NPD.max(axis=1)]
+    h, w = grid_hw
+    grid_NHWD = patch_NPD.reshape(len(patch_NPD), h, w, -1)
+    quadrants = [grid_NHWD[:, rows, cols].mean(axis=(1, 2))
+                 for rows in (slice(0, h // 2), slice(h // 2, h)) for cols in (slice(0, w // 2), slice(w // 2, w))]
+    parts = [patch_NPD.mean(axis=1), patch_NPD.max(axis=1), *quadrants]
     if class_index is not None and class_index < n_prefix:
         parts.insert(0, acts_NTD[:, class_index].astype(np.float32))
     return np.concatenate(parts, axis=1)

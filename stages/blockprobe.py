@@ -106,10 +106,14 @@ def _run(cfg: Config) -> Outputs:
     codes = gt.value_codes(values, cfg.attributes)
     class_index = layout.get("class_token_index")
     patches = patch_slice(layout, store.n_tokens)
+    grid_hw = tuple(int(g) for g in layout.get("patch_grid") or ())
+    if len(grid_hw) != 2 or grid_hw[0] * grid_hw[1] != patches.stop - patches.start:
+        raise UserError(f"{store.path}'s token layout records no patch grid matching its "
+                        f"{patches.stop - patches.start} patch tokens; re-extract it")
     probe_config = ProbeConfig(l2=cfg.l2)
     table = []
     for layer in layers:
-        features_NF = _features(store, layer, rows, int(layout["n_prefix_tokens"]), class_index, patches)
+        features_NF = _features(store, layer, rows, int(layout["n_prefix_tokens"]), class_index, patches, grid_hw)
         results = bp.probe_attributes(features_NF, codes, train_N, probe_config)
         table += bp.rows(layer, results, cfg.auroc_threshold)
         log.info("block %d: %s", layer, ", ".join(f"{r.attribute} {r.accuracy:.2f}" for r in results))
@@ -142,7 +146,7 @@ def _run(cfg: Config) -> Outputs:
 
 
 def _features(store: ActivationStore, layer: int, rows: np.ndarray, n_prefix: int, class_index: int | None,
-              patches: slice) -> np.ndarray:
+              patches: slice, grid_hw: tuple[int, int]) -> np.ndarray:
     """Pooled features of the valid images ``rows`` at one block, read a shard at a time."""
     parts = []
     for k in range(store.n_shards):
@@ -150,7 +154,7 @@ def _features(store: ActivationStore, layer: int, rows: np.ndarray, n_prefix: in
         keep = rows[(rows >= sl.start) & (rows < sl.stop)] - sl.start
         if len(keep):
             acts_NTD = store.read(layer, sl.start, sl.stop)[keep]
-            parts.append(bp.pooled_features(acts_NTD, n_prefix, class_index, patches))
+            parts.append(bp.pooled_features(acts_NTD, n_prefix, class_index, patches, grid_hw))
     return np.concatenate(parts)
 
 

@@ -25,12 +25,15 @@ def test_auroc_equals_the_pairwise_definition_with_ties():
     assert np.isnan(bp.auroc(np.arange(4.0), np.zeros(4, bool)))
 
 
-def test_pooled_features_are_class_token_patch_mean_and_patch_max():
-    acts = np.random.default_rng(1).standard_normal((3, 5, 4)).astype(np.float16)
-    f = bp.pooled_features(acts, 1, 0, slice(1, 5))
+def test_pooled_features_are_class_token_patch_mean_max_and_quadrant_means():
+    acts = np.random.default_rng(1).standard_normal((3, 1 + 3 * 2, 4)).astype(np.float16)  # 3 x 2 patch grid
+    f = bp.pooled_features(acts, 1, 0, slice(1, 7), (3, 2))
     a = acts.astype(np.float32)
-    np.testing.assert_array_equal(f, np.concatenate([a[:, 0], a[:, 1:].mean(1), a[:, 1:].max(1)], axis=1))
-    assert bp.pooled_features(acts, 0, None, slice(0, 5)).shape == (3, 8)  # no class token: mean and max
+    p = a[:, 1:]  # row-major: (row 0: 0, 1), (row 1: 2, 3), (row 2: 4, 5); the middle row counts as bottom
+    quadrants = [p[:, [0]].mean(1), p[:, [1]].mean(1), p[:, [2, 4]].mean(1), p[:, [3, 5]].mean(1)]
+    np.testing.assert_allclose(f, np.concatenate([a[:, 0], p.mean(1), p.max(1), *quadrants], axis=1), rtol=1e-6)
+    assert f.shape[1] == len(bp.FEATURES) * 4
+    assert bp.pooled_features(acts[:, 1:], 0, None, slice(0, 6), (3, 2)).shape == (3, 24)  # no class token
 
 
 def test_split_is_seeded_and_refuses_too_few_images():

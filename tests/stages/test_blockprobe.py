@@ -56,7 +56,10 @@ def test_every_column_equals_a_direct_computation(store, tmp_path):
     train[np.random.default_rng([5, 4]).permutation(60)[:30]] = True
     for layer in (1, 3):
         a = acts.read(layer, 0, 60).astype(np.float32)
-        x = np.concatenate([a[:, 0], a[:, 1:].mean(1), a[:, 1:].max(1)], axis=1)  # class token, patch mean, max
+        assert acts.token_layout["patch_grid"] == [4, 4]
+        g = a[:, 1:].reshape(60, 4, 4, -1)
+        quadrants = [g[:, r, c].mean((1, 2)) for r in (slice(0, 2), slice(2, 4)) for c in (slice(0, 2), slice(2, 4))]
+        x = np.concatenate([a[:, 0], a[:, 1:].mean(1), a[:, 1:].max(1), *quadrants], axis=1)
         for attribute in ("shape", "size"):
             names = gt.ATTRIBUTE_VALUES[attribute]
             y = np.array([names.index(v[attribute]) for v in values])
