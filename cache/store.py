@@ -13,15 +13,16 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import zarr
@@ -33,6 +34,7 @@ from cache.errors import DamagedShard, UserError
 from cache.shardfile import ShardReader, write_rows
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:
@@ -187,6 +189,15 @@ class StoreLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+
+
+def one_writer(run: Callable[[Any], R]) -> Callable[[Any], R]:
+    """A stage's ``run(cfg)`` holding ``StoreLock(cfg.out_dir)`` from before its first byte: one writer per folder."""
+    @functools.wraps(run)
+    def locked_run(cfg: Any) -> R:
+        with StoreLock(cfg.out_dir):
+            return run(cfg)
+    return locked_run
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

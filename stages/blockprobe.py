@@ -18,7 +18,7 @@ import numpy as np
 from cache import atomic, schema
 from cache.errors import UserError, require_threads
 from cache.layout import n_prompt_tokens, patch_slice
-from cache.store import ActivationStore, StoreLock
+from cache.store import ActivationStore, one_writer
 from pipeline import blockprobe as bp
 from pipeline import groundtruth as gt
 from pipeline import runfiles
@@ -78,12 +78,8 @@ class Outputs:
 
 
 @sized
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     store = ActivationStore(cfg.cache_dir, mode="r")
     store.require_complete()

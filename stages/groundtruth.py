@@ -25,7 +25,7 @@ from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError, require_threads
 from cache.layout import n_prompt_tokens
-from cache.store import ActivationStore, StoreLock
+from cache.store import ActivationStore, one_writer
 from pipeline import groundtruth as gt
 from pipeline.configs import Stage
 from pipeline.latents import LatentStats
@@ -111,12 +111,8 @@ def _open(cfg: Config) -> tuple[LatentStats, CodeStore, ActivationStore]:
 
 
 @sized
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     stats, codes, store = _open(cfg)
     world = gt.store_world(store.attrs.get(schema.ATTR_DATASET) or {}, store.attrs.get(schema.ATTR_PREPROCESS) or {},

@@ -70,7 +70,7 @@ import torch
 from cache import schema
 from cache.errors import UserError, require_threads
 from cache.loader import LoaderConfig, TokenLoader
-from cache.store import ActivationStore, StoreLock
+from cache.store import ActivationStore, one_writer
 from pipeline import maple, masking, runfiles, scores, splice, zeroshot
 from pipeline.configs import Option, Stage
 from pipeline.datasets import open_dataset, synthetic_options
@@ -420,12 +420,8 @@ def _holdout(valid: np.ndarray, n_probe: int, seed: int) -> np.ndarray:
 
 
 @sized
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     sae = load_sae(cfg.sae_dir, device=device)

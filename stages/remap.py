@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from cache.errors import UserError
-from cache.store import StoreLock
+from cache.store import one_writer
 from pipeline import masking
 from pipeline.configs import Option, Stage
 from pipeline.latents import LatentStats, json_safe
@@ -91,12 +91,8 @@ class Outputs:
     seconds: float
 
 
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     base, adapted = LatentStats(cfg.base_dir), LatentStats(cfg.adapted_dir)
     check_pair(base, adapted)

@@ -31,7 +31,7 @@ import numpy as np
 
 from cache.errors import UserError
 from cache.schema import LOCK_FILE
-from cache.store import StoreLock
+from cache.store import one_writer
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
 from pipeline.groundtruth import PLOT_FILE as GT_PLOT
@@ -135,12 +135,8 @@ def _prepare(out: Path) -> None:
     (out / MARKER).write_text("written by `pipeline report`; the folder is replaced on the next run\n")
 
 
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     stats = LatentStats(cfg.stats_dir)
     table = stats.table

@@ -29,7 +29,7 @@ from cache import schema
 from cache.codes import CodeStore
 from cache.errors import UserError, require_threads
 from cache.layout import n_prompt_tokens
-from cache.store import ActivationStore, StoreLock
+from cache.store import ActivationStore, one_writer
 from pipeline import latents as files
 from pipeline.configs import Option, Stage
 from pipeline.progress import announce, next_steps
@@ -117,12 +117,8 @@ def open_inputs(cfg: Config) -> tuple[CodeStore, ActivationStore]:
 
 
 @sized
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     codes, store = open_inputs(cfg)
     layout = dict(codes.attrs.get("token_layout") or store.token_layout)

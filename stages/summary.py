@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from cache.atomic import atomic_write, write_json
 from cache.errors import UserError
-from cache.store import StoreLock
+from cache.store import one_writer
 from pipeline.configs import Option, Stage
 from pipeline.progress import next_steps
 
@@ -196,12 +196,8 @@ def _template():
     return env.get_template("summary.html")
 
 
+@one_writer
 def run(cfg: Config) -> Outputs:
-    with StoreLock(cfg.out_dir):  # one writer per folder, held from before its first byte
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> Outputs:
     started = time.perf_counter()
     rows = {d: {f"layer{layer}": row(cfg.metrics_dir, d, layer, cfg.ks) for layer in cfg.layers}
             for d in cfg.datasets}
