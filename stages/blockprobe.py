@@ -118,7 +118,8 @@ def run(cfg: Config) -> Outputs:
 
     frame = pd.DataFrame(table)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / RECORD_FILE).unlink(missing_ok=True)  # first: the folder is incomplete until it is rewritten
+    for name in OUR_FILES:  # the record first: the folder is incomplete until it is rewritten; no stale plot
+        (cfg.out_dir / name).unlink(missing_ok=True)
     atomic.atomic_write(cfg.out_dir / TABLE_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
     atomic.atomic_write(cfg.out_dir / MARKDOWN_FILE, lambda tmp: Path(tmp).write_text(markdown(frame)))
     plot_path = _plot(cfg.out_dir / PLOT_FILE, frame, cfg.auroc_threshold) if cfg.plots else None

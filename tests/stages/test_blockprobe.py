@@ -78,6 +78,11 @@ def test_every_column_equals_a_direct_computation(store, tmp_path):
     md = (tmp_path / "probe" / blockprobe.MARKDOWN_FILE).read_text()
     assert "| attribute | value | block 1 | block 3 |" in md and "| shape | *accuracy* |" in md
     assert (tmp_path / "probe" / blockprobe.PLOT_FILE).stat().st_size > 0
+    code, output = _cli("block-probe", "--cache", store, "--out", tmp_path / "probe", "--attributes", "size",
+                        "--no-plots")
+    assert code == 0, output  # a rerun replaces the result: no plot left from the run before
+    assert not (tmp_path / "probe" / blockprobe.PLOT_FILE).exists()
+    assert set(pd.read_parquet(tmp_path / "probe" / blockprobe.TABLE_FILE)["attribute"]) == {"size"}
 
 
 def test_refusals_are_one_line_and_leave_no_output(store, tmp_path):
