@@ -188,12 +188,13 @@ def write_plot(path: Path, rows: dict[str, dict[str, dict[str, Any]]], ks: tuple
 
 
 @functools.cache
-def _template():
+def page_template(name: str):
+    """A page template of stages/templates (autoescaped; a missing value is an error, not an empty cell)."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("stages", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("summary.html")
+    return env.get_template(name)
 
 
 @one_writer
@@ -209,7 +210,7 @@ def run(cfg: Config) -> Outputs:
     atomic_write(cfg.out_dir / "summary.csv", lambda tmp: Path(tmp).write_text(_csv(rows)))
     plot_path = write_plot(cfg.out_dir / "summary.png", rows, cfg.ks) if cfg.plots else None
     columns = _columns(cfg.ks)
-    page = _template().render(
+    page = page_template("summary.html").render(
         columns=[c.replace("_", " ") for c in columns],
         rows=[(d, layer.removeprefix("layer"), [_fmt(v.get(c)) for c in columns])
               for d, layers in rows.items() for layer, v in layers.items()],
