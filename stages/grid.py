@@ -30,6 +30,7 @@ from pipeline import grid as gd
 from pipeline import groundtruth as gt
 from pipeline import runfiles
 from pipeline.configs import Stage
+from pipeline.models import resolve_device
 from pipeline.progress import next_steps
 from pipeline.sae.io import load_sae
 from pipeline.sae.metrics import evaluate
@@ -122,18 +123,18 @@ def _has_world(store: ActivationStore) -> bool:
 
 
 @torch.no_grad()
-def eval_metrics(sae_dir: Path, store: ActivationStore, layer: int, device: str, batch_images: int = 64
+def eval_metrics(sae_dir: Path, store: ActivationStore, layer: int, device: str, batch_tokens: int = 65_536
                  ) -> dict[str, float]:
-    """FVU, L0 and dead fraction of an SAE over every token of the store's valid images."""
+    """FVU, L0 and dead fraction of an SAE over every token of the store's valid images (read a shard at a time)."""
     sae = load_sae(sae_dir, device=device)
-    rows = np.flatnonzero(store.valid)
-    n_tokens = len(rows) * store.n_tokens
+    n_tokens = int(store.valid.sum()) * store.n_tokens
 
     def batches():
-        for start in range(0, len(rows), batch_images):
-            part = rows[start:start + batch_images]
-            acts_NTD = store.read(layer, int(part[0]), int(part[-1]) + 1)[part - part[0]]
-            yield torch.from_numpy(acts_NTD.reshape(-1, store.d_model)).float()
+        for k in range(store.n_shards):
+            sl = store.shard_slice(k)
+            acts_NTD = store.read(layer, sl.start, sl.stop)[store.valid[sl]]
+            x_BD = torch.from_numpy(acts_NTD.reshape(-1, store.d_model))
+            yield from (part.float() for part in x_BD.split(batch_tokens))
 
     m = evaluate(sae, batches(), window_tokens=n_tokens)
     return {"fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"]}
@@ -169,7 +170,7 @@ def _run_setting(cfg: Config, setting: gd.Setting, layer: int, folder: Path, sto
     row: dict[str, Any] = {
         "setting": setting.name, "arch": setting.arch, "expansion": setting.expansion, "d_sae": d_sae,
         "l1": setting.l1, "k": setting.k,
-        **eval_metrics(trained.sae_dir, store, layer, "cpu" if cfg.device == "auto" else cfg.device),
+        **eval_metrics(trained.sae_dir, store, layer, resolve_device(cfg.device)),
         "sae_accuracy": masked.sae_all_on_accuracy,
         "drop_top": masked.sae_all_on_accuracy - masked.accuracy["off"][k],
         "drop_random": masked.sae_all_on_accuracy - masked.random_accuracy["off"][k][0],

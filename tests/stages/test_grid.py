@@ -40,7 +40,7 @@ def store(tmp_path_factory) -> Path:
     """60 synthetic images through a random tiny ViT, block 3."""
     out = tmp_path_factory.mktemp("grid") / "store"
     extract.run(extract.Config(dataset="synthetic", out_dir=out, limit=N_IMAGES, model=TINY, pretrained="none",
-                               layers=(3,), batch_size=20, device="cpu", images_per_chunk=10, images_per_shard=20,
+                               layers=(3,), batch_size=20, device="cpu", images_per_chunk=8, images_per_shard=24,
                                progress=False))
     return out
 
