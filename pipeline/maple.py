@@ -133,7 +133,7 @@ def check_fits(config: MapleConfig, clip: Any) -> None:
     """Refuse prompt layouts the model cannot hold, and models whose forward we do not mirror."""
     if not hasattr(clip, "token_embedding") or not hasattr(clip.visual, "conv1"):
         raise UserError(f"MaPLe needs an open_clip CLIP with a ViT image tower and a built-in text tower "
-                        f"(got {type(clip).__name__})")
+                        f"(got a {type(clip).__name__} with a {type(clip.visual).__name__} image tower)")
     visual = clip.visual
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
         raise UserError("MaPLe needs a ViT that pools its class token (the appended prompts must not be pooled)")
@@ -413,7 +413,8 @@ def load_adapter(adapter_dir: Path, model: LoadedModel) -> AdaptedCLIP:
 
 def token_layout(model: LoadedModel, n_ctx: int, *, keep_prompts: bool) -> dict[str, Any]:
     """The stored token layout of the adapted model: the base model's, plus the kept prompt tokens."""
-    return with_prompt_tokens(model.token_layout(), n_ctx) if keep_prompts else model.token_layout()
+    layout = model.token_layout(0)  # a ViT's: every block has the same tokens
+    return with_prompt_tokens(layout, n_ctx) if keep_prompts else layout
 
 
 def adapter_identity(adapter_dir: Path) -> dict[str, Any]:

@@ -1,9 +1,8 @@
-"""Loading CLIP models through open_clip and reading the residual stream of chosen blocks.
+"""Loading CLIP models through open_clip and reading the tokens of chosen layers.
 
-Layers are block indices, 0-based, residual-stream output of that block: the output of
-``visual.transformer.resblocks[i]``, the same as open_clip's ``forward_intermediates``.
-Weights are never replaced by random ones behind the user's back: random initialisation
-happens only with ``pretrained='none'``.
+A layer is a ViT block (its residual-stream output) or a ConvNeXt stage (its output feature
+map as spatial tokens); ``pipeline.towers`` defines both. Weights are never replaced by random
+ones behind the user's back: random initialisation happens only with ``pretrained='none'``.
 """
 
 from __future__ import annotations
@@ -18,8 +17,11 @@ from typing import Any
 
 import open_clip
 import torch
+from timm.models import PretrainedCfg, register_model
+from timm.models.convnext import _create_convnext
 
 from cache.errors import UserError
+from pipeline.towers import Tower, tower_of
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,15 @@ open_clip.add_model_config(CONFIG_DIR)
 
 TINY_MODEL = "tiny-vit"
 """A 4-block, width-64, 32 px open_clip CLIP registered from model_configs/ for fast tests."""
+
+
+@register_model
+def convnext_world(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """The trunk of ``tiny-convnext-clip``: a 4-stage ConvNeXt for 32 px images. With a 2-pixel stem timm
+    strides stage 0 too, so the stages give 8 x 8 (the tiny ViT's grid), 4 x 4, 2 x 2 and 1 x 1 maps."""
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or PretrainedCfg()  # no weights exist to name
+    return _create_convnext("convnext_world", pretrained=pretrained,
+                            **dict(depths=(1, 1, 2, 1), dims=(64, 128, 256, 512), patch_size=2, **kwargs))
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,67 +84,62 @@ class LoadedModel:
         return self.model.visual
 
     @property
+    def tower(self) -> Tower:
+        return tower_of(self.visual)
+
+    @property
     def n_blocks(self) -> int:
-        return len(self.visual.transformer.resblocks)
+        """Layers the tower has (ViT blocks, ConvNeXt stages)."""
+        return self.tower.n_blocks
 
-    @property
-    def width(self) -> int:
-        return int(self.visual.transformer.width)
+    def width(self, layer: int) -> int:
+        return self.tower.width(layer)
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(int(g) for g in self.visual.grid_size)
+    def grid(self, layer: int) -> tuple[int, int]:
+        return self.tower.grid(layer)
 
-    @property
     def n_prefix_tokens(self) -> int:
-        """Tokens before the patches (the class token); open_clip ViTs have exactly one."""
-        return 1
+        """Tokens before the patches: the class token of a ViT, none for a ConvNeXt."""
+        return self.tower.n_prefix_tokens
 
-    @property
-    def n_tokens(self) -> int:
-        return self.n_prefix_tokens + self.grid[0] * self.grid[1]
+    def n_tokens(self, layer: int) -> int:
+        return self.tower.n_tokens(layer)
 
     @property
     def image_size(self) -> int:
         return int(self.visual.image_size[0])
 
-    def token_layout(self) -> dict[str, Any]:
-        return {
-            "n_tokens": self.n_tokens,
-            "n_prefix_tokens": self.n_prefix_tokens,
-            "class_token_index": 0,
-            "register_token_indices": [],
-            "patch_grid": list(self.grid),
-            "patch_order": "row-major: token 1 + r * grid_w + c is patch row r, column c",
-        }
+    def token_layout(self, layer: int) -> dict[str, Any]:
+        return self.tower.token_layout(layer)
 
     def preprocess_cfg(self) -> dict[str, Any]:
         cfg = dict(getattr(self.visual, "preprocess_cfg", {}) or {})
         return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
     def check_layers(self, layers: tuple[int, ...]) -> None:
+        """Layers that exist and share one token shape (a store holds one (T, D) per image)."""
+        tower = self.tower
         if not layers:
-            raise UserError("no layers given; pass block indices such as --layers 10")
-        bad = [layer for layer in layers if not 0 <= layer < self.n_blocks]
+            raise UserError(f"no layers given; pass {tower.unit} indices such as --layers 1")
+        bad = [layer for layer in layers if not 0 <= layer < tower.n_blocks]
         if bad:
             raise UserError(
-                f"layer {bad[0]} is out of range for {self.name}, which has blocks "
-                f"0..{self.n_blocks - 1} (block index, 0-based, residual output)")
+                f"layer {bad[0]} is out of range for {self.name}, which has {tower.unit}s "
+                f"0..{tower.n_blocks - 1} ({tower.layer_meaning})")
+        shapes = {layer: (tower.n_tokens(layer), tower.width(layer)) for layer in layers}
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{layer}: {t} tokens x {d}" for layer, (t, d) in shapes.items())
+            raise UserError(f"the layers of {self.name} differ in shape ({listing}); a store holds layers of one "
+                            "shape: extract each into its own --out")
 
     @torch.inference_mode()
     def tap(self, images_BRHW: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """Residual stream after each requested block, ``(B, T, D)``, class token first.
+        """The tokens ``(B, T, D)`` of each requested layer (a ViT's class token first).
 
-        The forward stops after the last requested block; the text tower is not touched.
+        The forward stops after the last requested layer; the text tower is not touched.
         """
-        out = self.visual.forward_intermediates(
-            images_BRHW.to(self.device, DTYPES[self.dtype]), indices=sorted(layers),
-            stop_early=True, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
-        return {
-            layer: torch.cat([prefix_BTD, patches_BPD], dim=1)
-            for layer, prefix_BTD, patches_BPD in zip(
-                sorted(layers), out["image_intermediates_prefix"], out["image_intermediates"])
-        }
+        order = sorted(layers)
+        return dict(zip(order, self.tower.tap(images_BRHW.to(self.device, DTYPES[self.dtype]), order)))
 
 
 def _unloadable(name: str, path: str, err: Exception) -> str:

@@ -1,13 +1,14 @@
-"""Splicing an SAE into a CLIP ViT: replace the residual stream at the tap by a reconstruction.
+"""Splicing an SAE into a CLIP vision tower: replace the tokens at the tap by a reconstruction.
 
-Layers are block indices, 0-based, residual-stream output of that block. Splicing at layer
-``L`` means: take the residual stream after ``visual.transformer.resblocks[L]`` (every token:
-class token and patches), replace it by the SAE reconstruction computed from a possibly
-masked latent vector, then finish the forward exactly as open_clip does: the blocks after
-the tap (``resblocks[L + 1:]``), then ``visual._pool`` (which applies ``ln_post`` and pools:
-the class token for CLIP ViTs; attention pooling too, where a model has it) and
-``visual.proj``. No other module is touched, so with nothing replaced the result is
-open_clip's own ``encode_image`` (tested). Because class-token pooling reads one row, the
+Layers are those of ``pipeline.towers``: a ViT block's residual-stream output, or a ConvNeXt
+stage's feature map as spatial tokens. Splicing at layer ``L`` means: take every token of
+layer ``L``, replace it by the SAE reconstruction computed from a possibly masked latent
+vector, then finish the forward exactly as open_clip does. For a ViT: the blocks after the
+tap (``resblocks[L + 1:]``), then ``visual._pool`` (which applies ``ln_post`` and pools: the
+class token for CLIP ViTs; attention pooling too, where a model has it) and ``visual.proj``;
+for a ConvNeXt: the tokens back as a feature map, the stages after it, the trunk's head and the
+CLIP projection. No other module is touched, so with nothing replaced the result is
+open_clip's own ``encode_image`` (tested). Because class-token pooling reads one row, a ViT's
 last block can be computed for the class-token query alone (``class_token_only``; equal up
 to float rounding, tested), which is most of the cost of a one-block tail.
 
@@ -50,6 +51,7 @@ from torch import Tensor
 
 from cache.errors import UserError
 from pipeline.sae import SAE
+from pipeline.towers import tower_of
 
 MODES = ("on", "off")
 CORRECTIONS = ("none", "mean_error", "constant")
@@ -93,22 +95,13 @@ class Correction:
         return f"constant:{self.value!r}" if self.kind == "constant" else self.kind
 
 
-def check_layer(visual: Any, layer: int) -> None:
-    n_blocks = len(visual.transformer.resblocks)
-    if not 0 <= layer < n_blocks:
-        raise UserError(f"layer {layer} is out of range for a model with blocks 0..{n_blocks - 1} "
-                        "(block index, 0-based, residual output)")
-
-
 @torch.inference_mode()
 def tap_forward(visual: Any, images_BRHW: Tensor, layer: int) -> Tensor:
-    """Residual stream after block ``layer``, ``(B, T, D)`` (class token first); stops there."""
-    check_layer(visual, layer)
+    """The tokens of layer ``layer``, ``(B, T, D)`` (a ViT's class token first); stops there."""
+    tower = tower_of(visual)
+    tower.check_layer(layer)
     param = next(visual.parameters())
-    out = visual.forward_intermediates(
-        images_BRHW.to(param.device, param.dtype), indices=[layer], stop_early=True,
-        intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
-    return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return tower.tap(images_BRHW.to(param.device, param.dtype), [layer])[0]
 
 
 def supports_class_token_only(visual: Any) -> bool:
@@ -136,7 +129,15 @@ def _class_token_block(block: Any, x_BTD: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def finish_forward(visual: Any, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
-    """Image features ``(B, E)`` from the residual stream after block ``layer``.
+    """Image features ``(B, E)`` from the tokens of layer ``layer`` (see ``pipeline.towers``)."""
+    tower = tower_of(visual)
+    tower.check_layer(layer)
+    param = next(visual.parameters())
+    return tower.finish(x_BTD.to(param.device, param.dtype), layer, class_token_only=class_token_only)
+
+
+def finish_vit(visual: Any, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
+    """A ViT's image features from the residual stream after block ``layer``.
 
     Runs ``resblocks[layer + 1:]``, then open_clip's own ``_pool`` (ln_post + pooling) and
     ``proj``: the tail of ``VisionTransformer.forward``. ``class_token_only`` computes the
@@ -144,9 +145,7 @@ def finish_forward(visual: Any, x_BTD: Tensor, layer: int, *, class_token_only: 
     ~4x less work for a one-block tail; equal up to float rounding); it is ignored where
     ``supports_class_token_only`` is False.
     """
-    check_layer(visual, layer)
-    param = next(visual.parameters())
-    x = x_BTD.to(param.device, param.dtype)
+    x = x_BTD
     transformer = visual.transformer
     tail = list(transformer.resblocks[layer + 1:])
     last = None
@@ -255,13 +254,16 @@ def spliced_features(visual: Any, sae: SAE, layer: int, x_BTD: Tensor, *, mode: 
 @contextlib.contextmanager
 def splice_hook(visual: Any, sae: SAE, layer: int, *, mode: str = "on", idx_BK: Tensor | None = None,
                 error_term: bool = False, shift_D: Tensor | None = None) -> Iterator[None]:
-    """While active, every forward of ``visual`` has the SAE spliced in after block ``layer``.
+    """While active, every forward of ``visual`` (a ViT) has the SAE spliced in after block ``layer``.
 
     A forward hook on ``resblocks[layer]`` replaces its output; the rest of the model's own
     forward runs unchanged. For models whose forward is not open_clip's stock one (e.g.
     with extra prompt tokens); ``idx_BK`` must then match the batch being run.
     """
-    check_layer(visual, layer)
+    tower = tower_of(visual)
+    tower.check_layer(layer)
+    if tower.kind != "vit":
+        raise UserError(f"splicing into a running forward needs a ViT (this tower is a {tower.kind})")
     batch_first = getattr(visual.transformer, "batch_first", True)
 
     def hook(module: Any, args: Any, output: Tensor) -> Tensor:

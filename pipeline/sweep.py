@@ -33,7 +33,7 @@ def sweep(source: CacheSource | ImageSource, model: LoadedModel, sae: SAE, layer
     correct_MC = np.zeros((len(variants), n_classes), np.int64)
     max_diff = 0.0
     d_sae = sae.config.d_sae
-    chunk = max(1, min(batch_size, CODES_BUDGET_BYTES // max(1, model.n_tokens * d_sae * 4)))
+    chunk = max(1, min(batch_size, CODES_BUDGET_BYTES // max(1, model.n_tokens(layer) * d_sae * 4)))
     per_group = max(1, tail_rows // chunk)
     device = sae.W_dec.device
     bar = Progress(total=len(eval_rows), unit="img", desc="masking", enabled=progress)

@@ -208,16 +208,16 @@ def _adapter_attrs(cfg: Config) -> dict[str, Any] | None:
 
 
 def _spec(cfg: Config, model: LoadedModel, images: ImageSet, layout: dict[str, Any]) -> StoreSpec:
-    n_tokens = int(layout["n_tokens"])
-    bytes_per_image = n_tokens * model.width * 2  # of one layer's array
+    n_tokens, width = int(layout["n_tokens"]), model.width(cfg.layers[0])  # check_layers: one shape for all
+    bytes_per_image = n_tokens * width * 2  # of one layer's array
     chunk, shard = plan_layout(bytes_per_image, len(images), images_per_chunk=cfg.images_per_chunk,
                                images_per_shard=cfg.images_per_shard)
     content = _content_config(cfg, model, images, chunk, shard)
     attrs = {
         schema.ATTR_MODEL: {"name": model.name, "pretrained": model.pretrained,
                             "checkpoint_sha256": model.checkpoint_sha256, "n_blocks": model.n_blocks,
-                            "d_model": model.width, "dtype": cfg.dtype,
-                            "layer_convention": "block index, 0-based, residual-stream output",
+                            "d_model": width, "dtype": cfg.dtype, "tower": model.tower.kind,
+                            "layer_convention": model.tower.layer_meaning,
                             "adapter": _adapter_attrs(cfg)},
         schema.ATTR_TOKEN_LAYOUT: layout,
         schema.ATTR_PREPROCESS: model.preprocess_cfg(),
@@ -227,7 +227,7 @@ def _spec(cfg: Config, model: LoadedModel, images: ImageSet, layout: dict[str, A
         schema.ATTR_VERSIONS: _versions(),
         schema.ATTR_WRITER: writer_record("extract", cfg),
     }
-    return StoreSpec(layers=cfg.layers, n_tokens=n_tokens, d_model=model.width,
+    return StoreSpec(layers=cfg.layers, n_tokens=n_tokens, d_model=width,
                      image_ids=images.image_ids, class_names=images.class_names,
                      images_per_chunk=chunk, images_per_shard=shard, config=content, attrs=attrs)
 
@@ -252,7 +252,7 @@ def _fill_shard(model: LoadedModel, tap: Tap, batches: Iterator[Any], store: Act
     """Compute one shard from the next batches of ``batches`` (which never cross shards)."""
     sl = store.shard_slice(shard)
     n = sl.stop - sl.start
-    acts = {layer: np.empty((n, store.n_tokens, model.width), np.float16) for layer in layers}
+    acts = {layer: np.empty((n, store.n_tokens, store.d_model), np.float16) for layer in layers}
     labels_N = np.empty(n, np.int64)
     valid_N = np.empty(n, bool)
     row = 0
@@ -282,7 +282,7 @@ def _open(cfg: Config) -> tuple[LoadedModel, ImageSet, Tap, dict[str, Any]]:
     tokens when kept) and the token layout it gives."""
     model = load_model(cfg.model, cfg.pretrained, device=cfg.device, dtype=cfg.dtype, init_seed=cfg.seed)
     model.check_layers(cfg.layers)
-    tap, layout = model.tap, model.token_layout()
+    tap, layout = model.tap, model.token_layout(cfg.layers[0])
     if cfg.adapter is not None:
         adapted = maple.load_adapter(cfg.adapter, model)
         tap = functools.partial(adapted.tap, keep_prompts=keeps_prompts(cfg))
@@ -369,7 +369,7 @@ def run(cfg: Config) -> Outputs:
         if skipped:
             log.warning("%d unreadable images were skipped (rows marked invalid, listed in attrs '%s')",
                         len(skipped), schema.ATTR_SKIPPED)
-        bytes_written = n_pending * spec.n_tokens * model.width * 2 * len(cfg.layers)
+        bytes_written = n_pending * spec.n_tokens * spec.d_model * 2 * len(cfg.layers)
         norms = token_norm_stats(store)
     return Outputs(store_dir=store.path, n_images=store.n_images, n_computed=n_pending,
                    n_skipped=len(skipped), n_tokens=store.n_images * spec.n_tokens,

@@ -452,8 +452,9 @@ def run(cfg: Config) -> Outputs:
 
     model = load_model(model_name, pretrained, device=device, dtype=cfg.dtype, init_seed=data["seed"])
     model.check_layers((layer,))
-    if model.width != sae.config.d_in:
-        raise UserError(f"the SAE expects width {sae.config.d_in} but {model_name} has width {model.width}")
+    if model.width(layer) != sae.config.d_in:
+        raise UserError(f"the SAE expects width {sae.config.d_in} but layer {layer} of {model_name} has width "
+                        f"{model.width(layer)}")
     head_kind = cfg.head if cfg.head != "auto" else ("probe" if model.pretrained == "none" else "zeroshot")
     adapted = maple.load_adapter(cfg.adapter, model) if cfg.adapter is not None else None
 

@@ -80,7 +80,7 @@ def test_prompts_sit_where_maple_puts_them(base, tokenizer):
         assert torch.equal(seen["text"][:, 1:3], p.compound_prompts_text[0].expand(3, -1, -1))
         coupled = p.compound_prompt_projections[0](p.compound_prompts_text[0])
         assert torch.equal(seen["v1"][:, -2:], coupled.expand(2, -1, -1))
-        assert seen["v0"].shape[1] == base.n_tokens + 2  # class + 64 patches + 2 prompts
+        assert seen["v0"].shape[1] == base.n_tokens(0) + 2  # class + 64 patches + 2 prompts
         ln_pre_of_prompts = base.model.visual.ln_pre(p.proj(p.ctx))  # ln_pre is per token
         torch.testing.assert_close(seen["v0"][0, -2:], ln_pre_of_prompts, rtol=0, atol=1e-6)
 
@@ -99,10 +99,10 @@ def test_taps_keep_the_base_layout_and_finish_equals_the_forward(base, tokenizer
     images = _images(4)
     with torch.inference_mode():
         taps = adapted.tap(images, (0, 2))
-        assert taps[2].shape == base.tap(images, (2,))[2].shape == (4, base.n_tokens, base.width)
+        assert taps[2].shape == base.tap(images, (2,))[2].shape == (4, base.n_tokens(2), base.width(2))
         assert not torch.allclose(taps[2], base.tap(images, (2,))[2], atol=1e-3)  # the prompts change the residuals
         (x_BTD, prompts_BXD), = adapted.tap_with_prompts(images, (0,)).values()
-        assert torch.equal(x_BTD, taps[0]) and prompts_BXD.shape == (4, 2, base.width)
+        assert torch.equal(x_BTD, taps[0]) and prompts_BXD.shape == (4, 2, base.width(0))
         torch.testing.assert_close(adapted.finish(x_BTD, prompts_BXD, 0), adapted.encode_image(images), rtol=0,
                                    atol=1e-5)
 

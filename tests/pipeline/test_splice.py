@@ -37,7 +37,7 @@ def _hook_reconstruction(visual, layer: int, replace):
 
 def _check_parity(lm, sae, layer: int, images) -> None:
     visual = lm.visual
-    d = lm.width
+    d = lm.width(layer)
     with torch.inference_mode():
         ref_BE = lm.model.encode_image(images)
         x_BTD = splice.tap_forward(visual, images, layer)
@@ -74,13 +74,13 @@ def tiny():
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_tiny_vit_parity(tiny, layer):
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(layer))
-    _check_parity(tiny, _random_sae(tiny.width, 96, layer, norm_scale=1.7), layer, images)
+    _check_parity(tiny, _random_sae(tiny.width(layer), 96, layer, norm_scale=1.7), layer, images)
 
 
 def test_vit_b_16_parity():
     lm = load_model("ViT-B-16", "none", device="cpu")
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    _check_parity(lm, _random_sae(lm.width, 1536, 10, norm_scale=2.0), 10, images)
+    _check_parity(lm, _random_sae(lm.width(10), 1536, 10, norm_scale=2.0), 10, images)
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_masks_apply_per_image_by_class():
 
 def test_off_all_leaves_only_b_dec_at_the_tap(tiny):
     layer = 1
-    sae = _random_sae(tiny.width, 64, layer, norm_scale=1.5)
+    sae = _random_sae(tiny.width(layer), 64, layer, norm_scale=1.5)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     seen = {}
 
@@ -155,12 +155,12 @@ def test_off_all_leaves_only_b_dec_at_the_tap(tiny):
         splice.spliced_features(tiny.visual, sae, layer, x, mode="off", idx_BK=None)
     finally:
         handle.remove()
-    assert torch.equal(seen["x"], (sae.b_dec * 1.5).detach().expand(2, tiny.n_tokens, tiny.width))
+    assert torch.equal(seen["x"], (sae.b_dec * 1.5).detach().expand(2, tiny.n_tokens(layer), tiny.width(layer)))
 
 
 def test_splice_hook_matches_the_spliced_forward(tiny):
     layer = 2
-    sae = _random_sae(tiny.width, 64, layer, norm_scale=0.8)
+    sae = _random_sae(tiny.width(layer), 64, layer, norm_scale=0.8)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     idx_BK = torch.tensor([[0, 5, 9], [1, 2, 3], [60, 61, 62]])
     with torch.inference_mode():
@@ -228,13 +228,13 @@ def test_mean_error_correction_brings_a_biased_sae_back_to_plain_clip(tiny):
     from pipeline.sae import mean_error
 
     layer = 1
-    offset_D = 0.5 + 0.2 * torch.randn(tiny.width, generator=torch.Generator().manual_seed(3))  # systematic bias
-    sae = _biased_sae(tiny.width, layer, offset_D)
+    offset_D = 0.5 + 0.2 * torch.randn(tiny.width(layer), generator=torch.Generator().manual_seed(3))  # systematic bias
+    sae = _biased_sae(tiny.width(layer), layer, offset_D)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         x_BTD = splice.tap_forward(tiny.visual, images, layer)
-        err_D, n = mean_error(sae, [x_BTD.reshape(-1, tiny.width)])
-        assert n == 4 * tiny.n_tokens
+        err_D, n = mean_error(sae, [x_BTD.reshape(-1, tiny.width(layer))])
+        assert n == 4 * tiny.n_tokens(layer)
         torch.testing.assert_close(err_D, -offset_D, rtol=0, atol=1e-5)
         plain_BE = splice.finish_forward(tiny.visual, x_BTD, layer)
         none_BE = splice.spliced_features(tiny.visual, sae, layer, x_BTD)

@@ -164,7 +164,7 @@ def _planted(root: Path, n_per_class: int = 20, n_classes: int = 3, amplitude: f
     isotropic noise. The SAE: latent c reads and writes u_c, latents 3..7 the noise directions.
     """
     lm = load_model(TINY, "none", device="cpu")
-    t, d = lm.n_tokens, lm.width
+    t, d = lm.n_tokens(LAYER), lm.width(LAYER)
     g = torch.Generator().manual_seed(0)
     dirs, _ = torch.linalg.qr(torch.randn(d, n_classes + 5, generator=g, dtype=torch.float64))
     dirs = dirs.T.float()  # (8, D) orthonormal rows
@@ -176,7 +176,7 @@ def _planted(root: Path, n_per_class: int = 20, n_classes: int = 3, amplitude: f
     spec = StoreSpec(layers=(LAYER,), n_tokens=t, d_model=d, image_ids=[f"planted/{i}" for i in range(n)],
                      class_names=[f"class_{c}" for c in range(n_classes)], images_per_chunk=20, images_per_shard=20,
                      config={"planted": n},
-                     attrs={"token_layout": lm.token_layout(), "preprocess": {},
+                     attrs={"token_layout": lm.token_layout(LAYER), "preprocess": {},
                             "model": {"name": TINY, "pretrained": "none"},
                             "dataset": {"name": "planted", "split": "all", "root": None, "limit": None, "seed": 0}})
     store = create_or_resume(root / "store", spec)

@@ -1,4 +1,4 @@
-"""Results folders (stats, mask, groundtruth, report, remap) have one writer at a time, as stores do."""
+"""Results folders (stats, mask, groundtruth, report, remap, grid, block-probe) have one writer at a time, as stores do."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from tests.helpers import assert_one_line_error, tree_digest
 
 INPUTS = {"stats": ["--codes", "codes", "--cache", "acts"], "mask": ["--sae", "sae", "--stats", "stats", "--cache", "acts"],
           "groundtruth": ["--stats", "stats"], "report": ["--stats", "stats"],
-          "remap": ["--base", "base", "--adapted", "adapted"]}
+          "remap": ["--base", "base", "--adapted", "adapted"], "grid": ["--cache", "acts"],
+          "block-probe": ["--cache", "acts"]}
 
 
 @pytest.mark.parametrize("stage", sorted(INPUTS))

@@ -1,0 +1,165 @@
+"""The vision towers the pipeline can take apart, behind one interface: where a layer is, what its
+tokens look like, how to tap it, and how to finish the forward from it.
+
+- **ViT** (open_clip ``VisionTransformer``): layer L = the residual stream after
+  ``transformer.resblocks[L]``, every token: the class token first, then the patches in
+  row-major order. Features: the remaining blocks, ``_pool`` (ln_post, pooling) and ``proj``.
+- **ConvNeXt** (open_clip ``TimmModel`` around a timm ``ConvNeXt`` trunk, the ``convnext_*``
+  configs): layer L = the output of ``trunk.stages[L]``, a feature map (B, C, H, W) read as
+  H × W spatial tokens, row-major (token r * W + c is row r, column c), and no class token.
+  Each stage has its own width and grid, so one store holds stages of one shape. Features:
+  the remaining stages, ``norm_pre``, the trunk's head (global pool, norm) and the CLIP
+  projection (``head``), as ``TimmModel.forward`` runs them.
+
+Every other tower (e.g. a timm ViT trunk as in the SigLIP configs) is refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cache.errors import UserError
+
+
+class Tower:
+    """One tower kind; subclasses know its modules."""
+
+    kind: str
+    n_prefix_tokens: int
+
+    def __init__(self, visual: Any):
+        self.visual = visual
+
+    @property
+    def n_blocks(self) -> int:
+        raise NotImplementedError
+
+    def block(self, layer: int) -> Any:
+        """The module whose output is layer ``layer``."""
+        raise NotImplementedError
+
+    def grid(self, layer: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def width(self, layer: int) -> int:
+        raise NotImplementedError
+
+    def tap(self, images_BRHW: Tensor, layers: list[int]) -> list[Tensor]:
+        """``(B, T, D)`` at each of ``layers`` (sorted), prefix tokens first; stops after the last."""
+        raise NotImplementedError
+
+    def finish(self, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
+        """Image features ``(B, E)`` from layer ``layer``'s tokens."""
+        raise NotImplementedError
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_blocks:
+            raise UserError(f"layer {layer} is out of range for a model with {self.unit}s 0..{self.n_blocks - 1} "
+                            f"({self.layer_meaning})")
+
+    def n_tokens(self, layer: int) -> int:
+        h, w = self.grid(layer)
+        return self.n_prefix_tokens + h * w
+
+    def token_layout(self, layer: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    unit = "block"
+    layer_meaning = "block index, 0-based, residual output"
+
+
+class ViTTower(Tower):
+    kind = "vit"
+    n_prefix_tokens = 1
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def block(self, layer: int) -> Any:
+        return self.visual.transformer.resblocks[layer]
+
+    def grid(self, layer: int) -> tuple[int, int]:
+        return tuple(int(g) for g in self.visual.grid_size)
+
+    def width(self, layer: int) -> int:
+        return int(self.visual.transformer.width)
+
+    def token_layout(self, layer: int) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens(layer), "n_prefix_tokens": 1, "class_token_index": 0,
+                "register_token_indices": [], "patch_grid": list(self.grid(layer)),
+                "patch_order": "row-major: token 1 + r * grid_w + c is patch row r, column c"}
+
+    def tap(self, images_BRHW: Tensor, layers: list[int]) -> list[Tensor]:
+        out = self.visual.forward_intermediates(images_BRHW, indices=layers, stop_early=True, intermediates_only=True,
+                                                output_fmt="NLC", output_extra_tokens=True)
+        return [torch.cat([p, x], dim=1) for p, x in zip(out["image_intermediates_prefix"],
+                                                         out["image_intermediates"])]
+
+    def finish(self, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
+        from pipeline import splice
+
+        return splice.finish_vit(self.visual, x_BTD, layer, class_token_only=class_token_only)
+
+
+class ConvNeXtTower(Tower):
+    kind = "convnext"
+    n_prefix_tokens = 0
+    unit = "stage"
+    layer_meaning = "stage index, 0-based, the stage's output feature map"
+
+    @property
+    def trunk(self) -> Any:
+        return self.visual.trunk
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.trunk.stages)
+
+    def block(self, layer: int) -> Any:
+        return self.trunk.stages[layer]
+
+    def grid(self, layer: int) -> tuple[int, int]:
+        """The stage's feature-map size at the model's input size (timm's feature_info: its stride)."""
+        stride = int(self.trunk.feature_info[layer]["reduction"])
+        return tuple(-(-int(s) // stride) for s in self.visual.image_size)
+
+    def width(self, layer: int) -> int:
+        return int(self.trunk.feature_info[layer]["num_chs"])
+
+    def token_layout(self, layer: int) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens(layer), "n_prefix_tokens": 0, "class_token_index": None,
+                "register_token_indices": [], "patch_grid": list(self.grid(layer)),
+                "patch_order": "row-major: token r * grid_w + c is feature-map row r, column c (no class token)"}
+
+    def tap(self, images_BRHW: Tensor, layers: list[int]) -> list[Tensor]:
+        maps = self.trunk.forward_intermediates(images_BRHW, indices=layers, stop_early=True, intermediates_only=True)
+        return [m.flatten(2).transpose(1, 2) for m in maps]
+
+    def finish(self, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
+        self.check_layer(layer)
+        h, w = self.grid(layer)
+        x = x_BTD.transpose(1, 2).reshape(x_BTD.shape[0], x_BTD.shape[2], h, w)
+        for stage in self.trunk.stages[layer + 1:]:
+            x = stage(x)
+        x = self.trunk.forward_head(self.trunk.norm_pre(x))
+        return self.visual.head(x)
+
+
+def tower_of(visual: Any) -> Tower:
+    """The tower adapter of an open_clip vision tower; anything else is refused by name."""
+    if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
+        return ViTTower(visual)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None:
+        from timm.models.convnext import ConvNeXt
+
+        if isinstance(trunk, ConvNeXt):
+            return ConvNeXtTower(visual)
+        raise UserError(f"the vision tower is a timm {type(trunk).__name__} trunk, which the pipeline cannot tap; "
+                        "use an open_clip ViT (e.g. ViT-B-16) or a ConvNeXt (convnext_*) model")
+    raise UserError(f"the vision tower {type(visual).__name__} is neither an open_clip ViT nor a timm ConvNeXt; "
+                    "use a model such as ViT-B-16 or convnext_base")
