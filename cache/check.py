@@ -244,17 +244,22 @@ def describe(path: Path | str) -> dict[str, Any]:
     }
 
 
+def _class_token(layout: dict[str, Any]) -> str:
+    index = layout.get("class_token_index")
+    return "no class token" if index is None else f"class token at {index}"
+
+
 def describe_lines(d: dict[str, Any]) -> list[str]:
     """``describe``'s record as the lines ``pipeline info`` prints."""
     m, ds, t = d["model"], d["dataset"], d["token_layout"]
     lines = [f"store        {d['path']}  (format {d['format_version']}, config {d['config_sha256'][:12]})",
-             f"model        {m['name']} / {m['pretrained']}  ({m['n_blocks']} blocks, width {m['d_model']}, "
-             f"{m['dtype']})",
+             f"model        {m['name']} / {m['pretrained']}  ({m['n_blocks']} "
+             f"{'stages' if m.get('tower') == 'convnext' else 'blocks'}, width {m['d_model']}, {m['dtype']})",
              f"dataset      {ds['name']} split={ds['split']} root={ds['root']}  ({d['n_classes']} classes)",
              f"layers       {d['layers']}  ({m['layer_convention']})",
              f"shape NTD    {d['shape_NTD']} {d['dtype']}; chunks of {d['chunk_images']} images, "
              f"shards of {d['shard_images']}",
-             f"tokens       class token at {t['class_token_index']}, patch grid {t['patch_grid']} ({t['patch_order']})",
+             f"tokens       {_class_token(t)}, patch grid {t['patch_grid']} ({t['patch_order']})",
              f"complete     {d['shards_complete']} shards; invalid rows: {d['invalid_rows']}",
              f"size         {human_bytes(d['size_bytes'])}"]
     for layer, s in d["token_norms"].items():

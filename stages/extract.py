@@ -351,7 +351,7 @@ def run(cfg: Config) -> Outputs:
         n_pending = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in pending)
         announce("extract",
                  f"{store.n_images:,} images of {cfg.dataset} ({images.split}) through {cfg.model} ({cfg.pretrained}), "
-                 f"blocks {', '.join(map(str, cfg.layers))}, {spec.n_tokens} tokens each",
+                 f"{model.tower.unit}s {', '.join(map(str, cfg.layers))}, {spec.n_tokens} tokens each",
                  f"into {store.path}: {space.human_bytes(spec.nbytes)} in {store.n_shards} "
                  f"shard{'s' * (store.n_shards != 1)}; {n_pending:,} images to compute"
                  + already(store.n_images - n_pending, "stored"))

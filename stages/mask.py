@@ -479,10 +479,11 @@ def run(cfg: Config) -> Outputs:
                   if same_split else np.zeros(0, np.int64))
     plain_rows = all_rows
     features: dict[int, torch.Tensor] = {}
-    via = "cached activations, then the blocks after it" if source.kind == "cache" else "images through the model"
+    unit = model.tower.unit
+    via = f"cached activations, then the {unit}s after it" if source.kind == "cache" else "images through the model"
     announce("mask",
              f"{len(plain_rows):,} images of {data['dataset']}, {head_kind} head, {', '.join(cfg.modes)} runs for "
-             f"k = {', '.join(map(str, cfg.ks))} and {cfg.n_seeds} random sets each, spliced at block {layer} ({via})",
+             f"k = {', '.join(map(str, cfg.ks))} and {cfg.n_seeds} random sets each, spliced at {unit} {layer} ({via})",
              f"into {cfg.out_dir}")
     for batch, feats in source.plain_features(model, plain_rows, cfg.batch_size, cfg.tail_rows,
                                               cfg.class_token_only):

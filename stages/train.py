@@ -211,7 +211,7 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
     n_steps_total = math.ceil(cfg.total_tokens / loader_cfg.batch_tokens)
     sae_cfg = trainer.sae.config
     announce("train",
-             f"a {sae_cfg.arch} SAE {sae_cfg.d_in} -> {sae_cfg.d_sae:,} on block {cfg.layer} of {store.path} "
+             f"a {sae_cfg.arch} SAE {sae_cfg.d_in} -> {sae_cfg.d_sae:,} on {_unit(store)} {cfg.layer} of {store.path} "
              f"({train_loader.tokens_per_epoch:,} training tokens)",
              f"{n_steps_total - trainer.n_steps:,} of {n_steps_total:,} steps to go, {loader_cfg.batch_tokens:,} "
              f"tokens each ({cfg.total_tokens:,} tokens in all), into {cfg.out_dir}")
@@ -295,6 +295,11 @@ def _run_locked(cfg: Config, run: runfiles.RunFolder, store: ActivationStore, de
     return Outputs(sae_dir=cfg.out_dir, metrics_path=metrics_path, plot_path=plot_path,
                    history_path=cfg.out_dir / HISTORY_FILE, live_dir=cfg.live_dir, metrics=final,
                    steps=trainer.n_steps, resumed_from_step=resumed_from, seconds=time.perf_counter() - started)
+
+
+def _unit(store: ActivationStore) -> str:
+    """What a layer of the store's model is called: a ConvNeXt's stage, a ViT's block."""
+    return "stage" if (store.attrs.get("model") or {}).get("tower") == "convnext" else "block"
 
 
 def _windowed(metrics: dict[str, Any], n_tokens: int, window_tokens: int, what: str) -> dict[str, Any]:
