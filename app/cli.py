@@ -29,7 +29,7 @@ log = logging.getLogger("pipeline")
 
 # command name -> where its declaration lives; stage modules are imported only when their command runs
 COMMANDS = {**{("import" if n == "import" else n): f"stages:{n}" for n in stages.NAMES},
-            "concept-addition": "app.concept"}
+            "concept-addition": "app.concept", "grid": "app.grid"}
 
 
 class _Group(click.Group):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor
 
 from cache.errors import UserError
@@ -100,9 +101,7 @@ class ViTTower(Tower):
                                                          out["image_intermediates"])]
 
     def finish(self, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
-        from pipeline import splice
-
-        return splice.finish_vit(self.visual, x_BTD, layer, class_token_only=class_token_only)
+        return finish_vit(self.visual, x_BTD, layer, class_token_only=class_token_only)
 
 
 class ConvNeXtTower(Tower):
@@ -147,6 +146,59 @@ class ConvNeXtTower(Tower):
             x = stage(x)
         x = self.trunk.forward_head(self.trunk.norm_pre(x))
         return self.visual.head(x)
+
+
+def supports_class_token_only(visual: Any) -> bool:
+    """True when the features depend on the last block's class-token output alone.
+
+    That holds for open_clip ViTs that pool the class token (``pool_type == 'tok'``, no
+    attention pooling) and use the standard ``ResidualAttentionBlock``, batch first.
+    """
+    blocks = visual.transformer.resblocks
+    return (getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
+            and getattr(visual.transformer, "batch_first", True)
+            and all(type(b) is ResidualAttentionBlock for b in blocks))
+
+
+def _class_token_block(block: Any, x_BTD: Tensor) -> Tensor:
+    """``block(x)[:, :1]`` with only the class token as query (keys and values: every token).
+
+    The same operations as ``ResidualAttentionBlock.forward`` (self-attention, no mask),
+    restricted to the one output row the class-token pooling reads.
+    """
+    kv_BTD = block.ln_1(x_BTD)
+    x_B1D = x_BTD[:, :1] + block.ls_1(block.attention(q_x=kv_BTD[:, :1], k_x=kv_BTD, v_x=kv_BTD))
+    return x_B1D + block.ls_2(block.mlp(block.ln_2(x_B1D)))
+
+
+def finish_vit(visual: Any, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
+    """A ViT's image features from the residual stream after block ``layer``.
+
+    Runs ``resblocks[layer + 1:]``, then open_clip's own ``_pool`` (ln_post + pooling) and
+    ``proj``: the tail of ``VisionTransformer.forward``. ``class_token_only`` computes the
+    last block for the class-token query alone (the only row class-token pooling reads;
+    ~4x less work for a one-block tail; equal up to float rounding); it is ignored where
+    ``supports_class_token_only`` is False.
+    """
+    x = x_BTD
+    transformer = visual.transformer
+    tail = list(transformer.resblocks[layer + 1:])
+    last = None
+    if class_token_only and tail and supports_class_token_only(visual):
+        last = tail.pop()
+    batch_first = getattr(transformer, "batch_first", True)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for block in tail:
+        x = block(x, attn_mask=None)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    if last is not None:
+        x = _class_token_block(last, x)
+    pooled_BE, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled_BE = pooled_BE @ visual.proj
+    return pooled_BE
 
 
 def tower_of(visual: Any) -> Tower:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from pipeline.configs import Stage
 
 NAMES = ("pretrain", "extract", "import", "train", "encode", "stats", "mask", "groundtruth", "report", "adapt",
-         "remap", "summary", "block-probe", "grid")
+         "remap", "summary", "block-probe")
 _MODULES = {"import": "importer", "block-probe": "blockprobe"}  # `import` is a Python keyword
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import splice
+from pipeline import splice, towers
 from pipeline.masking import random_latents, top_latents
 from pipeline.models import load_model
 from pipeline.sae import Codes, ReLUConfig, build
@@ -46,7 +46,7 @@ def _check_parity(lm, sae, layer: int, images) -> None:
         ours_BE = splice.spliced_features(visual, sae, layer, x_BTD, error_term=True)
         torch.testing.assert_close(ours_BE, ref_BE)
         # The last block computed for the class-token query alone: the same up to rounding.
-        assert splice.supports_class_token_only(visual)
+        assert towers.supports_class_token_only(visual)
         torch.testing.assert_close(splice.finish_forward(visual, x_BTD, layer, class_token_only=True), ref_BE,
                                    rtol=1e-5, atol=1e-5)
         text = open_clip.get_tokenizer(lm.name)(["a photo of a cat.", "a photo of a dog.", "a map."])

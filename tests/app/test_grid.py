@@ -19,7 +19,8 @@ from pipeline import grid as gd
 from pipeline import groundtruth as gt
 from pipeline.sae.io import load_sae
 from pipeline.world import SyntheticWorld, WorldConfig, object_coverage
-from stages import blockprobe, extract, grid
+from app import grid
+from stages import blockprobe, extract
 from tests.helpers import TINY, assert_one_line_error, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
