@@ -298,3 +298,20 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
     assert torch.load(state_path, weights_only=True)["step"] == 40
     assert json.loads((out / "metrics.json").read_text())["steps"] == 40
     assert "trained 40 steps" in rerun.stdout
+
+
+def test_a_tiny_convnext_clip_pretrains_and_its_checkpoint_loads(tmp_path):
+    """The same stage trains the ConvNeXt CLIP (another model name); the saved weights are the trained ones."""
+    out = pretrain.run(make_pretrain_config(tmp_path / "run", model="tiny-convnext-clip", **{**SHORT_RUN, "steps": 150}))
+    state = torch.load(out.trainer_state_path, weights_only=True)
+    assert np.mean(state["losses"][-10:]) < 0.8 * np.mean(state["losses"][:5]), state["losses"]
+    assert out.accuracy >= SHORT_RUN_MIN_ACCURACY
+    loaded = load_model("tiny-convnext-clip", str(out.model_path))
+    assert loaded.tower.kind == "convnext"
+    in_memory = open_clip.create_model("tiny-convnext-clip")
+    in_memory.load_state_dict(state["model"])
+    in_memory.eval()
+    world = SyntheticWorld(WorldConfig(seed=5), n_images=4, split="test", transform=loaded.preprocess)
+    images = torch.stack([world[i][0] for i in range(4)])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model.encode_image(images), in_memory.encode_image(images))
