@@ -136,11 +136,13 @@ def _maybe(x) -> str:
 
 
 def plot(path: Path, frame) -> None:
-    """FVU against L0 per setting, coloured by ground-truth coverage (grey without it), one marker per arch."""
+    """FVU against L0 per setting (both log), coloured by ground-truth coverage (grey without it), one marker per
+    arch; the Pareto front's settings are named."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     has_gt = "coverage" in frame.columns
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -153,13 +155,17 @@ def plot(path: Path, frame) -> None:
                            label=arch, **colour)
     front = frame[frame["pareto"]].sort_values("l0")
     ax.plot(front["l0"], front["fvu"], color="black", lw=0.8, ls="--", label="Pareto front")
-    for r in frame.itertuples():
+    for r in front.itertuples():  # the others are in the table; naming them all would pile labels up
         ax.annotate(r.setting, (r.l0, r.fvu), fontsize=6, xytext=(4, 3), textcoords="offset points")
     ax.axvline(SANE_L0, color="tab:red", lw=0.6, ls=":")
     ax.axhline(SANE_FVU, color="tab:red", lw=0.6, ls=":")
     ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # plain numbers, not powers of ten
+    for formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # FVU spans less than a decade
+        formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
     ax.set_xlabel("L0 (active latents per token, log)")
-    ax.set_ylabel("FVU")
+    ax.set_ylabel("FVU (log)")
     ax.set_title("SAE settings: reconstruction against sparsity (dotted: the paper's sanity check)", fontsize=9)
     if has_gt and image is not None:
         fig.colorbar(image, ax=ax, label="ground-truth coverage")
