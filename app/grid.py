@@ -32,7 +32,7 @@ from pipeline import runfiles
 from pipeline.configs import Stage
 from pipeline.models import resolve_device
 from pipeline.progress import next_steps
-from pipeline.sae.io import load_sae
+from pipeline.sae.io import load_sae, read_sae_config
 from pipeline.sae.metrics import evaluate
 from pipeline.threads import sized
 from stages import blockprobe, encode, groundtruth, mask, stats, summary as summary_stage, train
@@ -165,7 +165,7 @@ def _run_setting(cfg: Config, setting: gd.Setting, layer: int, folder: Path, sto
     masked = mask.run(mask.Config(sae_dir=trained.sae_dir, stats_dir=summarised.stats_dir, out_dir=folder / "masking",
                                   cache_dir=eval_dir, modes=("off",), ks=(cfg.mask_k,), n_seeds=cfg.mask_seeds,
                                   device=cfg.device, plots=False, **common))
-    d_sae = load_sae(trained.sae_dir).config.d_sae
+    d_sae = read_sae_config(trained.sae_dir).d_sae
     k = str(cfg.mask_k)
     row: dict[str, Any] = {
         "setting": setting.name, "arch": setting.arch, "expansion": setting.expansion, "d_sae": d_sae,
@@ -185,8 +185,7 @@ def _run_setting(cfg: Config, setting: gd.Setting, layer: int, folder: Path, sto
     import pandas as pd
 
     values = pd.read_csv(scored.values_path)
-    defined = (values["n_images"] > 0) & (values["n_images"] < scored.n_images)
-    values = values[defined]
+    values = values[gt.defined_values(values, scored.n_images)]
     covered = values[values["dedicated"]]
     shapes = values["attribute"] == "shape"
     row.update(n_values=len(values), n_covered=len(covered), coverage=len(covered) / len(values) if len(values) else

@@ -464,6 +464,11 @@ def value_table(result: Evaluation):
     })
 
 
+def defined_values(values, n_images: int):
+    """The value table's rows whose AUROC is defined: shown by some but not every one of the ``n_images``."""
+    return (values["n_images"] > 0) & (values["n_images"] < n_images)
+
+
 def write_plot(out_dir: Path, values, latents, threshold: float) -> Path:
     """AUROC of each value's best latent, and the IoU of the latents with an object attribute."""
     import matplotlib

@@ -167,7 +167,7 @@ def run(cfg: Config) -> Outputs:
     latents_path, values_path = gt.write_tables(out, latents, value_table)
     plot_path = gt.write_plot(out, value_table, latents, cfg.auroc_threshold) if cfg.plots else None
 
-    defined = (value_table["n_images"] > 0) & (value_table["n_images"] < len(rows))
+    defined = gt.defined_values(value_table, len(rows))
     covered = value_table["dedicated"]
     covered_object = covered & value_table["object"]
     mean_iou = _mean(value_table.loc[covered_object, "iou"])
