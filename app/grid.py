@@ -197,6 +197,17 @@ def _run_setting(cfg: Config, setting: gd.Setting, layer: int, folder: Path, sto
     return row, value_rows
 
 
+def _earlier_row(path: Path) -> dict[str, Any] | None:
+    """A finished setting's row.json; None when absent or unreadable (the setting is then computed again)."""
+    try:
+        return jsonfile.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # damaged (JSONDecodeError is a ValueError): never trusted
+        log.warning("%s is damaged; computing its setting again", path)
+        return None
+
+
 def _mean(series) -> float:
     values = series.dropna().to_numpy(float)
     return float(values.mean()) if len(values) else float("nan")
@@ -236,7 +247,7 @@ def run(cfg: Config) -> Outputs:
     for i, setting in enumerate(settings):
         folder = cfg.out_dir / SETTINGS_DIR / setting.name
         identity = _identity(cfg, setting, layer, train_store.config_sha256, store.config_sha256)
-        earlier = jsonfile.loads((folder / ROW_FILE).read_text()) if (folder / ROW_FILE).exists() else None
+        earlier = _earlier_row(folder / ROW_FILE)
         if earlier is not None and earlier.get("identity") == identity:
             row = {k: v for k, v in earlier["row"].items() if not k.endswith(jsonfile.WHY_SUFFIX)}
             values = earlier["values"]

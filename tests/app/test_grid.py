@@ -192,3 +192,27 @@ def test_settings_and_pareto_and_verdicts():
     assert list(gd.pareto(np.array([0.1, 0.2, 0.1, 0.3]), np.array([10, 5, 20, 5]))) == [True, True, False, False]
     assert list(gd.verdicts(np.array([True, False, False]), np.array([False, True, False]))) == [
         "covered", "SAE's miss", "model's miss"]
+
+
+def test_a_damaged_row_is_computed_again_not_trusted(store, tmp_path):
+    args = ("grid", "--cache", store, "--out", tmp_path / "grid", "--archs", "topk", "--ks", "4", *GRID[2:4],
+            *GRID[8:])
+    code, output = _cli(*args)
+    assert code == 0, output
+    before = pd.read_parquet(tmp_path / "grid" / grid.TABLE_FILE)
+    row = tmp_path / "grid" / grid.SETTINGS_DIR / "topk-x2-k4" / grid.ROW_FILE
+    row.write_text(row.read_text()[:40])  # cut short
+    code, output = _cli(*args)
+    assert code == 0, output
+    assert "reused" not in output
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "grid" / grid.TABLE_FILE).drop(columns="train_seconds"),
+                                  before.drop(columns="train_seconds"))
+
+
+def test_an_evaluation_store_of_another_width_is_refused(store, tmp_path):
+    other = tmp_path / "convnext"
+    extract.run(extract.Config(dataset="synthetic", out_dir=other, limit=8, model="tiny-convnext-clip",
+                               pretrained="none", layers=(3,), batch_size=8, device="cpu", progress=False))
+    code, output = _cli("grid", "--cache", store, "--eval-cache", other, "--out", tmp_path / "grid", "--layer", 3)
+    assert_one_line_error(code, output, "512 wide", "64", "same model")
+    assert not (tmp_path / "grid").exists()
