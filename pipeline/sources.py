@@ -137,6 +137,7 @@ class AdaptedImageSource(ImageSource):
 
     def __init__(self, images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP, layer: int, workers: int,
                  keep_prompts: bool = False):
+        adapted.check_prompt_tokens(keep_prompts)
         super().__init__(images, model, layer, workers)
         self.adapted, self.keep_prompts = adapted, keep_prompts
 

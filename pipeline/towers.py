@@ -9,13 +9,15 @@ tokens look like, how to tap it, and how to finish the forward from it.
   H × W spatial tokens, row-major (token r * W + c is row r, column c), and no class token.
   Each stage has its own width and grid, so one store holds stages of one shape. Features:
   the remaining stages, ``norm_pre``, the trunk's head (global pool, norm) and the CLIP
-  projection (``head``), as ``TimmModel.forward`` runs them.
+  projection (``head``), as ``TimmModel.forward`` runs them. ``run_stages`` also runs stages
+  with a channel offset added in each (the vision side of MaPLe on a ConvNeXt, pipeline/maple.py).
 
 Every other tower (e.g. a timm ViT trunk as in the SigLIP configs) is refused by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -136,16 +138,53 @@ class ConvNeXtTower(Tower):
 
     def tap(self, images_BRHW: Tensor, layers: list[int]) -> list[Tensor]:
         maps = self.trunk.forward_intermediates(images_BRHW, indices=layers, stop_early=True, intermediates_only=True)
-        return [m.flatten(2).transpose(1, 2) for m in maps]
+        return [self.tokens(m) for m in maps]
 
     def finish(self, x_BTD: Tensor, layer: int, *, class_token_only: bool = False) -> Tensor:
         self.check_layer(layer)
+        x_BDHW, _ = self.run_stages(self.feature_map(x_BTD, layer), layer + 1, self.n_blocks)
+        return self.features(x_BDHW)
+
+    @staticmethod
+    def tokens(x_BDHW: Tensor) -> Tensor:
+        """A feature map as row-major spatial tokens ``(B, H * W, D)``."""
+        return x_BDHW.flatten(2).transpose(1, 2)
+
+    def feature_map(self, x_BTD: Tensor, layer: int) -> Tensor:
+        """Layer ``layer``'s tokens back as its feature map ``(B, D, H, W)``."""
         h, w = self.grid(layer)
-        x = x_BTD.transpose(1, 2).reshape(x_BTD.shape[0], x_BTD.shape[2], h, w)
-        for stage in self.trunk.stages[layer + 1:]:
-            x = stage(x)
-        x = self.trunk.forward_head(self.trunk.norm_pre(x))
-        return self.visual.head(x)
+        return x_BTD.transpose(1, 2).reshape(x_BTD.shape[0], x_BTD.shape[2], h, w)
+
+    def run_stages(self, x_BDHW: Tensor, start: int, stop: int, offsets: Sequence[Tensor] = (),
+                   taps: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        """Stages ``start … stop − 1`` on the map stage ``start`` reads (the stem's output for 0); also the output
+        map of each stage in ``taps``.
+
+        ``offsets[i]``, a ``(D_i,)`` vector, is added at every position of stage i's own residual
+        stream: after its downsample, before its blocks (the stage's width, and it reaches the
+        stage's output through every block's shortcut). Stages without an offset run as they are.
+        """
+        out = {}
+        for i in range(start, stop):
+            stage = self.trunk.stages[i]
+            if i < len(offsets):
+                x_BDHW = stage.downsample(x_BDHW)
+                x_BDHW = stage.blocks(x_BDHW + offsets[i].to(x_BDHW.dtype)[:, None, None])
+            else:
+                x_BDHW = stage(x_BDHW)
+            if i in taps:
+                out[i] = x_BDHW
+        return x_BDHW, out
+
+    def stem(self, images_BRHW: Tensor) -> Tensor:
+        """The map stage 0 reads."""
+        param = next(self.trunk.stem.parameters())
+        return self.trunk.stem(images_BRHW.to(param.device, param.dtype))
+
+    def features(self, x_BDHW: Tensor) -> Tensor:
+        """Image features ``(B, E)`` from the last stage's map, as ``TimmModel.forward`` computes them: ``norm_pre``,
+        the trunk's head (global pool, norm), the CLIP projection."""
+        return self.visual.head(self.trunk.forward_head(self.trunk.norm_pre(x_BDHW)))
 
 
 def supports_class_token_only(visual: Any) -> bool:

@@ -312,7 +312,7 @@ def _run_threaded(cfg: Config, device: str, started: float) -> Outputs:
 
 
 def _run_locked(cfg: Config, run: runfiles.RunFolder, model: LoadedModel, adapted: maple.AdaptedCLIP,
-                prompts: maple.MaplePrompts, train: ImageSet, shot_rows: np.ndarray, test: ImageSet, names: list[str],
+                prompts: maple.Prompts, train: ImageSet, shot_rows: np.ndarray, test: ImageSet, names: list[str],
                 device: str, started: float) -> Outputs:
     out_dir = cfg.out_dir
     prompts_path = out_dir / PROMPTS_NAME
@@ -391,7 +391,7 @@ def _weights_file(cfg: Config) -> Path:
     return cfg.weights / PROMPTS_NAME if cfg.weights.is_dir() else cfg.weights
 
 
-def _load_weights(cfg: Config) -> maple.MaplePrompts:
+def _load_weights(cfg: Config) -> maple.Prompts:
     """Prompts from ``cfg.weights``; their n_ctx and depth must be the config's."""
     path = _weights_file(cfg)
     prompts = maple.prompts_from_state(maple.read_prompts_file(path), path)

@@ -200,11 +200,9 @@ def _content_config(cfg: Config, model: LoadedModel, images: ImageSet, chunk: in
 def _adapter_attrs(cfg: Config) -> dict[str, Any] | None:
     if cfg.adapter is None:
         return None
-    stored = ("the base model's positions, then the appended vision prompt tokens (token_layout."
-              "prompt_token_indices)" if keeps_prompts(cfg) else
-              "the base model's positions only; the appended vision prompt tokens are dropped")
-    return {**maple.adapter_identity(cfg.adapter), "dir": str(cfg.adapter.resolve()),
-            "prompt_tokens": cfg.prompt_tokens, "stored_tokens": stored}
+    identity = maple.adapter_identity(cfg.adapter)
+    return {**identity, "dir": str(cfg.adapter.resolve()), "prompt_tokens": cfg.prompt_tokens,
+            "stored_tokens": maple.stored_tokens(identity["method"], keep_prompts=keeps_prompts(cfg))}
 
 
 def _spec(cfg: Config, model: LoadedModel, images: ImageSet, layout: dict[str, Any]) -> StoreSpec:
@@ -286,7 +284,7 @@ def _open(cfg: Config) -> tuple[LoadedModel, ImageSet, Tap, dict[str, Any]]:
     if cfg.adapter is not None:
         adapted = maple.load_adapter(cfg.adapter, model)
         tap = functools.partial(adapted.tap, keep_prompts=keeps_prompts(cfg))
-        layout = maple.token_layout(model, adapted.n_ctx, keep_prompts=keeps_prompts(cfg))
+        layout = adapted.token_layout(cfg.layers[0], keep_prompts=keeps_prompts(cfg))
     images = open_dataset(cfg.dataset, root=cfg.root, split=cfg.split, transform=model.preprocess,
                           limit=cfg.limit, seed=cfg.seed, image_size=model.image_size, synthetic_task=cfg.synthetic_task,
                           held_out=held_out_of(cfg.pretrained), allow_held_out=cfg.allow_held_out)
