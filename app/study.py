@@ -36,6 +36,9 @@ A dataset key is a dataset name (`pipeline extract --help`) or ``synthetic-<task
 synthetic world with that task's classes (pipeline/world.py TASKS), so one study can read
 several downstream tasks of the same world through one SAE.
 
+The model may be a ViT or a ConvNeXt (``model.name``, ``pretrain.model``); a ConvNeXt study taps
+one stage, as its stages differ in shape and each dataset has one store (``check_tower_settings``).
+
 A ``*-live/`` folder is the dvclive log of a training stage (pipeline/livelog.py): its
 metrics.json and plots/metrics are dvc.yaml metrics and plots, which `dvc exp show`, `dvc plots
 show` and the VS Code extension read while the stage runs.
@@ -377,6 +380,26 @@ def _publish_record(record: Any, dst: Path) -> None:
     dst.write_text(jsonfile.dumps(_numbers(record)) + "\n")
 
 
+def check_tower_settings(params: Mapping[str, Any]) -> None:
+    """Settings a ConvNeXt study cannot take, refused before its first stage: extract.layers of several shapes (the
+    study keeps one activation store per dataset; a ViT's blocks share one shape, a ConvNeXt's stages never do, as
+    each shrinks the map and widens it) and kept prompt tokens (its MaPLe prompts are channel offsets)."""
+    from pipeline.models import names_convnext
+
+    model = from_section(ModelSection, "model", params.get("model"), bound={})
+    if not names_convnext(model.name):
+        return
+    layers = layers_of(params)
+    if len(layers) > 1:
+        raise UserError(f"extract.layers {list(layers)} are stages of the ConvNeXt {model.name}, which differ in "
+                        "shape, and the study keeps one activation store per dataset: list one stage in "
+                        "extract.layers (one experiment per stage: dvc exp run -S 'extract.layers=[1]')")
+    for section in ("extract", "mask"):
+        if (params.get(section) or {}).get("prompt_tokens") == "keep":
+            raise UserError(f"{section}.prompt_tokens keep needs a ViT: the MaPLe prompts of the ConvNeXt "
+                            f"{model.name} are channel offsets, not tokens; set it to drop")
+
+
 def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: int | None) -> str:
     """Run one stage instance of dvc.yaml (``pipeline run-stage``); returns its summary."""
     check_sections(params)
@@ -386,6 +409,7 @@ def run_stage(name: str, params: Mapping[str, Any], dataset: str | None, layer: 
     if missing := missing_inputs(params):
         raise UserError(f"the study cannot run: {len(missing)} input{'s' * (len(missing) > 1)} missing (fix "
                         "each, then rerun):\n  - " + "\n  - ".join(missing))
+    check_tower_settings(params)
     if "dataset" in step.per:
         datasets = data_section(params).datasets
         if dataset is None:

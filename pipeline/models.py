@@ -153,6 +153,13 @@ def _unloadable(name: str, path: str, err: Exception) -> str:
             "--pretrained, an open_clip pretrained tag, or 'none' for random weights")
 
 
+def names_convnext(name: str) -> bool:
+    """Does the open_clip config ``name`` build a ConvNeXt image tower? Read from the config, without building the
+    model (a study asks before its first stage)."""
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
+    return str(vision.get("timm_model_name") or "").startswith("convnext")
+
+
 def missing_weights(name: str, pretrained: str) -> str | None:
     """Why ``pretrained`` weights of ``name`` cannot be loaded offline (None when they can), without loading them:
     a study checks every input before its first stage starts."""
