@@ -431,10 +431,11 @@ class AdaptedCLIP:
 
     @torch.inference_mode()
     def tap(self, images_BRHW: Tensor, layers: Sequence[int], *, keep_prompts: bool = False) -> dict[int, Tensor]:
-        """Residual stream after each requested block at the base model's positions, ``(B, T, D)``, then,
-        with ``keep_prompts``, the vision prompt tokens (``(B, T + X, D)``); without, they are dropped.
+        """The tokens of each requested layer (a ViT block's residual stream, a ConvNeXt stage's output map) at the
+        base model's positions, ``(B, T, D)``, then, with ``keep_prompts``, the vision prompt tokens
+        (``(B, T + X, D)``; a ViT's only); without, they are dropped.
 
-        The forward stops after the last block asked.
+        The forward stops after the last layer asked.
         """
         self.check_prompt_tokens(keep_prompts)
         full = self.tap_with_prompts(images_BRHW, layers)

@@ -133,6 +133,8 @@ class AdaptedImageSource(ImageSource):
     and patches); the vision prompt tokens ride along in the batch and rejoin them for the
     blocks after the tap (``AdaptedCLIP.finish``), unmasked. Kept (``keep_prompts``): they
     follow the patches in ``x_BTD``, so the SAE encodes them and every mask applies to them.
+    An adapted ConvNeXt has none (``prompts_BXD`` is empty; its prompts are channel offsets in the
+    stages, which ``AdaptedCLIP.finish`` runs after the tap), and refuses to keep them.
     """
 
     def __init__(self, images: ImageSet, model: LoadedModel, adapted: maple.AdaptedCLIP, layer: int, workers: int,

@@ -8,7 +8,8 @@ activations under the same protocol: the base model's token positions, then, wit
 ``prompt_tokens: keep`` (the paper's reference), the n_ctx vision prompt tokens MaPLe appends
 (``token_layout.prompt_token_indices``); with ``drop`` they are left out and the store has the
 base layout. The base model's SAE encodes either; the adapter's prompts sha256 (and ``keep``)
-is part of the store's config.
+is part of the store's config. An adapted ConvNeXt has no prompt tokens (its prompts are
+channel offsets inside the stages), so its store has the base layout and ``keep`` is refused.
 """
 
 from __future__ import annotations
