@@ -55,7 +55,7 @@ def main() -> None:
 
     parts = {p: {"forward": [], "backward": [], "optimizer": []} for p in PRECISIONS}
     losses = {p: [] for p in PRECISIONS}
-    for step, (images_BRHW, tokens_BQ, true_BB) in enumerate(batches):
+    for step, (images_BRHW, tokens_BQ, true_BB, _) in enumerate(batches):
         for precision in PRECISIONS:
             model, optimizer = models[precision]
             t0 = time.perf_counter()

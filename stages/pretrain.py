@@ -60,6 +60,7 @@ from cache.atomic import atomic_write, write_json
 from cache.errors import UserError, require_integers, require_threads
 from pipeline import livelog, runfiles, training, zeroshot
 from pipeline.configs import Stage
+from pipeline.groundtruth import patch_object_masks
 from pipeline.models import file_sha256, load_model, resolve_device
 from pipeline.progress import Progress, announce, next_steps
 from pipeline.runfiles import plot_losses
@@ -104,6 +105,8 @@ class Config:
     precision: Literal["bfloat16", "float32"] = "bfloat16"  # identity: the encoders' autocast dtype; a bfloat16 step
                                                             # takes 0.65 of float32's time on a CPU with AMX; use
                                                             # float32 on CPUs without bfloat16 units (not measured)
+    patch_loss: float = 0.0  # identity: weight of the per-patch term (ViT towers): every object patch's final token,
+                             # projected like the pooled one, against the batch's captions (0 = CLIP's loss only)
     held_out: tuple[tuple[str, str], ...] = ()  # identity: never show this attribute value in pretraining, e.g.
                                                 # texture=checker
     task: str = "shape_colour"  # evaluation: classes of the zero-shot test (a key of pipeline.world.TASKS)
@@ -138,6 +141,8 @@ class Config:
             raise UserError(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.warmup_steps < self.steps:
             raise UserError(f"--warmup-steps must be in [0, steps) = [0, {self.steps}) (got {self.warmup_steps})")
+        if not self.patch_loss >= 0:
+            raise UserError(f"--patch-loss must be 0 or more (got {self.patch_loss})")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be 0 or more (got {self.weight_decay})")
         if self.precision not in PRECISIONS:
@@ -188,7 +193,9 @@ class Outputs:
 
 class PairBatches(Dataset):
     """Item ``s`` is training step ``s``'s batch: ``(images_BRHW float32 normalised, tokens_BQ int64,
-    true_BB bool)``, ``true_BB[i, j]`` = caption j is true of image i (its diagonal is all true).
+    true_BB bool, object_BP bool)``, ``true_BB[i, j]`` = caption j is true of image i (its diagonal is
+    all true), ``object_BP[i, p]`` = patch p (row-major on the ``grid`` of patches, rows x columns) is at
+    least half object pixels (P = 0 without a grid).
 
     Images ``s·B … (s+1)·B − 1`` of ``world`` and their tokenised captions (``world.partial_caption``).
     Pixels are scaled to [0, 1] and normalised with the model's mean and std, which equals
@@ -197,8 +204,8 @@ class PairBatches(Dataset):
     """
 
     def __init__(self, world: SyntheticWorld, batch_size: int, tokenizer: Callable,
-                 mean: tuple[float, ...], std: tuple[float, ...]):
-        self.world, self.batch_size, self.tokenizer = world, batch_size, tokenizer
+                 mean: tuple[float, ...], std: tuple[float, ...], grid: tuple[int, int] | None = None):
+        self.world, self.batch_size, self.tokenizer, self.grid = world, batch_size, tokenizer, grid
         self.mean_R11 = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std_R11 = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self._token_rows: dict[str, torch.Tensor] = {}
@@ -206,7 +213,7 @@ class PairBatches(Dataset):
     def __len__(self) -> int:
         return len(self.world) // self.batch_size
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         drawn = [self.world.draw(i) for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
         scenes = [scene for scene, _, _ in drawn]
         images_BRHW = torch.from_numpy(np.stack([pixels_HWR for _, pixels_HWR, _ in drawn]))
@@ -217,7 +224,10 @@ class PairBatches(Dataset):
         tokens_BQ = torch.stack([self._tokens(caption_for(values)) for values in named])
         true_BB = torch.tensor([[all(scene[a] == v for a, v in values.items()) for values in named]
                                 for scene in scenes])
-        return images_BRHW, tokens_BQ, true_BB
+        masks_NHW = np.stack([mask_HW for _, _, mask_HW in drawn])
+        object_BP = torch.from_numpy(patch_object_masks(masks_NHW, self.grid, 0.5) if self.grid
+                                     else np.zeros((len(drawn), 0), bool))
+        return images_BRHW, tokens_BQ, true_BB, object_BP
 
     def _tokens(self, caption: str) -> torch.Tensor:
         """The caption's token row, tokenised once: the world has a few thousand captions and
@@ -263,24 +273,52 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
 
 
 def contrastive_loss(model: torch.nn.Module, images_BRHW: torch.Tensor, tokens_BQ: torch.Tensor,
-                     positive_BB: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+                     positive_BB: torch.Tensor, precision: str = "float32", object_BP: torch.Tensor | None = None,
+                     patch_weight: float = 0.0) -> torch.Tensor:
     """CLIP's symmetric InfoNCE of one batch with the model's learnable logit scale; image i's
     target is spread evenly over the captions j with ``positive_BB[i, j]``, caption j's over
     those images (with the identity it is CLIP's own loss).
+
+    ``patch_weight`` > 0 adds that multiple of a per-patch term: each object patch of image i
+    (``object_BP``), its final token through ``ln_post`` and the projection like the pooled token,
+    is scored against every caption of the batch with image i's targets. CLIP's loss reaches a
+    patch only through attention into the class token, so the patches need not say what the
+    object is; this term asks each of them to, which is what a per-token SAE can then find.
 
     ``precision`` bfloat16 runs the encoders under autocast; the embeddings are normalised and
     the loss computed in float32 all the same (logits up to 100 would lose their decimals).
     """
     with _autocast(precision, positive_BB.device.type):
-        image_BE = model.encode_image(images_BRHW, normalize=False)
+        if patch_weight:
+            image_BE, patches_BPE = _image_and_patch_embeddings(model.visual, images_BRHW)
+        else:
+            image_BE = model.encode_image(images_BRHW, normalize=False)
         text_BE = model.encode_text(tokens_BQ, normalize=False)
     image_BE = torch.nn.functional.normalize(image_BE.float(), dim=-1)
     text_BE = torch.nn.functional.normalize(text_BE.float(), dim=-1)
-    logits_BB = model.logit_scale.exp() * image_BE @ text_BE.T
-    target_BB = positive_BB.float()
-    image_loss = -(target_BB / target_BB.sum(1, keepdim=True) * logits_BB.log_softmax(1)).sum(1).mean()
-    text_loss = -(target_BB.T / target_BB.T.sum(1, keepdim=True) * logits_BB.T.log_softmax(1)).sum(1).mean()
-    return (image_loss + text_loss) / 2
+    scale = model.logit_scale.exp()
+    logits_BB = scale * image_BE @ text_BE.T
+    image_loss = _soft_cross_entropy(logits_BB, positive_BB)
+    text_loss = _soft_cross_entropy(logits_BB.T, positive_BB.T)
+    loss = (image_loss + text_loss) / 2
+    if patch_weight and object_BP.any():
+        owner_N = object_BP.nonzero()[:, 0]
+        patches_NE = torch.nn.functional.normalize(patches_BPE[object_BP].float(), dim=-1)
+        loss = loss + patch_weight * _soft_cross_entropy(scale * patches_NE @ text_BE.T, positive_BB[owner_N])
+    return loss
+
+
+def _soft_cross_entropy(logits_NB: torch.Tensor, positive_NB: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row against the uniform target over its positives."""
+    target_NB = positive_NB.float()
+    return -(target_NB / target_NB.sum(1, keepdim=True) * logits_NB.log_softmax(1)).sum(1).mean()
+
+
+def _image_and_patch_embeddings(visual: torch.nn.Module, images_BRHW: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """open_clip's ViT forward, keeping the patch tokens: pooled ``(B, E)`` and patches ``(B, P, E)``, both
+    after ``ln_post`` and the projection (the pooled one equals ``encode_image``)."""
+    pooled_BD, patches_BPD = visual._pool(visual.transformer(visual._embeds(images_BRHW)))
+    return pooled_BD @ visual.proj, patches_BPD @ visual.proj
 
 
 @contextlib.contextmanager
@@ -307,7 +345,8 @@ def _identity(cfg: Config, world: WorldConfig) -> dict[str, Any]:
             "training": {"model": cfg.model, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                          "warmup_steps": cfg.warmup_steps, "positives": cfg.positives,
                          "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-                         "precision": cfg.precision}}
+                         "precision": cfg.precision,
+                         **({"patch_loss": cfg.patch_loss} if cfg.patch_loss else {})}}  # older runs keep theirs
 
 
 def _save_checkpoint(run: runfiles.RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -353,6 +392,9 @@ def run(cfg: Config) -> Outputs:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = open_clip.create_model(cfg.model, pretrained=None)
+    if cfg.patch_loss and not (hasattr(model.visual, "transformer") and model.visual.proj is not None):
+        raise UserError(f"--patch-loss needs an open_clip ViT image tower with a projection (e.g. tiny-clip), not "
+                        f"{cfg.model}'s; set it to 0 for this model")
     image_size = int(model.visual.image_size[0])
     world = train_world(cfg, image_size)
     with runfiles.RunFolder(cfg.out_dir, _identity(cfg, world), kind="pretraining", overwrite=cfg.overwrite,
@@ -425,7 +467,8 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
     """Steps ``start_step … cfg.steps − 1``; appends to ``losses``; returns cumulative seconds."""
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
     pairs = PairBatches(SyntheticWorld(world, n_images=cfg.steps * cfg.batch_size, split="train"),
-                        cfg.batch_size, open_clip.get_tokenizer(cfg.model), mean, std)
+                        cfg.batch_size, open_clip.get_tokenizer(cfg.model), mean, std,
+                        grid=tuple(model.visual.grid_size) if cfg.patch_loss else None)
     loader = DataLoader(pairs, batch_size=None, sampler=range(start_step, cfg.steps),
                         num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
     bar = Progress(total=cfg.steps, initial=start_step, desc=f"pretrain {cfg.model}", unit="step",
@@ -436,11 +479,11 @@ def _train(cfg: Config, run: runfiles.RunFolder, model: torch.nn.Module, optimiz
     logged = [start_step]
 
     def step(i: int, batch: tuple[torch.Tensor, ...]) -> training.Metrics:
-        images_BRHW, tokens_BQ, true_BB = batch
+        images_BRHW, tokens_BQ, true_BB, object_BP = batch
         training.set_lr(optimizer, lr_at(i, cfg))
         positive_BB = true_BB if cfg.positives == "attributes" else torch.eye(len(true_BB), dtype=torch.bool)
         loss = contrastive_loss(model, images_BRHW.to(device), tokens_BQ.to(device), positive_BB.to(device),
-                                cfg.precision)
+                                cfg.precision, object_BP.to(device), cfg.patch_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

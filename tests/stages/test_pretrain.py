@@ -103,7 +103,7 @@ def test_training_batches_match_the_eval_transform_and_are_deterministic():
     world = SyntheticWorld(WorldConfig(seed=1), n_images=64, split="train")
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
     pairs = pretrain.PairBatches(world, 16, open_clip.get_tokenizer("tiny-clip"), mean, std)
-    images_BRHW, tokens_BQ, true_BB = pairs[2]
+    images_BRHW, tokens_BQ, true_BB, _ = pairs[2]
     reference = torch.stack([model.preprocess(world[i][0]) for i in range(32, 48)])
     torch.testing.assert_close(images_BRHW, reference, rtol=0, atol=1e-6)
     assert tokens_BQ.shape == (16, 32) and tokens_BQ.dtype == torch.int64
@@ -177,7 +177,7 @@ def test_bfloat16_loss_runs_the_encoders_in_bfloat16_and_stays_close_to_float32(
     model = open_clip.create_model("tiny-clip").train()
     world = SyntheticWorld(WorldConfig(seed=3), n_images=16, split="train")
     pairs = pretrain.PairBatches(world, 16, open_clip.get_tokenizer("tiny-clip"), (0.5,) * 3, (0.5,) * 3)
-    images_BRHW, tokens_BQ, true_BB = pairs[0]
+    images_BRHW, tokens_BQ, true_BB, _ = pairs[0]
     seen = []
     hook = model.visual.transformer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     full = pretrain.contrastive_loss(model, images_BRHW, tokens_BQ, true_BB, "float32")
@@ -187,6 +187,50 @@ def test_bfloat16_loss_runs_the_encoders_in_bfloat16_and_stays_close_to_float32(
     assert half != full and half.item() == pytest.approx(full.item(), rel=0.02)
     half.backward()  # the math attention kernel's backward: every weight gets a float32 gradient
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_object_patches_are_those_at_least_half_covered_by_the_object():
+    world = SyntheticWorld(WorldConfig(seed=4), n_images=8, split="train")
+    pairs = pretrain.PairBatches(world, 8, open_clip.get_tokenizer("tiny-clip"), (0.5,) * 3, (0.5,) * 3, grid=(8, 8))
+    object_BP = pairs[0][3]
+    assert object_BP.shape == (8, 64) and object_BP.any(1).all()
+    for i in range(8):
+        mask_HW = world.mask(i)  # 32 x 32 pixels, 4 x 4 per patch
+        share_P = torch.from_numpy(mask_HW.reshape(8, 4, 8, 4).mean((1, 3)).reshape(64))
+        assert torch.equal(object_BP[i], share_P >= 0.5)
+    assert pretrain.PairBatches(world, 8, open_clip.get_tokenizer("tiny-clip"), (0.5,) * 3,
+                                (0.5,) * 3)[0][3].shape == (8, 0)
+
+
+def test_the_patch_term_scores_every_object_patch_against_the_captions_of_its_image():
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip").eval()
+    world = SyntheticWorld(WorldConfig(seed=5), n_images=6, split="train")
+    pairs = pretrain.PairBatches(world, 6, open_clip.get_tokenizer("tiny-clip"), (0.5,) * 3, (0.5,) * 3, grid=(8, 8))
+    images_BRHW, tokens_BQ, true_BB, object_BP = pairs[0]
+    true_BB[0, 1] = True  # a second positive for image 0
+    with torch.no_grad():
+        clip = pretrain.contrastive_loss(model, images_BRHW, tokens_BQ, true_BB)
+        both = pretrain.contrastive_loss(model, images_BRHW, tokens_BQ, true_BB, "float32", object_BP, 0.3)
+        model.visual.output_tokens = True
+        pooled_BE, tokens_BPD = model.visual(images_BRHW)
+        model.visual.output_tokens = False
+        torch.testing.assert_close(pooled_BE, model.encode_image(images_BRHW))  # what the pooled term reads
+        text_BE = model.encode_text(tokens_BQ, normalize=True)
+        terms = []
+        for i in range(6):
+            for p in object_BP[i].nonzero()[:, 0]:
+                patch_E = torch.nn.functional.normalize(tokens_BPD[i, p] @ model.visual.proj, dim=-1)
+                log_B = (model.logit_scale.exp() * text_BE @ patch_E).log_softmax(0)
+                terms.append(-log_B[true_BB[i]].mean())
+    assert len(terms) == int(object_BP.sum()) > 6
+    torch.testing.assert_close(both, clip + 0.3 * torch.stack(terms).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_patch_term_is_refused_for_a_tower_without_patch_tokens(tmp_path):
+    with pytest.raises(UserError, match="--patch-loss needs an open_clip ViT image tower"):
+        pretrain.run(_tiny(tmp_path / "run", model="tiny-convnext-clip", patch_loss=1.0))
+    assert not (tmp_path / "run").exists()
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
