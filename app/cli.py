@@ -283,9 +283,10 @@ def findings(dataset: str | None, layer: int | None, params_path: Path, readme: 
     from app import findings as f
     from app.params import load_params
 
-    default_dataset, default_layer = f.default_instance(load_params(params_path))
+    params = load_params(params_path)
+    default_dataset, default_layer = f.default_instance(params)
     dataset, layer = dataset or default_dataset, default_layer if layer is None else layer
-    text = "\n".join(f.lines(f.collect(study.WORK, dataset, layer), dataset, layer))
+    text = "\n".join(f.lines(f.collect(study.WORK, dataset, layer), dataset, layer, f.layer_unit(params)))
     click.echo(text)
     run = study.resolve(study.RUN, study.WORK, dataset, layer)
     across = study.resolve(study.STEP["summary"].paths["out_dir"], study.WORK, None, None) / "index.html"

@@ -51,13 +51,13 @@ def collect(work: Path, dataset: str, layer: int) -> dict[str, Any]:
     return found
 
 
-def _summary_lines(record: Mapping[str, Any], layer: int) -> list[str]:
+def _summary_lines(record: Mapping[str, Any], layer: int, unit: str) -> list[str]:
     """The cross-dataset table of one block: remap groups, adaptation, top-k masking drops."""
     from stages.summary import table_lines
 
     rows = {d: {key: row for key, row in layers.items() if key == f"layer{layer}"}
             for d, layers in record["datasets"].items()}
-    return ["", f"Across datasets, one SAE (block {layer}; work/summary/index.html):", "",
+    return ["", f"Across datasets, one SAE ({unit} {layer}; work/summary/index.html):", "",
             *table_lines(rows, tuple(record["ks"]))]
 
 
@@ -72,8 +72,8 @@ def _recall(x: float | None, fmt: str = "pct") -> str:
     return f" (mean per-class recall {_pct(x) if fmt == 'pct' else f'{x:.3f}'})"
 
 
-def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
-    """The findings as Markdown bullets."""
+def lines(f: Mapping[str, Any], dataset: str, layer: int, unit: str = "block") -> list[str]:
+    """The findings as Markdown bullets; ``unit`` names what a layer is (``layer_unit``)."""
     out = []
     if (p := f["pretrain"]) is not None:
         out.append(f"- **Tiny CLIP**: {_pct(p['accuracy'])} zero-shot{_recall(p.get('mean_recall'))} on the "
@@ -81,7 +81,7 @@ def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
                    f"synthetic world (chance {_pct(p['chance'])}), final loss {p['final_loss']:.3f}.")
     s, c = f["sae"], f["sae_config"] or {}
     dead = "no dead latents" if not s["dead_fraction"] else f"{_pct(s['dead_fraction'])} dead"
-    out.append(f"- **SAE** (block {layer}, one for every dataset, {c.get('d_in', '?')} → {c.get('d_sae', '?'):,}, "
+    out.append(f"- **SAE** ({unit} {layer}, one for every dataset, {c.get('d_in', '?')} → {c.get('d_sae', '?'):,}, "
                f"{c.get('arch', '?')}): FVU {s['fvu']:.3f}, L0 {s['l0']:.0f}, {dead}.")
     if (m := f["masking"]) is not None:
         a, r = m["accuracy"], m.get("mean_recall") or {}
@@ -120,8 +120,15 @@ def lines(f: Mapping[str, Any], dataset: str, layer: int) -> list[str]:
         out.append(f"- **Remap** of the relevant latents: {_pct(o['high_high'])} high→high, {_pct(o['partial'])} "
                    f"partial, {_pct(o['low_high'])} low→high, {_pct(o['high_low'])} high→low.")
     if (t := f.get("summary")) is not None:
-        out += _summary_lines(t, layer)
+        out += _summary_lines(t, layer, unit)
     return out
+
+
+def layer_unit(params: Mapping[str, Any]) -> str:
+    """What a layer index of the study's model counts: a ViT's blocks, a ConvNeXt's stages."""
+    from pipeline.models import names_convnext
+
+    return "stage" if names_convnext(str((params.get("model") or {}).get("name", ""))) else "block"
 
 
 def default_instance(params: Mapping[str, Any]) -> tuple[str, int]:

@@ -40,3 +40,10 @@ def test_findings_read_metrics_written_before_mean_recall():
     text = "\n".join(findings.lines(old, "synthetic", 3))
     assert "recall" not in text
     assert "75.0 % zero-shot on the 4 classes" in text and "0.500 → 0.700 on 100 test images" in text
+
+
+def test_a_convnext_study_speaks_of_stages_not_blocks():
+    assert findings.layer_unit({"model": {"name": "tiny-convnext-clip"}}) == "stage"
+    assert findings.layer_unit({"model": {"name": "tiny-clip"}}) == "block"
+    text = "\n".join(findings.lines(_found(), "synthetic", 0, "stage"))
+    assert "**SAE** (stage 0, one for every dataset" in text and "block" not in text
