@@ -91,3 +91,20 @@ def test_the_pretrain_stage_does_nothing_when_the_study_reads_other_weights(tmp_
     assert (tmp_path / "work" / "pretrain" / study.NOT_USED).is_file()
     assert (tmp_path / "work" / "pretrain-live" / "plots" / "metrics").is_dir()
     assert (tmp_path / "work" / "metrics" / "pretrain.json").read_text().strip() == '{\n  "used": 0\n}'
+
+
+def _leaves(record: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in record.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_the_convnext_preset_is_the_default_study_with_the_convnext_values_only():
+    default = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    convnext = _leaves(yaml.safe_load((ROOT / "presets" / "convnext.yaml").read_text()))
+    changed = {key: convnext[key] for key in default if convnext[key] != default[key]}
+    assert convnext.keys() == default.keys()
+    assert changed == {"pretrain.model": "tiny-convnext-clip", "pretrain.steps": 1800, "model.name": "tiny-convnext-clip",
+                       "extract.layers": [0], "adapt.lr": 0.05}
+    study.check_tower_settings(yaml.safe_load((ROOT / "presets" / "convnext.yaml").read_text()))  # one stage, no keep
