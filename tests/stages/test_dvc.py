@@ -33,31 +33,37 @@ LAYERS = (1, 3)
 DATASETS = ("synthetic", "synthetic-texture")
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A git + DVC repo holding this project's stage graph, with tiny parameters, reproduced once."""
+def reproduce(repo: Path, **overrides: dict) -> str:
+    """Copy this project's stage graph into ``repo`` with tiny parameters (then ``overrides``: section -> values), make
+    it a git + DVC repo and run ``dvc repro`` once; returns its log."""
     assert shutil.which("dvc", path=ENV["PATH"]), "dvc is missing: it is a dependency (pip install -e .)"
-    repo = tmp_path_factory.mktemp("study")
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("app", "pipeline", "cache", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"].update(steps=6, batch_size=16, warmup_steps=1, eval_images=40)
-    params["data"].update(limit=48, datasets=list(DATASETS))
+    params["data"]["limit"] = 48
     params["sae_data"]["limit"] = 48
-    params["extract"]["layers"] = list(LAYERS)
     params["sae"].update(total_tokens=20_000, batch_images=16, warmup_steps=5)
     params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
     params["summary"]["ks"] = [10]
     params["adapt"].update(shots=1, epochs=2, test_limit=40)
+    for section, values in overrides.items():
+        params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _sh("git", "init", "-q", cwd=repo)
     _sh("dvc", "init", "-q", cwd=repo)
     _sh("git", "add", "-A", cwd=repo)
     _sh("git", "commit", "-qm", "study", cwd=repo)
-    log = _sh("dvc", "repro", cwd=repo)
-    return repo, log
+    return _sh("dvc", "repro", cwd=repo)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The study with tiny parameters on two datasets and two blocks, reproduced once."""
+    repo = tmp_path_factory.mktemp("study")
+    return repo, reproduce(repo, data={"datasets": list(DATASETS)}, extract={"layers": list(LAYERS)})
 
 
 def test_repro_runs_every_stage_and_writes_valid_outputs(study):

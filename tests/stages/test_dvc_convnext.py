@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 
 import pytest
@@ -15,7 +14,7 @@ import yaml
 from cache import jsonfile
 from cache.check import verify
 from cache.store import ActivationStore
-from tests.stages.test_dvc import ENV, ROOT, _sh
+from tests.stages.test_dvc import ENV, ROOT, reproduce
 
 MODEL = "tiny-convnext-clip"
 LAYERS = (1,)  # one stage: a study keeps one store per dataset, and a ConvNeXt's stages differ in shape
@@ -24,30 +23,10 @@ DATASETS = ("synthetic",)
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """A git + DVC repo holding this project's stage graph, with tiny parameters and the ConvNeXt, reproduced once."""
-    assert shutil.which("dvc", path=ENV["PATH"]), "dvc is missing: it is a dependency (pip install -e .)"
+    """The study with tiny parameters and the ConvNeXt, reproduced once."""
     repo = tmp_path_factory.mktemp("study")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("app", "pipeline", "cache", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["pretrain"].update(model=MODEL, steps=6, batch_size=16, warmup_steps=1, eval_images=40)
-    params["model"]["name"] = MODEL
-    params["data"].update(limit=48, datasets=list(DATASETS))
-    params["sae_data"]["limit"] = 48
-    params["extract"]["layers"] = list(LAYERS)
-    params["sae"].update(total_tokens=10_000, batch_images=16, warmup_steps=5)
-    params["mask"].update(ks=[1, 10, "all"], n_seeds=1, probe_images=16)
-    params["summary"]["ks"] = [10]
-    params["adapt"].update(shots=1, epochs=2, test_limit=40)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    _sh("git", "init", "-q", cwd=repo)
-    _sh("dvc", "init", "-q", cwd=repo)
-    _sh("git", "add", "-A", cwd=repo)
-    _sh("git", "commit", "-qm", "study", cwd=repo)
-    log = _sh("dvc", "repro", cwd=repo)
-    return repo, log
+    return repo, reproduce(repo, pretrain={"model": MODEL}, model={"name": MODEL}, data={"datasets": list(DATASETS)},
+                           extract={"layers": list(LAYERS)}, sae={"total_tokens": 10_000})
 
 
 def _numbers(record) -> list[float]:
