@@ -456,7 +456,6 @@ class AdaptedCLIP:
         return self.vision.finish(x_BTD, prompts_BXD, layer, self._vision_prompts())
 
 
-
 # ---------------------------------------------------------------------------------------
 # Files
 

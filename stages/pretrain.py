@@ -224,9 +224,9 @@ class PairBatches(Dataset):
         tokens_BQ = torch.stack([self._tokens(caption_for(values)) for values in named])
         true_BB = torch.tensor([[all(scene[a] == v for a, v in values.items()) for values in named]
                                 for scene in scenes])
-        masks_NHW = np.stack([mask_HW for _, _, mask_HW in drawn])
-        object_BP = torch.from_numpy(patch_object_masks(masks_NHW, self.grid, 0.5) if self.grid
-                                     else np.zeros((len(drawn), 0), bool))
+        object_BP = torch.from_numpy(  # the masks are stacked only when the patch term needs them
+            patch_object_masks(np.stack([mask_HW for _, _, mask_HW in drawn]), self.grid, 0.5) if self.grid
+            else np.zeros((len(drawn), 0), bool))
         return images_BRHW, tokens_BQ, true_BB, object_BP
 
     def _tokens(self, caption: str) -> torch.Tensor:
