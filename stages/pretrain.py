@@ -141,8 +141,8 @@ class Config:
             raise UserError(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.warmup_steps < self.steps:
             raise UserError(f"--warmup-steps must be in [0, steps) = [0, {self.steps}) (got {self.warmup_steps})")
-        if not self.patch_loss >= 0:
-            raise UserError(f"--patch-loss must be 0 or more (got {self.patch_loss})")
+        if not (math.isfinite(self.patch_loss) and self.patch_loss >= 0):
+            raise UserError(f"--patch-loss must be a finite number, 0 or more (got {self.patch_loss})")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be 0 or more (got {self.weight_decay})")
         if self.precision not in PRECISIONS:

@@ -227,6 +227,13 @@ def test_the_patch_term_scores_every_object_patch_against_the_captions_of_its_im
     torch.testing.assert_close(both, clip + 0.3 * torch.stack(terms).mean(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weight", [-0.5, float("inf"), float("nan")])
+def test_a_patch_term_weight_that_is_not_finite_and_non_negative_is_refused(tmp_path, weight):
+    with pytest.raises(UserError, match="--patch-loss must be a finite number, 0 or more"):
+        _tiny(tmp_path / "run", patch_loss=weight)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_patch_term_is_refused_for_a_tower_without_patch_tokens(tmp_path):
     with pytest.raises(UserError, match="--patch-loss needs an open_clip ViT image tower"):
         pretrain.run(_tiny(tmp_path / "run", model="tiny-convnext-clip", patch_loss=1.0))
