@@ -44,6 +44,7 @@ RECORD_FILE, TABLE_FILE, VALUES_FILE, MARKDOWN_FILE, PLOT_FILE, PAGE_FILE = (
 SETTINGS_DIR, PROBE_DIR, ROW_FILE = "settings", "blockprobe", "row.json"
 OUR_FILES = (RECORD_FILE, TABLE_FILE, VALUES_FILE, MARKDOWN_FILE, PLOT_FILE, PAGE_FILE, SETTINGS_DIR, PROBE_DIR)
 FORMAT_VERSION = 1
+ROW_VERSION = 2  # of a setting's row.json; 2: value rows carry the one-token ceiling
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,7 +145,8 @@ def _identity(cfg: Config, setting: gd.Setting, layer: int, train_sha: str, eval
     """What a setting's row depends on: a row.json recording anything else is recomputed."""
     keep = ("total_tokens", "batch_images", "lr", "warmup_steps", "seed", "token_kind", "mask_k", "mask_seeds",
             "attributes", "auroc_threshold")
-    return {"setting": dataclasses.asdict(setting), "layer": layer, "train_store": train_sha, "eval_store": eval_sha,
+    return {"row_version": ROW_VERSION, "setting": dataclasses.asdict(setting), "layer": layer,
+            "train_store": train_sha, "eval_store": eval_sha,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in keep}}
 
 
@@ -193,7 +195,7 @@ def _run_setting(cfg: Config, setting: gd.Setting, layer: int, folder: Path, sto
                mean_iou=_mean(covered["iou"]), mean_pointing=_mean(covered["pointing"]),
                mean_purity=_mean(covered["purity"]))
     value_rows = [{"setting": setting.name, "attribute": r.attribute, "value": str(r.value), "auroc": float(r.auroc),
-                   "covered": bool(r.dedicated)} for r in values.itertuples()]
+                   "ceiling": float(r.ceiling), "covered": bool(r.dedicated)} for r in values.itertuples()]
     return row, value_rows
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cache.errors import UserError
-from pipeline.groundtruth import ATTRIBUTE_VALUES
+from pipeline.groundtruth import ATTRIBUTE_VALUES, auroc
 from pipeline.probe import ProbeConfig, fit_linear_probe
 
 FEATURES = ("class token", "patch mean", "patch max", "top-left mean", "top-right mean", "bottom-left mean",
@@ -51,17 +51,6 @@ def pooled_features(acts_NTD: np.ndarray, n_prefix: int, class_index: int | None
     if class_index is not None and class_index < n_prefix:
         parts.insert(0, acts_NTD[:, class_index].astype(np.float32))
     return np.concatenate(parts, axis=1)
-
-
-def auroc(score_N: np.ndarray, positive_N: np.ndarray) -> float:
-    """Mann-Whitney AUROC of ``score_N`` for the boolean ``positive_N`` (ties one half); NaN when one side is empty."""
-    n_pos = int(positive_N.sum())
-    n_neg = len(positive_N) - n_pos
-    if not n_pos or not n_neg:
-        return float("nan")
-    ordered = np.sort(score_N)
-    rank_N = (np.searchsorted(ordered, score_N, "left") + np.searchsorted(ordered, score_N, "right") + 1) / 2
-    return float((rank_N[positive_N].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def split_train(n_images: int, train_fraction: float, seed: int) -> np.ndarray:

@@ -18,6 +18,10 @@ latents find rather than by reconstruction alone. Definitions (copied into ``gri
 - verdict of a value at a setting: ``covered``; ``SAE's miss`` when the block's linear probe reads it
   (``pipeline.blockprobe``) but no latent covers it; ``model's miss`` when neither does.
   sae_misses, model_misses count them.
+- ceiling of a value: its one-token ceiling (``pipeline.groundtruth``), the AUROC of the detector that is
+  on exactly at the patches showing it; the same at every setting (it depends on the evaluation images
+  only). A value whose ceiling is below the threshold is out of reach of a latent that fires where the
+  value is seen, so its "SAE's miss" is a limit of one-token latents rather than of one SAE.
 """
 
 from __future__ import annotations
@@ -107,14 +111,15 @@ def tables(frame, values) -> list[tuple[list[str], list[list[str]]]]:
         by = values.set_index(["setting", "attribute", "value"])
         names = list(frame["setting"])
         value_rows = []
-        for attribute, value, probe in dict.fromkeys(zip(values["attribute"], values["value"],
-                                                         values["probe_auroc"])):
-            cells = [f"{attribute}={value}", _maybe(probe)]
+        first = values.drop_duplicates(["attribute", "value"])
+        for attribute, value, probe, ceiling in zip(first["attribute"], first["value"], first["probe_auroc"],
+                                                    first["ceiling"]):
+            cells = [f"{attribute}={value}", _maybe(probe), _maybe(ceiling)]
             for name in names:
                 auroc, verdict = by.loc[(name, attribute, value), ["auroc", "verdict"]]
                 cells.append(f"{_maybe(auroc)} {'' if verdict == COVERED else verdict}".strip())
             value_rows.append(cells)
-        out.append((["value", "probe AUROC", *names], value_rows))
+        out.append((["value", "probe AUROC", "one-token ceiling", *names], value_rows))
     return out
 
 

@@ -35,6 +35,14 @@ mask, so a latent can be scored against them directly. Definitions (the same tex
   least ``auroc_threshold``; v is then covered. Coverage = covered values / values whose AUROC
   is defined. The mean IoU (pointing) of the dedicated latents is taken over the covered
   object-attribute values.
+- One-token ceiling of value v: the AUROC of an ideal detector that is on exactly at the patches
+  showing v, scored like a latent (its maximum over the patches, so 1 or 0 per image). The
+  patches showing v: for shape, colour and size, the object patches of an image with v; for
+  position, the object patches whose centre lies in quadrant v; for texture and background, the
+  patches that are not object patches, of an image with v. A latent that responds where v is seen
+  cannot beat it; a value whose ceiling is below ``auroc_threshold`` can only be covered by a
+  latent that fires on something no single patch shows (for position: where the whole object's
+  centre lies, when the object straddles two quadrants).
 
 All metrics work on the sparse (image, latent) pairs where a latent is nonzero; every other
 pair scores 0 and enters the AUROC as a tie at the bottom. Memory grows with the number of
@@ -61,7 +69,7 @@ from cache.errors import UserError
 from pipeline import runfiles
 from pipeline.world import ATTRIBUTES, TASKS, SyntheticWorld, WorldConfig
 
-GROUNDTRUTH_FORMAT_VERSION = 1
+GROUNDTRUTH_FORMAT_VERSION = 2  # 2: values.csv has the one-token ceiling
 GROUNDTRUTH_FILE = "groundtruth.json"
 LATENTS_FILE = "latents.csv"
 VALUES_FILE = "values.csv"
@@ -91,6 +99,9 @@ DEFINITIONS: dict[str, str] = {
     "dedicated": "value v is covered when its best latent (largest AUROC for v) has AUROC >= auroc_threshold; "
                  "coverage = covered / values with a defined AUROC; mean IoU and pointing of the dedicated latents "
                  "over the covered object-attribute values",
+    "ceiling": "one-token ceiling of v: AUROC of the detector that is on exactly at the patches showing v, max over "
+               "patches; showing v = object patches of an image with v (shape, colour, size), object patches whose "
+               "centre lies in quadrant v (position), non-object patches of an image with v (texture, background)",
 }
 
 
@@ -389,6 +400,38 @@ def evaluate(pairs: Pairs, codes: dict[str, np.ndarray], n_object_N: np.ndarray,
                       best_latent_V=best_latent_V.astype(np.int64), dedicated_V=filled.max(0) >= auroc_threshold)
 
 
+def auroc(score_N: np.ndarray, positive_N: np.ndarray) -> float:
+    """Mann-Whitney AUROC of ``score_N`` for the boolean ``positive_N`` (ties one half); NaN when one side is empty."""
+    n_pos = int(positive_N.sum())
+    n_neg = len(positive_N) - n_pos
+    if not n_pos or not n_neg:
+        return float("nan")
+    ordered = np.sort(score_N)
+    rank_N = (np.searchsorted(ordered, score_N, "left") + np.searchsorted(ordered, score_N, "right") + 1) / 2
+    return float((rank_N[positive_N].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def one_token_ceiling(codes: dict[str, np.ndarray], object_NP: np.ndarray,
+                      grid_hw: tuple[int, int]) -> np.ndarray:
+    """``(V,)`` one-token ceiling of each value (DEFINITIONS["ceiling"]) over the images of ``object_NP``, in
+    ``evaluate``'s value order: how far a latent that fires where the value is seen can go at all."""
+    gh, gw = grid_hw
+    top_P = np.repeat((np.arange(gh) + 0.5) / gh < 0.5, gw)
+    left_P = np.tile((np.arange(gw) + 0.5) / gw < 0.5, gh)
+    quadrant_P = {"top-left": top_P & left_P, "top-right": top_P & ~left_P,
+                  "bottom-left": ~top_P & left_P, "bottom-right": ~top_P & ~left_P}
+    has_object_N, has_ground_N = object_NP.any(1), (~object_NP).any(1)
+    out = []
+    for attribute, codes_N in codes.items():
+        for v, name in enumerate(ATTRIBUTE_VALUES[attribute]):
+            if attribute == "position":
+                seen_N = (object_NP & quadrant_P[name]).any(1)
+            else:
+                seen_N = (codes_N == v) & (has_object_N if attribute in OBJECT_ATTRIBUTES else has_ground_N)
+            out.append(auroc(seen_N.astype(np.float64), codes_N == v))
+    return np.array(out)
+
+
 # ---------------------------------------------------------------------------------------
 # Writing a ground-truth folder (only `pipeline groundtruth` writes one)
 
@@ -441,8 +484,9 @@ def latent_table(result: Evaluation):
     })
 
 
-def value_table(result: Evaluation):
-    """One row per attribute value: its best latent, whether that one is dedicated, its localisation."""
+def value_table(result: Evaluation, ceiling_V: np.ndarray):
+    """One row per attribute value: its best latent, whether that one is dedicated, its localisation, and the
+    value's one-token ceiling."""
     import pandas as pd
 
     best = result.best_latent_V
@@ -461,6 +505,7 @@ def value_table(result: Evaluation):
         "iou": np.where(localised, result.loc.iou_S[lat], np.nan),
         "pointing": np.where(localised, result.loc.pointing_S[lat], np.nan),
         "n_localised": np.where(localised, result.loc.n_localised_S[lat], 0),
+        "ceiling": ceiling_V,
     })
 
 
@@ -470,7 +515,7 @@ def defined_values(values, n_images: int):
 
 
 def write_plot(out_dir: Path, values, latents, threshold: float) -> Path:
-    """AUROC of each value's best latent, and the IoU of the latents with an object attribute."""
+    """AUROC of each value's best latent against its one-token ceiling, and the IoU of the object latents."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,6 +528,8 @@ def write_plot(out_dir: Path, values, latents, threshold: float) -> Path:
     y = np.arange(len(values))[::-1]
     left.barh(y, values["auroc"].fillna(0).to_numpy(float), color=[colours[a] for a in values["attribute"]])
     left.set_yticks(y, [f"{a}={v}" for a, v in zip(values["attribute"], values["value"])], fontsize=7)
+    left.scatter(values["ceiling"].to_numpy(float), y, marker="|", s=120, color="k", zorder=3,
+                 label="one-token ceiling")
     left.axvline(threshold, color="k", ls="--", lw=1, label=f"dedicated: AUROC >= {threshold:g}")
     left.axvline(0.5, color="grey", ls=":", lw=1, label="chance")
     left.set_xlim(0, 1)

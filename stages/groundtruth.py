@@ -163,7 +163,7 @@ def run(cfg: Config) -> Outputs:
     gt.prepare_dir(cfg.out_dir, check_only=False)
     out = cfg.out_dir
     latents = gt.latent_table(result)
-    value_table = gt.value_table(result)
+    value_table = gt.value_table(result, gt.one_token_ceiling(codes_by_attribute, object_NP[rows], grid_hw))
     latents_path, values_path = gt.write_tables(out, latents, value_table)
     plot_path = gt.write_plot(out, value_table, latents, cfg.auroc_threshold) if cfg.plots else None
 
@@ -180,6 +180,8 @@ def run(cfg: Config) -> Outputs:
         "mean_iou_dedicated": mean_iou, "mean_pointing_dedicated": _mean(value_table.loc[covered_object, "pointing"]),
         "best_auroc": {f"{a}={v}": x for a, v, x in zip(value_table["attribute"], value_table["value"],
                                                         value_table["auroc"])},
+        "one_token_ceiling": {f"{a}={v}": x for a, v, x in zip(value_table["attribute"], value_table["value"],
+                                                               value_table["ceiling"])},
         "config": {"attributes": list(cfg.attributes), "score": cfg.score, "auroc_threshold": cfg.auroc_threshold,
                    "map_threshold": cfg.map_threshold, "object_fraction": cfg.object_fraction},
         "provenance": {"world": world.config.to_dict(), "split": world.split,

@@ -292,7 +292,7 @@ def _groundtruth(truth: GroundTruthResults, shown: set[int]) -> dict:
     for _, r in truth.values.iterrows():
         j = None if _missing(r["best_latent"]) else int(r["best_latent"])
         values.append({**{k: r[k] for k in ("attribute", "value", "auroc", "purity", "prevalence", "iou",
-                                             "pointing")},
+                                             "pointing", "ceiling")},
                        "n_images": int(r["n_images"]), "latent": j, "dedicated": bool(r["dedicated"]),
                        "link": f"{PAGES_DIR}/{_page_name(j)}" if j in shown else None})
     return {"n_values_covered": rec["n_values_covered"], "n_values": rec["n_values"],

@@ -58,6 +58,19 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(((pos[:, None] > neg) + 0.5 * (pos[:, None] == neg)).mean())
 
 
+def _shows(attribute: str, value: str, truth: dict[str, str], object_P: np.ndarray, grid: int = 4) -> bool:
+    """Does some patch of the image show the value (the one-token ceiling's detector), patch by patch."""
+    for p, on_object in enumerate(object_P):
+        row, col = divmod(p, grid)
+        if attribute == "position":
+            quadrant = ("top" if row < grid / 2 else "bottom") + "-" + ("left" if col < grid / 2 else "right")
+            if on_object and quadrant == value:
+                return True
+        elif truth[attribute] == value and on_object == (attribute in gt.OBJECT_ATTRIBUTES):
+            return True
+    return False
+
+
 def test_every_column_equals_a_direct_computation(store, ran):
     out, output = ran
     frame = pd.read_parquet(out / grid.TABLE_FILE)
@@ -104,6 +117,8 @@ def test_every_column_equals_a_direct_computation(store, ran):
             best = int(aurocs.argmax())
             assert r.auroc == pytest.approx(aurocs[best])
             assert r.covered == (aurocs[best] >= 0.95)
+            seen = np.array([_shows(r.attribute, r.value, t, object_NP[i]) for i, t in enumerate(truth)])
+            assert r.ceiling == pytest.approx(_auroc(seen[has].astype(float), seen[~has].astype(float)))
             readable = bool(probe.set_index(["attribute", "value"]).loc[(r.attribute, r.value), "readable"])
             assert r.verdict == ("covered" if r.covered else "SAE's miss" if readable else "model's miss")
             if not r.covered:

@@ -162,3 +162,29 @@ def test_unknown_attribute_is_refused_by_name():
     assert gt.check_attributes(["size", "shape"]) == ("shape", "size")
     with pytest.raises(UserError, match="unknown attribute 'hue'; choose from: shape, colour"):
         gt.check_attributes(["shape", "hue"])
+
+
+def test_one_token_ceiling_by_hand():
+    """Four images on a 2 x 2 grid (patches top-left, top-right, bottom-left, bottom-right)."""
+    object_NP = np.array([[1, 0, 0, 0],  # centre top-left, inside it
+                          [1, 1, 0, 0],  # centre top-right, straddling into top-left
+                          [0, 0, 1, 0],  # centre bottom-left
+                          [0, 0, 0, 0]], bool)  # centre bottom-right, too small to cover a patch
+    codes = {"shape": np.array([0, 0, 0, 1]),  # circle, circle, circle, square
+             "position": np.array([0, 1, 2, 3]),
+             "texture": np.array([0, 0, 2, 2])}  # plain, plain, dots, dots
+    ceiling = dict(zip([(a, v) for a in codes for v in gt.ATTRIBUTE_VALUES[a]],
+                       gt.one_token_ceiling(codes, object_NP, (2, 2))))
+    assert ceiling["shape", "circle"] == 1.0
+    assert ceiling["shape", "square"] == 0.5  # its one image shows it on no patch
+    assert np.isnan(ceiling["shape", "triangle"])  # no image has it
+    assert ceiling["position", "top-left"] == pytest.approx(2.5 / 3)  # the straddling image ties with the true one
+    assert ceiling["position", "top-right"] == 1.0
+    assert ceiling["position", "bottom-left"] == 1.0
+    assert ceiling["position", "bottom-right"] == 0.5
+    assert ceiling["texture", "plain"] == 1.0 and ceiling["texture", "dots"] == 1.0
+    # an odd grid: the middle row and column count as bottom and right, like an object centre on the line
+    odd = np.zeros((2, 9), bool)
+    odd[0, 4], odd[1, 0] = True, True  # image 0: the centre patch only; image 1: the top-left corner
+    row = gt.one_token_ceiling({"position": np.array([3, 0])}, odd, (3, 3))
+    assert row[0] == 1.0 and row[3] == 1.0 and np.isnan(row[1:3]).all()  # top-right, bottom-left: no image
