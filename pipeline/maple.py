@@ -85,8 +85,6 @@ OFFICIAL_PREFIX = "prompt_learner."  # key prefix in the official implementation
 INIT_STD = 0.02  # std of randomly initialised context vectors (official)
 KEEP_REFUSED = ("--prompt-tokens keep needs a ViT: a ConvNeXt's MaPLe prompts are channel offsets, not tokens, so its "
                 "adapted taps hold the base model's tokens only; use --prompt-tokens drop")
-TOWER_NAMES = {"vit": "ViT", "convnext": "ConvNeXt"}  # by Tower.kind
-DESCRIPTIONS = {METHOD: "vision prompt tokens, for a ViT", OFFSETS_METHOD: "per-stage channel offsets, for a ConvNeXt"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,8 +122,35 @@ class Prompts(nn.Module):
     """The learnable prompts of either method: the text side (``ctx``, ``compound_prompts_text``) is MaPLe's in both."""
 
     method: str  # the adapter method these prompts belong to
+    description: str  # the method in words, for messages
+    tower_name: str  # the image tower the method is for
+    sized_per_layer: bool  # vision couplings sized per prompted layer: the depth must fit even without prompts
     ctx: nn.Parameter
     compound_prompts_text: nn.ParameterList
+
+    def __init__(self, n_ctx: int, d_text: int):
+        super().__init__()
+        self.ctx = nn.Parameter(torch.empty(n_ctx, d_text))
+        nn.init.normal_(self.ctx, std=INIT_STD)
+
+    def _add_deep_text(self, depth: int) -> None:
+        """The text prompts of layers 1 … depth − 1 (a step of its own: the seeded draws keep the official order)."""
+        n_ctx, d_text = self.ctx.shape
+        self.compound_prompts_text = nn.ParameterList(
+            [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, d_text), std=INIT_STD)) for _ in range(depth - 1)])
+
+    @staticmethod
+    def widths_on(tower: Tower, depth: int) -> tuple[int, ...]:
+        """The vision widths prompts of ``depth`` layers need on ``tower``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check_visual(visual: Any) -> None:
+        """Refuse an image tower of the right kind whose forward the vision side does not mirror."""
+
+    def vision_side(self, clip: Any, n_ctx: int) -> _PromptTokens | _StageOffsets:
+        """The prompted vision forward these prompts drive on ``clip``."""
+        raise NotImplementedError
 
     @property
     def n_ctx(self) -> int:
@@ -152,21 +177,34 @@ class Prompts(nn.Module):
 class MaplePrompts(Prompts):
     """A ViT's prompts: layer-0 text context, deep text prompts and their vision couplings."""
 
-    method = METHOD
+    method, description, tower_name = METHOD, "vision prompt tokens, for a ViT", "ViT"
+    sized_per_layer = False  # one coupling width for every layer: without prompts, no depth to fit
 
-    def __init__(self, n_ctx: int, depth: int, d_text: int, d_vision: int):
-        super().__init__()
-        self.ctx = nn.Parameter(torch.empty(n_ctx, d_text))
-        nn.init.normal_(self.ctx, std=INIT_STD)
+    def __init__(self, n_ctx: int, depth: int, d_text: int, widths: Sequence[int]):
+        super().__init__(n_ctx, d_text)
+        (d_vision,) = widths  # one width: every prompt token lives in the ViT's residual stream
         self.proj = nn.Linear(d_text, d_vision)
-        self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, d_text), std=INIT_STD)) for _ in range(depth - 1)])
+        self._add_deep_text(depth)
         coupling = nn.Linear(d_text, d_vision)  # official: the deep couplings start as copies of one layer
         self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(coupling) for _ in range(depth - 1)])
 
     @property
     def vision_widths(self) -> tuple[int, ...]:
         return (self.proj.out_features,)
+
+    @staticmethod
+    def widths_on(tower: Tower, depth: int) -> tuple[int, ...]:
+        return (tower.width(0),)
+
+    @staticmethod
+    def check_visual(visual: Any) -> None:
+        if not hasattr(visual, "conv1"):
+            raise UserError(f"MaPLe needs an open_clip ViT image tower (got a {type(visual).__name__})")
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise UserError("MaPLe needs a ViT that pools its class token (the appended prompts must not be pooled)")
+
+    def vision_side(self, clip: Any, n_ctx: int) -> _PromptTokens:
+        return _PromptTokens(clip.visual, n_ctx)
 
     def vision_prompts(self) -> list[Tensor]:
         """Per prompted layer, the ``(X, D_vision)`` vision prompt projected from that layer's text prompt."""
@@ -179,16 +217,14 @@ class StageOffsetPrompts(Prompts):
     """A ConvNeXt's prompts: MaPLe's text prompts and, per prompted stage, a coupling of that layer's text prompt to
     the stage's channel offset (module docstring)."""
 
-    method = OFFSETS_METHOD
+    method, description, tower_name = OFFSETS_METHOD, "per-stage channel offsets, for a ConvNeXt", "ConvNeXt"
+    sized_per_layer = True
 
     def __init__(self, n_ctx: int, depth: int, d_text: int, widths: Sequence[int]):
-        super().__init__()
         if len(widths) != depth:
             raise ValueError(f"one width per prompted stage: depth {depth}, widths {list(widths)}")
-        self.ctx = nn.Parameter(torch.empty(n_ctx, d_text))
-        nn.init.normal_(self.ctx, std=INIT_STD)
-        self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, d_text), std=INIT_STD)) for _ in range(depth - 1)])
+        super().__init__(n_ctx, d_text)
+        self._add_deep_text(depth)
         self.stage_offsets = nn.ModuleList([nn.Linear(d_text, d) for d in widths])
         for couple in self.stage_offsets:  # start at the base model: the offsets move only as training moves them
             nn.init.zeros_(couple.weight)
@@ -198,14 +234,25 @@ class StageOffsetPrompts(Prompts):
     def vision_widths(self) -> tuple[int, ...]:
         return tuple(couple.out_features for couple in self.stage_offsets)
 
+    @staticmethod
+    def widths_on(tower: Tower, depth: int) -> tuple[int, ...]:
+        return tuple(tower.width(i) for i in range(depth))
+
+    def vision_side(self, clip: Any, n_ctx: int) -> _StageOffsets:
+        return _StageOffsets(tower_of(clip.visual))
+
     def vision_prompts(self) -> list[Tensor]:
         """Per prompted stage, the ``(D,)`` offset coupled from the mean of that layer's text prompt."""
         return [couple(text_XD.mean(0)) for couple, text_XD in zip(self.stage_offsets, self.text_prompts())]
 
 
+PROMPTS: dict[str, type[Prompts]] = {"vit": MaplePrompts, "convnext": StageOffsetPrompts}  # by Tower.kind
+BY_METHOD: dict[str, type[Prompts]] = {cls.method: cls for cls in PROMPTS.values()}
+
+
 def prompts_class(tower: Tower) -> type[Prompts]:
     """The prompts an image tower takes (a ViT's tokens, a ConvNeXt's stage offsets)."""
-    return StageOffsetPrompts if tower.kind == "convnext" else MaplePrompts
+    return PROMPTS[tower.kind]
 
 
 def check_fits(config: MapleConfig, clip: Any) -> None:
@@ -214,35 +261,23 @@ def check_fits(config: MapleConfig, clip: Any) -> None:
         raise UserError(f"MaPLe needs an open_clip CLIP with a built-in text tower (got a {type(clip).__name__}); "
                         "use a model such as ViT-B-16 or convnext_base")
     tower = tower_of(clip.visual)
-    visual = clip.visual
-    if tower.kind == "vit" and not hasattr(visual, "conv1"):
-        raise UserError(f"MaPLe needs an open_clip ViT image tower (got a {type(visual).__name__})")
-    if tower.kind == "vit" and (getattr(visual, "attn_pool", None) is not None
-                                or getattr(visual, "pool_type", "tok") != "tok"):
-        raise UserError("MaPLe needs a ViT that pools its class token (the appended prompts must not be pooled)")
+    kind = prompts_class(tower)
+    kind.check_visual(clip.visual)
     n_text, n_vision = len(clip.transformer.resblocks), tower.n_blocks
-    # a ConvNeXt's couplings are sized per stage, so its depth must fit even without prompts
-    if (config.n_ctx or tower.kind == "convnext") and config.depth > min(n_text, n_vision):
+    if (config.n_ctx or kind.sized_per_layer) and config.depth > min(n_text, n_vision):
         raise UserError(f"prompt depth {config.depth} exceeds the model's towers ({n_text} text and {n_vision} "
                         f"vision {tower.unit}s); use --depth {min(n_text, n_vision)} or less")
-
-
-def _vision_widths(tower: Tower, depth: int) -> tuple[int, ...]:
-    """The vision widths prompts of ``depth`` layers need on this tower."""
-    return tuple(tower.width(i) for i in range(depth)) if tower.kind == "convnext" else (tower.width(0),)
 
 
 def new_prompts(config: MapleConfig, clip: Any, tokenizer: Any, seed: int) -> Prompts:
     """Freshly initialised prompts (seeded) of the tower's method; ``ctx`` from the ``ctx_init`` tokens when given."""
     check_fits(config, clip)
     tower = tower_of(clip.visual)
-    d_text, widths = int(clip.token_embedding.weight.shape[1]), _vision_widths(tower, config.depth)
+    kind = prompts_class(tower)
+    d_text, widths = int(clip.token_embedding.weight.shape[1]), kind.widths_on(tower, config.depth)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if tower.kind == "convnext":
-            prompts = StageOffsetPrompts(config.n_ctx, config.depth, d_text, widths)
-        else:
-            prompts = MaplePrompts(config.n_ctx, config.depth, d_text, widths[0])
+        prompts = kind(config.n_ctx, config.depth, d_text, widths)
     if config.ctx_init and config.n_ctx:
         tokens_1Q = tokenizer([config.ctx_init])
         n_words = int((tokens_1Q[0] != 0).sum()) - 2  # between SOS and EOT
@@ -354,21 +389,21 @@ class AdaptedCLIP:
     def __init__(self, clip: Any, tokenizer: Any, prompts: Prompts, config: MapleConfig):
         check_fits(config, clip)
         tower = tower_of(clip.visual)
-        wanted = prompts_class(tower).method
-        if prompts.method != wanted:
-            raise UserError(f"the prompts are {prompts.method} prompts ({DESCRIPTIONS[prompts.method]}), and this "
-                            f"model's image tower is a {TOWER_NAMES[tower.kind]}, which takes {wanted} prompts; use "
+        kind = prompts_class(tower)
+        if prompts.method != kind.method:
+            raise UserError(f"the prompts are {prompts.method} prompts ({prompts.description}), and this "
+                            f"model's image tower is a {kind.tower_name}, which takes {kind.method} prompts; use "
                             "prompts trained on this model")
         if (prompts.n_ctx, prompts.depth if prompts.n_ctx else config.depth) != (config.n_ctx, config.depth):
             raise UserError(f"the prompts have n_ctx {prompts.n_ctx} and depth {prompts.depth}, the config "
                             f"{config.n_ctx} and {config.depth}; pass matching --n-ctx/--depth")
-        d_text, widths = int(clip.token_embedding.weight.shape[1]), _vision_widths(tower, prompts.depth)
+        d_text, widths = int(clip.token_embedding.weight.shape[1]), kind.widths_on(tower, prompts.depth)
         if prompts.ctx.shape[1] != d_text or prompts.vision_widths != widths:
             theirs, ours = (", ".join(map(str, w)) for w in (prompts.vision_widths, widths))
             raise UserError(f"the prompts are for widths {prompts.ctx.shape[1]} (text) / {theirs} (vision), the model "
                             f"has {d_text} / {ours}; use prompts trained on this model")
         self.clip, self.tokenizer, self.prompts, self.config = clip, tokenizer, prompts, config
-        self.vision = _StageOffsets(tower) if tower.kind == "convnext" else _PromptTokens(clip.visual, config.n_ctx)
+        self.vision = prompts.vision_side(clip, config.n_ctx)
 
     @property
     def n_ctx(self) -> int:
@@ -486,7 +521,7 @@ def _prompts_shaped_like(state: dict[str, Tensor], source: Path) -> Prompts:
     n_ctx, d_text = (int(n) for n in state["ctx"].shape)
     depth = 1 + sum(1 for k in state if k.startswith("compound_prompts_text."))
     if "proj.weight" in state:
-        return MaplePrompts(n_ctx, depth, d_text, int(state["proj.weight"].shape[0]))
+        return MaplePrompts(n_ctx, depth, d_text, (int(state["proj.weight"].shape[0]),))
     widths = [int(state[f"stage_offsets.{i}.weight"].shape[0]) for i in range(depth)
               if f"stage_offsets.{i}.weight" in state]
     if len(widths) != depth:
@@ -559,7 +594,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise UserError(f"{adapter_dir} is not an adapter folder (no {CONFIG_NAME}); create it with pipeline adapt")
     record = json.loads(config_path.read_text()).get("adapter") or {}
-    if record.get("method") not in DESCRIPTIONS:
+    if record.get("method") not in BY_METHOD:
         raise UserError(f"{config_path} describes no MaPLe adapter; create the folder with pipeline adapt")
     if not prompts_path.is_file():
         raise UserError(f"{adapter_dir} has no {PROMPTS_NAME} yet (training unfinished); rerun pipeline adapt "
@@ -573,10 +608,10 @@ def load_adapter(adapter_dir: Path, model: LoadedModel) -> AdaptedCLIP:
     import open_clip
 
     record = read_adapter_config(adapter_dir)
-    method, wanted = record["method"], prompts_class(model.tower).method
-    if method != wanted:
-        raise UserError(f"the adapter in {adapter_dir} is a {method} adapter ({DESCRIPTIONS[method]}), and "
-                        f"{model.name} has a {TOWER_NAMES[model.tower.kind]} image tower, which takes {wanted} "
+    method, wanted = record["method"], prompts_class(model.tower)
+    if method != wanted.method:
+        raise UserError(f"the adapter in {adapter_dir} is a {method} adapter ({BY_METHOD[method].description}), and "
+                        f"{model.name} has a {wanted.tower_name} image tower, which takes {wanted.method} "
                         "adapters; pass an adapter trained on this model")
     base = record.get("base_model") or {}
     if not _same_base(base, model):

@@ -134,10 +134,10 @@ def test_our_file_and_the_official_checkpoint_layout_load_the_same_prompts(base,
 
 
 def test_prompts_of_another_width_are_refused(base, tokenizer):
-    wide = maple.MaplePrompts(2, 9, 512, 768)  # the official ViT-B/16 shapes
+    wide = maple.MaplePrompts(2, 9, 512, (768,))  # the official ViT-B/16 shapes
     with pytest.raises(UserError) as err:
         maple.AdaptedCLIP(base.model, tokenizer, wide, maple.MapleConfig(n_ctx=2, depth=2))
     assert "n_ctx 2 and depth 9" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError) as err:
-        maple.AdaptedCLIP(base.model, tokenizer, maple.MaplePrompts(2, 2, 512, 768), maple.MapleConfig(depth=2))
+        maple.AdaptedCLIP(base.model, tokenizer, maple.MaplePrompts(2, 2, 512, (768,)), maple.MapleConfig(depth=2))
     assert "widths 512 (text) / 768 (vision), the model has 128 / 128" in str(err.value)
