@@ -416,8 +416,8 @@ def one_token_ceiling(codes: dict[str, np.ndarray], object_NP: np.ndarray,
     """``(V,)`` one-token ceiling of each value (DEFINITIONS["ceiling"]) over the images of ``object_NP``, in
     ``evaluate``'s value order: how far a latent that fires where the value is seen can go at all."""
     gh, gw = grid_hw
-    top_P = np.repeat((np.arange(gh) + 0.5) / gh < 0.5, gw)
-    left_P = np.tile((np.arange(gw) + 0.5) / gw < 0.5, gh)
+    top_P = np.repeat(np.arange(gh) < gh // 2, gw)  # a middle row or column counts as bottom or right, like a centre
+    left_P = np.tile(np.arange(gw) < gw // 2, gh)
     quadrant_P = {"top-left": top_P & left_P, "top-right": top_P & ~left_P,
                   "bottom-left": ~top_P & left_P, "bottom-right": ~top_P & ~left_P}
     has_object_N, has_ground_N = object_NP.any(1), (~object_NP).any(1)
