@@ -148,8 +148,8 @@ class Prompts(nn.Module):
     def check_visual(visual: Any) -> None:
         """Refuse an image tower of the right kind whose forward the vision side does not mirror."""
 
-    def vision_side(self, clip: Any, n_ctx: int) -> _PromptTokens | _StageOffsets:
-        """The prompted vision forward these prompts drive on ``clip``."""
+    def vision_side(self, tower: Tower) -> _PromptTokens | _StageOffsets:
+        """The prompted vision forward these prompts drive on ``tower``."""
         raise NotImplementedError
 
     @property
@@ -203,8 +203,8 @@ class MaplePrompts(Prompts):
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise UserError("MaPLe needs a ViT that pools its class token (the appended prompts must not be pooled)")
 
-    def vision_side(self, clip: Any, n_ctx: int) -> _PromptTokens:
-        return _PromptTokens(clip.visual, n_ctx)
+    def vision_side(self, tower: Tower) -> _PromptTokens:
+        return _PromptTokens(tower.visual, self.n_ctx)
 
     def vision_prompts(self) -> list[Tensor]:
         """Per prompted layer, the ``(X, D_vision)`` vision prompt projected from that layer's text prompt."""
@@ -238,8 +238,8 @@ class StageOffsetPrompts(Prompts):
     def widths_on(tower: Tower, depth: int) -> tuple[int, ...]:
         return tuple(tower.width(i) for i in range(depth))
 
-    def vision_side(self, clip: Any, n_ctx: int) -> _StageOffsets:
-        return _StageOffsets(tower_of(clip.visual))
+    def vision_side(self, tower: ConvNeXtTower) -> _StageOffsets:
+        return _StageOffsets(tower)
 
     def vision_prompts(self) -> list[Tensor]:
         """Per prompted stage, the ``(D,)`` offset coupled from the mean of that layer's text prompt."""
@@ -403,7 +403,7 @@ class AdaptedCLIP:
             raise UserError(f"the prompts are for widths {prompts.ctx.shape[1]} (text) / {theirs} (vision), the model "
                             f"has {d_text} / {ours}; use prompts trained on this model")
         self.clip, self.tokenizer, self.prompts, self.config = clip, tokenizer, prompts, config
-        self.vision = prompts.vision_side(clip, config.n_ctx)
+        self.vision = prompts.vision_side(tower)
 
     @property
     def n_ctx(self) -> int:
