@@ -209,19 +209,34 @@ def test_settings_and_pareto_and_verdicts():
         "covered", "SAE's miss", "model's miss"]
 
 
-def test_a_damaged_row_is_computed_again_not_trusted(store, tmp_path):
+def _cut_short(text: str) -> str:
+    return text[:40]
+
+
+def _previous_format(text: str) -> str:
+    """A row.json as the grid wrote it before value rows carried the ceiling."""
+    row = json.loads(text)
+    row["identity"]["row_version"] = 1
+    for value in row["values"]:
+        del value["ceiling"]
+    return json.dumps(row)
+
+
+@pytest.mark.parametrize("damage", [_cut_short, _previous_format])
+def test_a_damaged_or_older_row_is_computed_again_not_trusted(store, tmp_path, damage):
     args = ("grid", "--cache", store, "--out", tmp_path / "grid", "--archs", "topk", "--ks", "4", *GRID[2:4],
             *GRID[8:])
     code, output = _cli(*args)
     assert code == 0, output
     before = pd.read_parquet(tmp_path / "grid" / grid.TABLE_FILE)
     row = tmp_path / "grid" / grid.SETTINGS_DIR / "topk-x2-k4" / grid.ROW_FILE
-    row.write_text(row.read_text()[:40])  # cut short
+    row.write_text(damage(row.read_text()))
     code, output = _cli(*args)
     assert code == 0, output
     assert "reused" not in output
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "grid" / grid.TABLE_FILE).drop(columns="train_seconds"),
                                   before.drop(columns="train_seconds"))
+    assert pd.read_parquet(tmp_path / "grid" / grid.VALUES_FILE)["ceiling"].notna().all()
 
 
 def test_an_evaluation_store_of_another_width_is_refused(store, tmp_path):

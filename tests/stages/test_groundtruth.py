@@ -121,6 +121,8 @@ def test_planted_mask_latent_through_the_stage(planted, tmp_path):
     record = json.loads(out.groundtruth_path.read_text())
     assert record["n_values_covered"] == 1 and record["mean_iou_dedicated"] == 1.0
     assert record["mean_pointing_dedicated"] == 1.0
+    assert record["one_token_ceiling"]["shape=circle"] == values.loc[("shape", "circle"), "ceiling"] == 1.0
+    assert 0.5 < record["one_token_ceiling"]["position=top-left"] == values.loc[("position", "top-left"), "ceiling"] < 1
 
     rep = report.run(report.Config(stats_dir=planted["stats"], out_dir=tmp_path / "r", n_latents=1, n_low_entropy=0,
                                    image_px=32, groundtruth_dir=out.out_dir))
@@ -128,6 +130,16 @@ def test_planted_mask_latent_through_the_stage(planted, tmp_path):
     assert "dedicated to shape=circle" in index and 'href="latents/latent_000000.html">0</a>' in index
     page = (tmp_path / "r" / "latents" / "latent_000000.html").read_text()
     assert "best value shape=circle: AUROC 1.000, purity 1.000" in page and "IoU 1.000, pointing 1.000" in page
+    assert "one-token ceiling" in index
+
+
+def test_a_folder_of_the_previous_format_is_refused_in_one_line(planted, tmp_path):
+    """Format 1 had no ceiling column: the report must ask for a rerun rather than fail on the missing column."""
+    out = groundtruth.run(groundtruth.Config(stats_dir=planted["stats"], out_dir=tmp_path / "gt", plots=False))
+    record = json.loads(out.groundtruth_path.read_text())
+    out.groundtruth_path.write_text(json.dumps({**record, "groundtruth_format_version": 1}))
+    code, output = _cli("report", "--stats", planted["stats"], "--groundtruth", out.out_dir, "--out", tmp_path / "r")
+    assert_one_line_error(code, output, "ground-truth format 1, this pipeline reads 2", "rerun `pipeline groundtruth`")
 
 
 def test_refusals_are_one_line(chain, planted, tmp_path):
